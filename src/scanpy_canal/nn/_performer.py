@@ -1,0 +1,399 @@
+"""The scBERT encoder: a Performer (FAVOR+ linear attention) over binned expression tokens.
+
+Module and attribute names follow scBERT's checkpoints (``performer.net.layers.{i}.0.fn.to_q.weight`` and so on), so a
+published ``panglao_pretrain.pth`` loads with ``strict=True`` and no renaming.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+#: The configuration of scBERT's published checkpoint (``panglao_pretrain.pth``).
+SCBERT_CONFIG: dict[str, Any] = {
+    "num_tokens": 7,
+    "max_seq_len": 16907,
+    "dim": 200,
+    "depth": 6,
+    "heads": 10,
+    "dim_head": 64,
+}
+
+
+def orthogonal_random_features(
+    n_features: int, dim_head: int, *, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Draw the FAVOR+ projection: stacked orthogonal blocks whose rows are scaled by chi-distributed norms.
+
+    Parameters
+    ----------
+    n_features
+        Number of random features (rows).
+    dim_head
+        Dimension of a query or key (columns).
+    generator
+        Source of randomness; the global generator when `None`.
+
+    Returns
+    -------
+    A float32 tensor of shape ``(n_features, dim_head)`` on the CPU.
+    """
+    n_blocks = math.ceil(n_features / dim_head)
+    blocks = []
+    for _ in range(n_blocks):
+        q, _ = torch.linalg.qr(torch.randn(dim_head, dim_head, generator=generator))
+        blocks.append(q.T)
+    matrix = torch.cat(blocks)[:n_features]
+    norms = torch.randn(n_features, dim_head, generator=generator).norm(dim=1)
+    return norms[:, None] * matrix
+
+
+def softmax_kernel(data: torch.Tensor, projection: torch.Tensor, *, is_query: bool, eps: float = 1e-4) -> torch.Tensor:
+    """Positive random features ``phi(x)`` whose inner products approximate ``exp(q . k / sqrt(d))``.
+
+    ``data`` has shape ``(batch, heads, seq, dim_head)``. The exponent is stabilised by subtracting a maximum: per query
+    row for queries, and per sample (over heads, positions and features) for keys, so that a cell's output never
+    depends on the other cells in its batch.
+    """
+    normalizer = data.shape[-1] ** -0.25
+    ratio = projection.shape[0] ** -0.5
+    dash = (data * normalizer) @ projection.T.to(data.dtype)
+    diag = (data**2).sum(dim=-1, keepdim=True) * (normalizer**2 / 2)
+    dims = (-1,) if is_query else (-3, -2, -1)
+    stabiliser = dash.amax(dim=dims, keepdim=True).detach()
+    return ratio * (torch.exp(dash - diag - stabiliser) + eps)
+
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Non-causal linear attention ``D^-1 q (k^T v)`` over feature-mapped queries and keys."""
+    normaliser = q @ k.sum(dim=-2).unsqueeze(-1)
+    return (q @ (k.transpose(-2, -1) @ v)) / normaliser
+
+
+class FastAttention(nn.Module):
+    """FAVOR+ attention with a softmax kernel and a fixed (redrawable) random projection."""
+
+    def __init__(self, dim_head: int, nb_features: int | None = None):
+        super().__init__()
+        self.dim_head = dim_head
+        self.nb_features = nb_features or int(dim_head * math.log(dim_head))
+        self.register_buffer("projection_matrix", orthogonal_random_features(self.nb_features, dim_head))
+
+    @torch.no_grad()
+    def redraw_projection_matrix(self) -> None:
+        """Replace the random features with a fresh draw from the global generator."""
+        fresh = orthogonal_random_features(self.nb_features, self.dim_head)
+        self.projection_matrix.copy_(fresh)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q = softmax_kernel(q, self.projection_matrix, is_query=True)
+        k = softmax_kernel(k, self.projection_matrix, is_query=False)
+        return linear_attention(q, k, v)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention: global FAVOR+ heads, optionally some windowed local heads."""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        heads: int,
+        dim_head: int,
+        nb_features: int | None = None,
+        local_heads: int = 0,
+        local_window_size: int = 256,
+        dropout: float = 0.0,
+        qkv_bias: bool = False,
+    ):
+        super().__init__()
+        if not 0 <= local_heads <= heads:
+            raise ValueError(f"local_attn_heads must be between 0 and heads={heads}, got {local_heads}.")
+        inner_dim = heads * dim_head
+        self.heads = heads
+        self.global_heads = heads - local_heads
+        self.fast_attention = FastAttention(dim_head, nb_features)
+        self.local_attn = None
+        if local_heads > 0:
+            from local_attention import LocalAttention
+
+            self.local_attn = LocalAttention(
+                window_size=local_window_size, autopad=True, dropout=dropout, look_forward=1, dim=dim_head
+            )
+        self.to_q = nn.Linear(dim, inner_dim, bias=qkv_bias)
+        self.to_k = nn.Linear(dim, inner_dim, bias=qkv_bias)
+        self.to_v = nn.Linear(dim, inner_dim, bias=qkv_bias)
+        self.to_out = nn.Linear(inner_dim, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (
+            rearrange(proj(x), "b n (h d) -> b h n d", h=self.heads) for proj in (self.to_q, self.to_k, self.to_v)
+        )
+        g = self.global_heads
+        heads = [self.fast_attention(q[:, :g], k[:, :g], v[:, :g])] if g > 0 else []
+        if self.local_attn is not None:
+            heads.append(self.local_attn(q[:, g:], k[:, g:], v[:, g:]))
+        out = rearrange(torch.cat(heads, dim=1), "b h n d -> b n (h d)")
+        return self.dropout(self.to_out(out))
+
+
+class FeedForward(nn.Module):
+    """Position-wise ``w2(GELU(w1(x)))``."""
+
+    def __init__(self, dim: int, *, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.w1 = nn.Linear(dim, dim * mult)
+        self.w2 = nn.Linear(dim * mult, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(self.dropout(F.gelu(self.w1(x))))
+
+
+class SequenceChunks(nn.Module):
+    """Apply a position-wise module to ``chunks`` slices of the sequence, bounding peak memory on long inputs."""
+
+    def __init__(self, fn: nn.Module, chunks: int = 1):
+        super().__init__()
+        self.fn = fn
+        self.chunks = chunks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.chunks == 1:
+            return self.fn(x)
+        return torch.cat([self.fn(part) for part in x.chunk(self.chunks, dim=1)], dim=1)
+
+
+class PreLayerNorm(nn.Module):
+    """``fn(LayerNorm(x))``."""
+
+    def __init__(self, dim: int, fn: nn.Module):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.norm(x))
+
+
+class ResidualBlocks(nn.Module):
+    """Blocks of ``x + attention(x)`` then ``x + feed_forward(x)``, runnable over a slice of the blocks."""
+
+    def __init__(self, layers: nn.ModuleList):
+        super().__init__()
+        self.layers = layers
+
+    def forward(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        for attention, feed_forward in self.layers[start:stop]:
+            x = x + attention(x)
+            x = x + feed_forward(x)
+        return x
+
+
+class Performer(nn.Module):
+    """A stack of Performer blocks that redraws its random features every ``feature_redraw_interval`` training calls.
+
+    The call counter is the buffer ``calls_since_last_redraw``, so it is saved and restored with the weights. In eval
+    mode nothing is redrawn and outputs are deterministic.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        depth: int,
+        heads: int,
+        dim_head: int,
+        nb_features: int | None = None,
+        feature_redraw_interval: int | None = 1000,
+        local_attn_heads: int = 0,
+        local_window_size: int = 256,
+        ff_mult: int = 4,
+        ff_chunks: int = 1,
+        ff_dropout: float = 0.0,
+        attn_dropout: float = 0.0,
+        qkv_bias: bool = False,
+    ):
+        super().__init__()
+        layers = nn.ModuleList()
+        for _ in range(depth):
+            attention = SelfAttention(
+                dim,
+                heads=heads,
+                dim_head=dim_head,
+                nb_features=nb_features,
+                local_heads=local_attn_heads,
+                local_window_size=local_window_size,
+                dropout=attn_dropout,
+                qkv_bias=qkv_bias,
+            )
+            feed_forward = SequenceChunks(FeedForward(dim, mult=ff_mult, dropout=ff_dropout), ff_chunks)
+            layers.append(nn.ModuleList([PreLayerNorm(dim, attention), PreLayerNorm(dim, feed_forward)]))
+        self.net = ResidualBlocks(layers)
+        self.feature_redraw_interval = feature_redraw_interval
+        self.register_buffer("calls_since_last_redraw", torch.tensor(0))
+
+    def redraw_features(self) -> None:
+        """Redraw the random features of every attention layer, frozen ones included (as scBERT does)."""
+        for module in self.modules():
+            if isinstance(module, FastAttention):
+                module.redraw_projection_matrix()
+        self.calls_since_last_redraw.zero_()
+
+    def count_call(self) -> None:
+        """Count one training call; redraw the features once ``feature_redraw_interval`` calls have passed."""
+        if not self.training or self.feature_redraw_interval is None:
+            return
+        if self.calls_since_last_redraw.item() >= self.feature_redraw_interval:
+            self.redraw_features()
+        else:
+            self.calls_since_last_redraw += 1
+
+    def forward(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        self.count_call()
+        return self.net(x, start, stop)
+
+
+class GenePositionalEmbedding(nn.Module):
+    """A frozen table with one vector per gene position (gene2vec in scBERT); the appended token's row is zero."""
+
+    def __init__(self, dim: int, max_seq_len: int):
+        super().__init__()
+        self.emb = nn.Embedding(max_seq_len, dim)
+        self.emb.weight.requires_grad_(False)
+        with torch.no_grad():
+            self.emb.weight[-1].zero_()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.emb.weight[: tokens.shape[1]]
+
+
+class PerformerLM(nn.Module):
+    """The scBERT language model: token and gene embeddings, Performer blocks, final LayerNorm and an output head.
+
+    Parameters
+    ----------
+    num_tokens
+        Vocabulary size: expression bins plus the mask token (7 for scBERT: bins 0-5 and mask 6).
+    max_seq_len
+        Number of gene positions including the appended token (16907 for scBERT's panglao genes).
+    dim
+        Hidden width (200, the gene2vec dimension).
+    depth
+        Number of blocks.
+    heads
+        Attention heads per block.
+    dim_head
+        Width of one head; queries, keys and values project ``dim`` to ``heads * dim_head``.
+    nb_features
+        Random features per head; ``int(dim_head * ln(dim_head))`` when `None`.
+    feature_redraw_interval
+        Training calls between redraws of the random features; `None` never redraws.
+    local_attn_heads
+        Heads that use windowed local attention (the ``local-attention`` package) instead of FAVOR+.
+    local_window_size
+        Window of the local heads.
+    ff_mult
+        Feed-forward expansion factor.
+    ff_chunks
+        Evaluate the feed-forward in this many slices of the sequence to save memory.
+    emb_dropout, ff_dropout, attn_dropout
+        Dropout rates (all 0 in scBERT).
+    qkv_bias
+        Whether the query, key and value projections have a bias (scBERT: no).
+
+    Examples
+    --------
+    >>> import torch, scanpy_canal as canal
+    >>> lm = canal.nn.PerformerLM(max_seq_len=11, dim=16, depth=2, heads=2, dim_head=8)
+    >>> tokens = torch.randint(0, 6, (3, 11))
+    >>> lm(tokens).shape, lm.encode(tokens).shape
+    (torch.Size([3, 11, 7]), torch.Size([3, 11, 16]))
+    """
+
+    def __init__(
+        self,
+        *,
+        num_tokens: int = 7,
+        max_seq_len: int = 16907,
+        dim: int = 200,
+        depth: int = 6,
+        heads: int = 10,
+        dim_head: int = 64,
+        nb_features: int | None = None,
+        feature_redraw_interval: int | None = 1000,
+        local_attn_heads: int = 0,
+        local_window_size: int = 256,
+        ff_mult: int = 4,
+        ff_chunks: int = 1,
+        emb_dropout: float = 0.0,
+        ff_dropout: float = 0.0,
+        attn_dropout: float = 0.0,
+        qkv_bias: bool = False,
+    ):
+        super().__init__()
+        self.config = {
+            "num_tokens": num_tokens,
+            "max_seq_len": max_seq_len,
+            "dim": dim,
+            "depth": depth,
+            "heads": heads,
+            "dim_head": dim_head,
+            "nb_features": nb_features or int(dim_head * math.log(dim_head)),
+            "feature_redraw_interval": feature_redraw_interval,
+            "local_attn_heads": local_attn_heads,
+            "local_window_size": local_window_size,
+            "ff_mult": ff_mult,
+            "ff_chunks": ff_chunks,
+            "emb_dropout": emb_dropout,
+            "ff_dropout": ff_dropout,
+            "attn_dropout": attn_dropout,
+            "qkv_bias": qkv_bias,
+        }
+        self.token_emb = nn.Embedding(num_tokens, dim)
+        self.pos_emb = GenePositionalEmbedding(dim, max_seq_len)
+        self.dropout = nn.Dropout(emb_dropout)
+        self.performer = Performer(
+            dim,
+            depth=depth,
+            heads=heads,
+            dim_head=dim_head,
+            nb_features=nb_features,
+            feature_redraw_interval=feature_redraw_interval,
+            local_attn_heads=local_attn_heads,
+            local_window_size=local_window_size,
+            ff_mult=ff_mult,
+            ff_chunks=ff_chunks,
+            ff_dropout=ff_dropout,
+            attn_dropout=attn_dropout,
+            qkv_bias=qkv_bias,
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.to_out: nn.Module = nn.Linear(dim, num_tokens)
+
+    @property
+    def max_seq_len(self) -> int:
+        """Number of positions, including the appended token."""
+        return self.pos_emb.emb.num_embeddings
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token plus positional embeddings, ``(batch, seq, dim)``."""
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must have shape (batch, seq), got {tuple(tokens.shape)}.")
+        if tokens.shape[1] > self.max_seq_len:
+            raise ValueError(f"tokens have {tokens.shape[1]} positions but the model has only {self.max_seq_len}.")
+        return self.dropout(self.token_emb(tokens) + self.pos_emb(tokens))
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final-LayerNorm hidden states, ``(batch, seq, dim)``."""
+        return self.norm(self.performer(self.embed(tokens)))
+
+    def forward(self, tokens: torch.Tensor) -> Any:
+        """The output head on the hidden states: per-token logits ``(batch, seq, num_tokens)`` for the LM head."""
+        return self.to_out(self.encode(tokens))
