@@ -94,6 +94,20 @@ def select_gene_rows(state: dict[str, torch.Tensor], gene_indices: Sequence[int]
     state["pos_emb.emb.weight"] = table[torch.from_numpy(np.append(indices, n_genes))]
 
 
+def encoder_from_state_dict(
+    state: dict[str, torch.Tensor], gene_indices: Sequence[int] | None = None, *, source: str = "state dict"
+) -> PerformerLM:
+    """Build a `PerformerLM` from scBERT-format weights; see :func:`load_scbert_checkpoint`."""
+    state = dict(state)
+    config = infer_config(state, source=source)
+    if gene_indices is not None:
+        select_gene_rows(state, gene_indices, source=source)
+        config["max_seq_len"] = state["pos_emb.emb.weight"].shape[0]
+    model = PerformerLM(**config)
+    load_weights(model, state, source=source)
+    return model.eval()
+
+
 def load_scbert_checkpoint(path: str | os.PathLike, gene_indices: Sequence[int] | None = None) -> PerformerLM:
     """Build a `PerformerLM` from a scBERT checkpoint such as ``panglao_pretrain.pth``.
 
@@ -119,12 +133,4 @@ def load_scbert_checkpoint(path: str | os.PathLike, gene_indices: Sequence[int] 
     >>> lm.max_seq_len  # doctest: +SKIP
     4
     """
-    source = f"Checkpoint {str(path)!r}"
-    state = read_state_dict(path)
-    config = infer_config(state, source=source)
-    if gene_indices is not None:
-        select_gene_rows(state, gene_indices, source=source)
-        config["max_seq_len"] = state["pos_emb.emb.weight"].shape[0]
-    model = PerformerLM(**config)
-    load_weights(model, state, source=source)
-    return model.eval()
+    return encoder_from_state_dict(read_state_dict(path), gene_indices, source=f"Checkpoint {str(path)!r}")

@@ -1,0 +1,633 @@
+"""The CANAL model: a pretrained Performer fine-tuned stage by stage with replay and distillation."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+from scipy import sparse
+from scvi import REGISTRY_KEYS
+from scvi.data import AnnDataManager
+from scvi.data.fields import CategoricalObsField, LayerField, NumericalObsField
+from scvi.dataloaders import DataSplitter
+from scvi.model.base import BaseModelClass
+from scvi.train import TrainRunner
+
+from scanpy_canal.nn import SCBERT_CONFIG, tokenize
+from scanpy_canal.pp import align_genes
+
+from ._bank import update_bank
+from ._data import check_expression, highly_variable_genes, read_labels, stratified_split
+from ._module import CANALModule
+from ._novelty import NoveltyReference, mixup_reference
+from ._schedule import cosine_warm_restarts
+from ._training_plan import MIN_LR, BestEpochEarlyStopping, CANALTrainingPlan
+
+logger = logging.getLogger("scanpy_canal")
+
+UNASSIGNED = "Unassigned"
+#: The encoder architecture when none is given: scBERT's (the sequence length follows the gene panel).
+DEFAULT_ARCH = {key: value for key, value in SCBERT_CONFIG.items() if key != "max_seq_len"}
+#: Held-out cells kept per stage to calibrate the novel-cell threshold.
+N_CALIBRATION_CELLS = 2000
+_LABEL_COLUMN = "_canal_label"
+
+Threshold = Literal["calibrated", "canal"] | float
+
+
+@dataclass
+class Outputs:
+    """Everything one forward pass over a query gives (see :meth:`CANAL.predict`)."""
+
+    labels: np.ndarray
+    probabilities: pd.DataFrame
+    embedding: np.ndarray
+    uncertainty: np.ndarray | None = None
+    threshold: float | None = None
+
+
+class CANAL(BaseModelClass):
+    """Continual cell-type annotation with a pretrained Performer (scBERT) language model.
+
+    Each call of :meth:`train` is one stage: stage 1 fine-tunes on the data given here; later stages take new labelled
+    data, which may bring new cell types, replay the example bank and distil the previous model's embeddings.
+
+    Parameters
+    ----------
+    adata
+        Stage-1 data, registered with :meth:`setup_anndata` (with a ``labels_key``), holding
+        ``log2(1 + counts per 10k)`` values (see :func:`scanpy_canal.pp.normalize`).
+    registry
+        Only used by scvi-tools internals; leave it `None`.
+    pretrained
+        A scBERT checkpoint (``.pth``, e.g. ``panglao_pretrain.pth``) whose encoder weights start the model. Needs
+        `pretrained_genes`. Genes of the panel that the checkpoint does not know are left out, with a warning.
+    pretrained_genes
+        The checkpoint's gene vocabulary in positional order: a sequence of names or a text file with one per line.
+    genes
+        The gene panel. Default: the `n_top_genes` highly variable genes of `adata`, or all its genes.
+    n_top_genes
+        Choose this many highly variable genes of `adata` as the panel.
+    seed
+        Seed of the initial weights, the data splits, the training order and the novel-cell mixes.
+    trainable_blocks
+        Encoder blocks that learn (CANAL: the second to last); the final LayerNorm and the head always learn.
+    **arch
+        Encoder architecture (see :class:`~scanpy_canal.nn.PerformerLM`), scBERT's by default.
+
+    Examples
+    --------
+    >>> import scanpy_canal as canal
+    >>> stream = canal.datasets.pbmc68k_stream()
+    >>> first, second = stream.train[0], stream.train[1]
+    >>> canal.CANAL.setup_anndata(first, labels_key="cell_type")
+    >>> model = canal.CANAL(first, dim=32, depth=2, heads=2, dim_head=16)
+    >>> model.train(max_epochs=2, accelerator="cpu", enable_progress_bar=False)
+    >>> canal.CANAL.setup_anndata(second, labels_key="cell_type")
+    >>> model.train(second, max_epochs=2, accelerator="cpu", enable_progress_bar=False)
+    >>> labels = model.predict(stream.test[0], novel=True)
+    """
+
+    _module_cls = CANALModule
+    _training_plan_cls = CANALTrainingPlan
+
+    def __init__(
+        self,
+        adata: ad.AnnData | None = None,
+        registry: dict | None = None,
+        *,
+        pretrained: str | None = None,
+        pretrained_genes: Sequence[str] | str | None = None,
+        genes: Sequence[str] | None = None,
+        n_top_genes: int | None = None,
+        seed: int = 0,
+        trainable_blocks: Sequence[int] = (-2,),
+        **arch: Any,
+    ):
+        if adata is None:
+            raise ValueError("CANAL needs stage-1 data; use `CANAL.load` to restore a saved model.")
+        super().__init__(adata, registry)
+        labels_key, layer = self._setup_args(adata)
+        if labels_key is None:
+            raise ValueError("CANAL trains on labelled data: call `CANAL.setup_anndata(adata, labels_key=...)` first.")
+        x = self._layer(adata, layer)
+        panel = _choose_panel(x, adata.var_names, genes, n_top_genes)
+        checkpoint = None
+        if pretrained is not None:
+            panel, checkpoint = _pretrained_encoder(pretrained, pretrained_genes, panel)
+            arch = {key: value for key, value in checkpoint.config.items() if key != "max_seq_len"} | arch
+        self._build(
+            genes=panel,
+            cell_types=sorted(set(read_labels(adata, labels_key))),
+            arch={**DEFAULT_ARCH, **arch},
+            trainable_blocks=trainable_blocks,
+            seed=seed,
+        )
+        if checkpoint is not None:
+            state = self.module.network.state_dict()
+            state.update({k: v for k, v in checkpoint.state_dict().items() if not k.startswith("to_out.")})
+            self.module.network.load_state_dict(state)
+        self.init_params_ = self._get_init_params(locals())
+
+    def _build(
+        self, *, genes: Sequence[str], cell_types: Sequence[str], arch: dict, trainable_blocks: Sequence[int], seed: int
+    ) -> None:
+        if len(set(genes)) != len(genes):
+            raise ValueError("The gene panel has duplicated names.")
+        self.genes_ = list(genes)
+        self.cell_types_ = list(cell_types)
+        self.arch_ = dict(arch)
+        self.trainable_blocks_ = list(trainable_blocks)
+        self.seed_ = seed
+        self.stage_ = 0
+        self.stage_history_: list[dict] = []
+        self.example_bank_: ad.AnnData | None = None
+        self.calibration_: torch.Tensor | None = None
+        self.training_log_ = pd.DataFrame()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.module = self._module_cls(
+                n_genes=len(genes), n_classes=len(cell_types), arch=self.arch_, trainable_blocks=trainable_blocks
+            )
+        self._model_summary_string = (
+            f"CANAL model: {len(genes)} genes, {len(cell_types)} cell types, stage {self.stage_}, "
+            f"encoder dim {arch['dim']} depth {arch['depth']}"
+        )
+
+    # ----------------------------------------------------------------------------------------------------- state
+    @property
+    def stage(self) -> int:
+        """Number of completed stages."""
+        return self.stage_
+
+    @property
+    def cell_types(self) -> list[str]:
+        """Cell types the model knows, in output-row order (older stages first)."""
+        return list(self.cell_types_)
+
+    @property
+    def genes(self) -> list[str]:
+        """The gene panel, in sequence order."""
+        return list(self.genes_)
+
+    @property
+    def example_bank(self) -> ad.AnnData | None:
+        """The replay examples: X in the gene panel, obs ``cell_type``, ``stage`` and ``rank``."""
+        return self.example_bank_
+
+    @property
+    def history(self) -> pd.DataFrame:
+        """Per-epoch training metrics, one block of rows per stage (column ``stage``)."""
+        return self.training_log_
+
+    # ------------------------------------------------------------------------------------------------ setup
+    @classmethod
+    def setup_anndata(cls, adata: ad.AnnData, labels_key: str | None = None, layer: str | None = None, **kwargs):
+        """Register `adata` for CANAL.
+
+        Parameters
+        ----------
+        adata
+            Cells with ``log2(1 + counts per 10k)`` values in X or `layer`.
+        labels_key
+            Column of ``adata.obs`` holding cell types (needed to train; every cell must have one).
+        layer
+            Layer to read instead of X.
+        **kwargs
+            Passed to scvi-tools' field registration.
+
+        Notes
+        -----
+        Like every scvi-tools model, registration writes ``adata.uns["_scvi_uuid"]`` and
+        ``adata.uns["_scvi_manager_uuid"]``, and with a `labels_key` the label codes in ``adata.obs["_scvi_labels"]``.
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        if layer is not None and layer not in adata.layers:
+            raise KeyError(f"Layer {layer!r} not found; available layers: {list(adata.layers)}.")
+        fields = [LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False, correct_data_format=False)]
+        if labels_key is not None:
+            read_labels(adata, labels_key)
+            fields.append(CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key))
+        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        manager.register_fields(adata, **kwargs)
+        cls.register_manager(manager)
+
+    def _setup_args(self, adata: ad.AnnData) -> tuple[str | None, str | None]:
+        manager = self._get_most_recent_anndata_manager(adata)
+        if manager is None:
+            return None, None
+        args = manager.registry["setup_args"]
+        return args.get("labels_key"), args.get("layer")
+
+    @staticmethod
+    def _layer(adata: ad.AnnData, layer: str | None):
+        return adata.X if layer is None else adata.layers[layer]
+
+    def _aligned(self, adata: ad.AnnData, *, what: str) -> ad.AnnData:
+        """`adata` in the model's gene panel (a new AnnData), with its values checked."""
+        _, layer = self._setup_args(adata)
+        aligned = align_genes(adata, self.genes_, layer=layer)
+        check_expression(aligned.X, what=what)
+        return aligned
+
+    # ------------------------------------------------------------------------------------------------ training
+    def train(
+        self,
+        adata: ad.AnnData | None = None,
+        *,
+        stage: int | None = None,
+        max_epochs: int = 100,
+        batch_size: int = 16,
+        lr: float = 2e-4,
+        rehearsal_size: int = 1000,
+        distill_weight: float = 0.1,
+        label_smoothing: float = 0.1,
+        early_stopping_patience: int | None = 10,
+        validation_size: float = 0.2,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        **trainer_kwargs: Any,
+    ) -> None:
+        """Train one stage.
+
+        Stage 1 uses the data given to the constructor; every later stage needs new labelled data (registered with
+        :meth:`setup_anndata`). New cell types get new output rows after the known ones. From stage 2 on, the example
+        bank is replayed with the new cells and the embeddings of a frozen copy of the previous model are distilled
+        with weight ``distill_weight * C_old / C_new``. The epoch with the best validation accuracy is kept, also when
+        ``max_epochs`` is reached. If training is interrupted (e.g. KeyboardInterrupt) the model is left as it was.
+
+        Parameters
+        ----------
+        adata
+            The stage's labelled cells; `None` for stage 1 means the constructor's data.
+        stage
+            The stage number, to guard against running stages out of order (default: the next one).
+        max_epochs
+            Upper bound on epochs.
+        batch_size
+            Cells per minibatch.
+        lr
+            Peak learning rate of the per-epoch cosine schedule with warm restarts (epoch 1 trains at 1e-6).
+        rehearsal_size
+            Capacity of the example bank (0 disables replay).
+        distill_weight
+            Weight of the embedding distillation loss before the ``C_old / C_new`` factor (0 disables it).
+        label_smoothing
+            Label smoothing of the cross-entropy.
+        early_stopping_patience
+            Stop after more than this many epochs without a better validation accuracy (`None`: never).
+        validation_size
+            Fraction of each cell type held out for validation, early stopping and threshold calibration.
+        accelerator, devices
+            Lightning's; ``accelerator="gpu", devices=-1, strategy="ddp_find_unused_parameters_true"`` trains on all
+            GPUs.
+        **trainer_kwargs
+            Passed to :class:`scvi.train.Trainer` (e.g. ``strategy``, ``precision``, ``enable_progress_bar``).
+        """
+        next_stage = self.stage_ + 1
+        if stage is not None and stage != next_stage:
+            raise ValueError(
+                f"The model has completed {self.stage_} stage(s); the next stage is {next_stage}, not {stage}."
+            )
+        if adata is None:
+            if self.stage_ > 0 or self.adata is None:
+                raise ValueError(f"Stage {next_stage} needs new labelled data: `model.train(adata)`.")
+            adata = self.adata
+        labels_key, _ = self._setup_args(adata)
+        if labels_key is None:
+            raise ValueError("Register the stage's data first: `CANAL.setup_anndata(adata, labels_key=...)`.")
+        labels = read_labels(adata, labels_key)
+        data = self._aligned(adata, what=f"the stage-{next_stage} data")
+        snapshot = copy.deepcopy((self.module.network, self.cell_types_, self.example_bank_, self.calibration_))
+        try:
+            self._train_stage(
+                data,
+                labels,
+                stage=next_stage,
+                max_epochs=max_epochs,
+                batch_size=batch_size,
+                lr=lr,
+                rehearsal_size=rehearsal_size,
+                distill_weight=distill_weight,
+                label_smoothing=label_smoothing,
+                early_stopping_patience=early_stopping_patience,
+                validation_size=validation_size,
+                accelerator=accelerator,
+                devices=devices,
+                **trainer_kwargs,
+            )
+        except BaseException:
+            self.module.network, self.cell_types_, self.example_bank_, self.calibration_ = snapshot
+            self.module.detach_teacher()
+            self.module.eval()
+            raise
+
+    def _train_stage(
+        self,
+        data: ad.AnnData,
+        labels: np.ndarray,
+        *,
+        stage: int,
+        max_epochs: int,
+        batch_size: int,
+        lr: float,
+        rehearsal_size: int,
+        distill_weight: float,
+        label_smoothing: float,
+        early_stopping_patience: int | None,
+        validation_size: float,
+        accelerator: str,
+        devices: int | list[int] | str,
+        **trainer_kwargs: Any,
+    ) -> None:
+        n_old = len(self.cell_types_)
+        new_types = sorted(set(labels) - set(self.cell_types_))
+        cell_types = self.cell_types_ + new_types
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed_ + stage)
+            self.module.head.add_classes(len(new_types))
+            self.module.head.fc3.requires_grad_(True)
+            training = self._training_data(data, labels, cell_types)
+            codes = training.obs[_LABEL_COLUMN].to_numpy().astype(np.int64)
+            train_idx, val_idx = stratified_split(codes, validation_size, np.random.default_rng(self.seed_ + stage))
+            teacher_weight = distill_weight * n_old / len(cell_types) if stage > 1 else 0.0
+            if teacher_weight > 0:
+                self.module.attach_teacher()
+            manager = AnnDataManager(
+                fields=[
+                    LayerField(REGISTRY_KEYS.X_KEY, None, is_count_data=False),
+                    NumericalObsField(REGISTRY_KEYS.LABELS_KEY, _LABEL_COLUMN),
+                ]
+            )
+            manager.register_fields(training)
+            plan = self._training_plan_cls(
+                self.module, lr=lr, label_smoothing=label_smoothing, distill_weight=teacher_weight
+            )
+            splitter = DataSplitter(
+                manager, external_indexing=[train_idx, val_idx, np.zeros(0, np.int64)], batch_size=batch_size
+            )
+            stopper = BestEpochEarlyStopping(patience=early_stopping_patience)
+            callbacks = [*trainer_kwargs.pop("callbacks", []), stopper]
+            runner = TrainRunner(
+                self,
+                training_plan=plan,
+                data_splitter=splitter,
+                max_epochs=max_epochs,
+                accelerator=accelerator,
+                devices=devices,
+                check_val_every_n_epoch=1,
+                callbacks=callbacks,
+                **trainer_kwargs,
+            )
+            self.module.train()
+            runner()
+        self.module.detach_teacher()
+        self.module.eval()
+        self.cell_types_ = cell_types
+        self.stage_ = stage
+        self._after_stage(data, labels, training, val_idx, stage=stage, rehearsal_size=rehearsal_size)
+        self._log_stage(runner.trainer, stopper, stage=stage, lr=lr)
+        self.stage_history_.append(
+            {
+                "stage": stage,
+                "n_cells": int(data.n_obs),
+                "n_replayed": int(training.n_obs - data.n_obs),
+                "new_cell_types": new_types,
+                "epochs": int(runner.trainer.current_epoch),
+                "best_epoch": None if stopper.best_epoch is None else int(stopper.best_epoch) + 1,
+                "best_validation_accuracy": None if stopper.best_epoch is None else stopper.best_score,
+                "distill_weight": teacher_weight,
+            }
+        )
+        self._model_summary_string = self._model_summary_string.replace(f"stage {stage - 1}", f"stage {stage}")
+
+    def _training_data(self, data: ad.AnnData, labels: np.ndarray, cell_types: list[str]) -> ad.AnnData:
+        """The stage's cells plus the replayed bank, with label codes in `cell_types` order."""
+        matrices, names = [data.X], [labels]
+        if self.example_bank_ is not None and self.example_bank_.n_obs > 0:
+            matrices.append(sparse.csr_matrix(self.example_bank_.X))
+            names.append(self.example_bank_.obs["cell_type"].astype(str).to_numpy())
+        codes = pd.Categorical(np.concatenate(names), categories=cell_types).codes
+        obs = pd.DataFrame({_LABEL_COLUMN: codes.astype(np.float32)}, index=pd.RangeIndex(len(codes)).astype(str))
+        return ad.AnnData(sparse.vstack(matrices, format="csr", dtype=np.float32), obs=obs)
+
+    def _after_stage(
+        self,
+        data: ad.AnnData,
+        labels: np.ndarray,
+        training: ad.AnnData,
+        val_idx: np.ndarray,
+        *,
+        stage: int,
+        rehearsal_size: int,
+    ) -> None:
+        """Refresh the example bank and the cells that calibrate the novel-cell threshold."""
+        if rehearsal_size > 0:
+            embedding = self._forward(data.X)["embedding"].numpy()
+            prototypes = self.module.head.fc3.weight.detach().cpu().numpy()
+            panel = ad.AnnData(data.X, obs=pd.DataFrame(index=data.obs_names), var=pd.DataFrame(index=data.var_names))
+            self.example_bank_ = update_bank(
+                self.example_bank_,
+                panel,
+                labels,
+                embedding,
+                prototypes,
+                self.cell_types_,
+                stage=stage,
+                size=rehearsal_size,
+            )
+        held_out = val_idx if len(val_idx) > 0 else np.arange(training.n_obs)
+        rng = np.random.default_rng(self.seed_ + stage)
+        held_out = np.sort(rng.permutation(held_out)[:N_CALIBRATION_CELLS])
+        self.calibration_ = self._forward(training.X[held_out])["manifold"]
+
+    def _log_stage(self, trainer, stopper: BestEpochEarlyStopping, *, stage: int, lr: float) -> None:
+        logged = getattr(trainer.logger, "history", None) or {}
+        frames = [frame for frame in logged.values() if isinstance(frame, pd.DataFrame)]
+        if not frames:
+            return
+        log = pd.concat(frames, axis=1).reset_index(drop=True)
+        log.insert(0, "epoch", np.arange(1, len(log) + 1))
+        log.insert(0, "stage", stage)
+        log["lr"] = [cosine_warm_restarts(e, max_lr=lr, min_lr=min(MIN_LR, lr)) for e in range(len(log))]
+        log["best"] = log["epoch"] == (-1 if stopper.best_epoch is None else stopper.best_epoch + 1)
+        self.training_log_ = pd.concat([self.training_log_, log], ignore_index=True)
+
+    # ---------------------------------------------------------------------------------------------- inference
+    @torch.inference_mode()
+    def _forward(self, x: sparse.csr_matrix | np.ndarray, batch_size: int | None = None) -> dict[str, torch.Tensor]:
+        """Manifold, embedding and logits of every row of `x`, in batches, on the CPU."""
+        batch_size = batch_size or 64
+        network = self.module.network.eval()
+        device = next(network.parameters()).device
+        outputs: dict[str, list[torch.Tensor]] = {"manifold": [], "embedding": [], "logits": []}
+        for start in range(0, x.shape[0], batch_size):
+            manifold, embedding, logits = network(tokenize(x[start : start + batch_size]).to(device))
+            for key, value in zip(outputs, (manifold, embedding, logits), strict=True):
+                outputs[key].append(value.float().cpu())
+        return {key: torch.cat(values) for key, values in outputs.items()}
+
+    def _novelty_reference(
+        self, manifold: torch.Tensor, logits: torch.Tensor, *, threshold: Threshold, temperature: float, seed: int
+    ) -> NoveltyReference:
+        generator = torch.Generator().manual_seed(seed)
+        classify = lambda m: self.module.head.classify(m.to(self.device))[1]
+        if threshold == "canal":
+            return mixup_reference(manifold, logits, classify, temperature=temperature, generator=generator)
+        if self.calibration_ is None:
+            raise ValueError("The model has no calibration cells yet: train a stage first, or use threshold='canal'.")
+        with torch.inference_mode():
+            calibration_logits = classify(self.calibration_).float().cpu()
+            reference = mixup_reference(
+                self.calibration_, calibration_logits, classify, temperature=temperature, generator=generator
+            )
+        if threshold == "calibrated":
+            return reference
+        if isinstance(threshold, int | float) and not isinstance(threshold, bool) and 0 <= threshold <= 1:
+            return NoveltyReference(reference.energy_min, reference.energy_max, float(threshold))
+        raise ValueError(f"threshold must be 'calibrated', 'canal' or a number in [0, 1], got {threshold!r}.")
+
+    def _predict_outputs(
+        self,
+        adata: ad.AnnData | None = None,
+        *,
+        novel: bool = False,
+        temperature: float = 0.8,
+        threshold: Threshold = "calibrated",
+        batch_size: int | None = None,
+        seed: int = 0,
+    ) -> Outputs:
+        if adata is None:
+            adata = self.adata
+        if adata is None:
+            raise ValueError("Pass the cells to annotate.")
+        data = self._aligned(adata, what="the query")
+        forward = self._forward(data.X, batch_size)
+        probabilities = forward["logits"].softmax(dim=-1)
+        labels = np.asarray(self.cell_types_, dtype=object)[probabilities.argmax(dim=-1).numpy()]
+        outputs = Outputs(
+            labels=labels,
+            probabilities=pd.DataFrame(probabilities.numpy(), index=adata.obs_names, columns=self.cell_types_),
+            embedding=forward["embedding"].numpy(),
+        )
+        if novel:
+            with torch.inference_mode():
+                reference = self._novelty_reference(
+                    forward["manifold"], forward["logits"], threshold=threshold, temperature=temperature, seed=seed
+                )
+            uncertainty = reference.uncertainty(forward["logits"], temperature).numpy()
+            outputs.labels = np.where(uncertainty > reference.threshold, UNASSIGNED, labels).astype(object)
+            outputs.uncertainty, outputs.threshold = uncertainty, reference.threshold
+        return outputs
+
+    def predict(
+        self,
+        adata: ad.AnnData | None = None,
+        *,
+        novel: bool = False,
+        temperature: float = 0.8,
+        soft: bool = False,
+        batch_size: int | None = None,
+        seed: int = 0,
+        threshold: Threshold = "calibrated",
+    ) -> np.ndarray | pd.DataFrame:
+        """Predict cell types, calling cells of never-seen types ``"Unassigned"`` when `novel`.
+
+        Genes are matched to the model's panel by name (missing genes count as unexpressed).
+
+        Parameters
+        ----------
+        adata
+            Cells with ``log2(1 + counts per 10k)`` values (a registered layer is used); default: the stage-1 data.
+        novel
+            Flag cells whose uncertainty ``(normalised energy + 1 - confidence) / 2`` exceeds the threshold.
+        temperature
+            Energy temperature.
+        soft
+            Return the class probabilities instead of labels.
+        batch_size
+            Cells per forward pass.
+        seed
+            Seed of the mixup partners and weights behind the threshold.
+        threshold
+            ``"calibrated"`` (default): energy range and threshold from held-out training cells, so every cell gets
+            the same answer whatever else is in the query; ``"canal"``: the original rule, relative to this query
+            (needs at least 2 cells); or a number in ``[0, 1]`` used as the threshold itself.
+
+        Returns
+        -------
+        An array of cell-type names, or with `soft` a DataFrame of probabilities (cells x cell types).
+        """
+        outputs = self._predict_outputs(
+            adata, novel=novel, temperature=temperature, threshold=threshold, batch_size=batch_size, seed=seed
+        )
+        return outputs.probabilities if soft else outputs.labels
+
+    def get_latent_representation(
+        self, adata: ad.AnnData | None = None, *, batch_size: int | None = None
+    ) -> np.ndarray:
+        """The 64-d embedding of each cell (the head's ``fc2`` output), shape ``(n_obs, 64)``."""
+        return self._predict_outputs(adata, batch_size=batch_size).embedding
+
+    # ----------------------------------------------------------------------------------------------- save/load
+    def save(self, dir_path: str, overwrite: bool = False, **kwargs: Any) -> None:
+        """Save to a directory: weights (``weights.pt``), metadata (``model.json``) and the bank (``.h5ad``).
+
+        Nothing is pickled. The directory is written next to its destination and renamed into place, so an
+        interrupted save never damages an earlier model at the same path.
+        """
+        from ._io import save_model
+
+        save_model(self, dir_path, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, dir_path: str, adata: ad.AnnData | None = None, **kwargs: Any) -> CANAL:
+        """Load a model written by :meth:`save`; `adata` becomes the default data of :meth:`predict`."""
+        from ._io import load_model
+
+        return load_model(cls, dir_path, adata=adata)
+
+
+def _choose_panel(x, var_names: pd.Index, genes: Sequence[str] | None, n_top_genes: int | None) -> list[str]:
+    if genes is not None and n_top_genes is not None:
+        raise ValueError("Give either `genes` or `n_top_genes`, not both.")
+    if genes is not None:
+        return [str(g) for g in genes]
+    if n_top_genes is not None:
+        return highly_variable_genes(x, var_names, n_top_genes)
+    return [str(g) for g in var_names]
+
+
+def _pretrained_encoder(path: str, vocabulary: Sequence[str] | str | None, panel: list[str]):
+    """The checkpoint's encoder over the panel genes it knows, and that reduced panel."""
+    from scanpy_canal.nn import encoder_from_state_dict, read_state_dict
+
+    if vocabulary is None:
+        raise ValueError("`pretrained` needs `pretrained_genes`: the checkpoint's genes in positional order.")
+    if isinstance(vocabulary, str):
+        with open(vocabulary) as handle:
+            vocabulary = [line.strip() for line in handle if line.strip()]
+    state = read_state_dict(path)
+    n_rows = state["pos_emb.emb.weight"].shape[0] if "pos_emb.emb.weight" in state else None
+    if n_rows != len(vocabulary) + 1:
+        raise ValueError(
+            f"The vocabulary has {len(vocabulary)} genes but checkpoint {path!r} has a gene table of {n_rows} rows "
+            "(genes plus the appended token)."
+        )
+    positions = pd.Index(vocabulary).get_indexer(panel)
+    known = positions >= 0
+    if not known.any():
+        raise ValueError(f"None of the {len(panel)} panel genes is in the vocabulary of checkpoint {path!r}.")
+    if not known.all():
+        logger.warning(
+            "%d of %d panel genes are not in the checkpoint's vocabulary and are left out.", (~known).sum(), len(panel)
+        )
+    encoder = encoder_from_state_dict(state, positions[known], source=f"Checkpoint {path!r}")
+    return [gene for gene, keep in zip(panel, known, strict=True) if keep], encoder

@@ -1,0 +1,85 @@
+"""How one CANAL stage trains: Adam with AMSGrad, the per-epoch warm-restart schedule, and best-epoch early stopping."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning.pytorch as pl
+import torch
+from scvi.train import TrainingPlan
+
+from ._schedule import cosine_warm_restarts
+
+MIN_LR = 1e-6
+
+
+class CANALTrainingPlan(TrainingPlan):
+    """scvi-tools training plan with CANAL's optimiser and schedule, logging only classification metrics.
+
+    Parameters
+    ----------
+    module
+        A :class:`~scanpy_canal.model.CANALModule`.
+    lr
+        Peak learning rate of the schedule.
+    **loss_kwargs
+        Passed to the module's ``loss`` (``label_smoothing``, ``distill_weight``).
+    """
+
+    def __init__(self, module, *, lr: float = 2e-4, **loss_kwargs):
+        super().__init__(module, lr=lr, **loss_kwargs)
+
+    def configure_optimizers(self):
+        """Adam (AMSGrad) over the trainable parameters, with the LR set per epoch by the warm-restart schedule."""
+        parameters = [p for p in self.module.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(parameters, lr=self.lr, amsgrad=True)
+        min_lr = min(MIN_LR, self.lr)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda epoch: cosine_warm_restarts(epoch, max_lr=self.lr, min_lr=min_lr) / self.lr
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
+
+    def compute_and_log_metrics(self, loss_output, metrics, mode: str) -> None:
+        """Log each extra metric as an epoch mean weighted by batch size (e.g. ``accuracy_validation``)."""
+        for name, value in loss_output.extra_metrics.items():
+            self.log(
+                f"{name}_{mode}",
+                value,
+                on_step=False,
+                on_epoch=True,
+                batch_size=loss_output.n_obs_minibatch,
+                sync_dist=self.use_sync_dist,
+            )
+
+
+class BestEpochEarlyStopping(pl.Callback):
+    """Stop after more than `patience` epochs without a strictly better `monitor`, and restore the best weights.
+
+    The best epoch's weights (random features included) are put back when fitting ends, whether it ended by early
+    stopping or by reaching ``max_epochs``.
+    """
+
+    def __init__(self, monitor: str = "accuracy_validation", patience: int | None = 10):
+        super().__init__()
+        self.monitor = monitor
+        self.patience = patience
+        self.best_score = float("-inf")
+        self.best_epoch: int | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.wait = 0
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        score = float(trainer.callback_metrics[self.monitor])
+        if score > self.best_score:
+            self.best_score, self.best_epoch, self.wait = score, trainer.current_epoch, 0
+            self.best_state = copy.deepcopy(pl_module.module.network.state_dict())
+        else:
+            self.wait += 1
+        stop = self.patience is not None and self.wait > self.patience
+        trainer.should_stop = trainer.should_stop or trainer.strategy.reduce_boolean_decision(stop, all=False)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.best_state is not None:
+            pl_module.module.network.load_state_dict(self.best_state)

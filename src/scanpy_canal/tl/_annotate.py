@@ -1,0 +1,111 @@
+"""Write CANAL's predictions into an AnnData or MuData."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+if TYPE_CHECKING:
+    from mudata import MuData
+
+    from scanpy_canal.model import CANAL
+
+
+def annotate(
+    data: AnnData | MuData,
+    model: CANAL,
+    *,
+    novel: bool = False,
+    key_added: str = "canal",
+    mod: str = "rna",
+    batch_size: int | None = None,
+    temperature: float = 0.8,
+    threshold: Literal["calibrated", "canal"] | float = "calibrated",
+    seed: int = 0,
+    copy: bool = False,
+) -> AnnData | MuData | None:
+    """Annotate cell types with a trained CANAL model.
+
+    Genes are matched to the model's panel by name; a layer registered with :meth:`~scanpy_canal.CANAL.setup_anndata`
+    is used, X otherwise. All outputs come from one forward pass.
+
+    Parameters
+    ----------
+    data
+        Cells with ``log2(1 + counts per 10k)`` values, or a MuData whose modality `mod` holds them.
+    model
+        A trained :class:`~scanpy_canal.CANAL`.
+    novel
+        Call cells of never-seen types ``"Unassigned"`` and write their uncertainty.
+    key_added
+        Prefix of every key written.
+    mod
+        Modality of a MuData to annotate.
+    batch_size
+        Cells per forward pass.
+    temperature, threshold, seed
+        Novel-cell detection settings, see :meth:`~scanpy_canal.CANAL.predict`.
+    copy
+        Return an annotated copy instead of writing into `data`.
+
+    Returns
+    -------
+    `None`, or the annotated copy when `copy`. Writes, for ``key = key_added``:
+
+    ``.obs[f"{key}_prediction"]``
+        Categorical cell type, categories in the model's label order (plus ``"Unassigned"`` when `novel`).
+    ``.obs[f"{key}_confidence"]``
+        Largest class probability.
+    ``.obs[f"{key}_uncertainty"]``
+        Novel-cell score in ``[0, 1]`` (only when `novel`); above ``.uns[key]["threshold"]`` means unassigned.
+    ``.obsm[f"{key}_probabilities"]``
+        Class probabilities, columns in the order of ``.uns[key]["cell_types"]``.
+    ``.obsm[f"X_{key}"]``
+        The 64-d embedding, for ``sc.pp.neighbors(adata, use_rep=f"X_{key}")``.
+    ``.uns[key]``
+        ``params``, ``stage``, ``cell_types`` and ``threshold``.
+
+    For a MuData these go into ``data.mod[mod]``, and the obs columns also into ``data.obs`` as ``f"{mod}:{name}"``.
+
+    Examples
+    --------
+    >>> import scanpy as sc, scanpy_canal as canal
+    >>> canal.tl.annotate(query, model, novel=True)  # doctest: +SKIP
+    >>> sc.pp.neighbors(query, use_rep="X_canal")  # doctest: +SKIP
+    >>> sc.tl.umap(query)  # doctest: +SKIP
+    >>> sc.pl.umap(query, color=["canal_prediction", "canal_uncertainty"])  # doctest: +SKIP
+    """
+    data = data.copy() if copy else data
+    adata = data if isinstance(data, AnnData) else _modality(data, mod)
+    outputs = model._predict_outputs(
+        adata, novel=novel, temperature=temperature, threshold=threshold, batch_size=batch_size, seed=seed
+    )
+    categories = model.cell_types + (["Unassigned"] if novel else [])
+    columns = {
+        f"{key_added}_prediction": pd.Categorical(outputs.labels, categories=categories),
+        f"{key_added}_confidence": outputs.probabilities.to_numpy().max(axis=1).astype(np.float32),
+    }
+    if novel:
+        columns[f"{key_added}_uncertainty"] = outputs.uncertainty.astype(np.float32)
+    for name, values in columns.items():
+        adata.obs[name] = values
+        if adata is not data:
+            data.obs[f"{mod}:{name}"] = pd.Series(values, index=adata.obs_names).reindex(data.obs_names)
+    adata.obsm[f"{key_added}_probabilities"] = outputs.probabilities.to_numpy().astype(np.float32)
+    adata.obsm[f"X_{key_added}"] = outputs.embedding.astype(np.float32)
+    adata.uns[key_added] = {
+        "params": {"novel": novel, "temperature": temperature, "threshold": threshold, "seed": seed},
+        "stage": model.stage,
+        "cell_types": list(model.cell_types),
+        "threshold": outputs.threshold,
+    }
+    return data if copy else None
+
+
+def _modality(data: MuData, mod: str) -> AnnData:
+    if mod not in data.mod:
+        raise KeyError(f"MuData has no modality {mod!r}; it has {list(data.mod)}.")
+    return data.mod[mod]
