@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "machine": machine_info(),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "model_config": PerformerLM(max_seq_len=2).config,
+        "model_config": {**PerformerLM(max_seq_len=2).config, "max_seq_len": "seq_len of each point"},
         "flops_per_cell": {},
         "matmul_reference": {},
         "results": [],
