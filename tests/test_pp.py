@@ -52,7 +52,12 @@ def test_normalize_counts(counts, make):
     X = make(counts)
     adata = ad.AnnData(X)
     assert normalize(adata) is None
-    assert adata.uns["canal_normalize"] == {"detected": "counts", "target_sum": 10000.0, "layer": None}
+    assert adata.uns["canal_normalize"] == {
+        "detected": "counts",
+        "rescaled": "per cell",
+        "target_sum": 10000.0,
+        "layer": None,
+    }
     assert adata.X.dtype == np.float32
     assert sparse.issparse(adata.X) == sparse.issparse(X)
     if sparse.issparse(X):
@@ -80,7 +85,14 @@ def test_normalize_pbmc68k_reduced_raw_is_natural_log(pbmc_raw):
     adata = normalize(pbmc_raw, copy=True)
     assert adata.uns["canal_normalize"]["detected"] == "log1p"
     assert sparse.isspmatrix_csr(adata.X) and adata.X.dtype == np.float32
-    np.testing.assert_allclose((np.exp2(dense(adata.X).astype(np.float64)) - 1).sum(axis=1), 1e4, rtol=1e-5)
+    # .raw holds 765 genes of a 10,000-per-cell normalisation: values keep their scale, only the base changes.
+    assert adata.uns["canal_normalize"]["rescaled"] == "kept"
+    expected = np.log2(1 + np.expm1(dense(pbmc_raw.X).astype(np.float64)))
+    np.testing.assert_allclose(dense(adata.X), expected, atol=1e-5)
+    rescaled = normalize(pbmc_raw, target_sum=1e6, copy=True)
+    np.testing.assert_allclose(dense(rescaled.X), np.log2(1 + np.expm1(dense(pbmc_raw.X)) / 100), atol=1e-5)
+    again = normalize(adata, copy=True)
+    np.testing.assert_allclose(dense(again.X), dense(adata.X), atol=1e-5)
 
 
 def test_normalize_pbmc68k_reduced_scaled_x_is_refused():
@@ -120,7 +132,12 @@ def test_normalize_copy_leaves_input_unchanged(counts):
 def test_normalize_layer(counts):
     adata = ad.AnnData(-np.ones(counts.shape, dtype=np.float32), layers={"counts": sparse.csr_matrix(counts)})
     normalize(adata, layer="counts")
-    assert adata.uns["canal_normalize"] == {"detected": "counts", "target_sum": 10000.0, "layer": "counts"}
+    assert adata.uns["canal_normalize"] == {
+        "detected": "counts",
+        "rescaled": "per cell",
+        "target_sum": 10000.0,
+        "layer": "counts",
+    }
     np.testing.assert_allclose(dense(adata.X), log2_cp10k(counts), atol=1e-5)
     np.testing.assert_array_equal(adata.layers["counts"].toarray(), counts)
 

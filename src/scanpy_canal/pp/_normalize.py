@@ -17,10 +17,13 @@ TARGET_SUM = 1e4
 _BASES: dict[str, float] = {"log1p": np.e, "log2": 2.0}
 _MAX_CHECK_CELLS = 2000  # base detection looks at a seeded random subset of at most this many cells
 _MIN_PASS_FRACTION = 0.9  # of the values within a cell, and of the cells, that must fit a base
+_TOTAL_TOLERANCE = 0.01  # relative spread of cell totals still read as "one total for every cell"
 _MAX_RATIO = 100.0  # larger count ratios carry too little precision to tell a base apart
 
 
-def normalize(adata: AnnData, *, layer: str | None = None, copy: bool = False) -> AnnData | None:
+def normalize(
+    adata: AnnData, *, layer: str | None = None, target_sum: float = TARGET_SUM, copy: bool = False
+) -> AnnData | None:
     """Bring expression values to ``log2(1 + counts per 10k)``, detecting whether they are counts or log1p values.
 
     The values are recognised as one of
@@ -30,10 +33,14 @@ def normalize(adata: AnnData, *, layer: str | None = None, copy: bool = False) -
       or ``sc.datasets.pbmc68k_reduced().raw``),
     - ``log1p`` of normalised counts in base 2 (e.g. ``sc.pp.log1p(base=2)``, or the output of this function).
 
-    Counts are recovered up to a per-cell factor, each cell is scaled to sum to 10,000 over the genes present in
-    `adata` (as the original CANAL pipeline does), and ``log2(1 + x)`` is applied. Applying the function twice
-    gives the same values. Cells without any expressed gene stay zero. Base detection relies on the smallest
-    non-zero value of a cell being one count, which holds for droplet data.
+    Counts are scaled so that each cell sums to 10,000 over the genes present in `adata` (as the original CANAL
+    pipeline does after aligning to its gene list), and ``log2(1 + x)`` is applied. For log1p values the log is
+    undone first; if every cell then has the same total, the data hold all genes and each cell is rescaled to 10,000
+    (whatever target was used before). If the totals differ, the data are a subset of the genes that were normalised
+    (as ``pbmc68k_reduced().raw``, 765 of the genes of a 10,000-per-cell normalisation): renormalising over the subset
+    would inflate every value, so the values are kept on their scale, taken to be counts per `target_sum`. Applying
+    the function twice gives the same values. Cells without any expressed gene stay zero. Base detection relies on
+    the smallest non-zero value of a cell being one count, which holds for droplet data.
 
     Parameters
     ----------
@@ -41,6 +48,8 @@ def normalize(adata: AnnData, *, layer: str | None = None, copy: bool = False) -
         Annotated data matrix, cells by genes.
     layer
         Read the values from ``adata.layers[layer]`` instead of ``adata.X``. The layer itself is left unchanged.
+    target_sum
+        The per-cell total that log1p values of a gene subset were normalised to (scanpy's usual 10,000).
     copy
         Return a normalised copy instead of writing to `adata`.
 
@@ -51,7 +60,8 @@ def normalize(adata: AnnData, *, layer: str | None = None, copy: bool = False) -
     ``adata.X``
         ``log2(1 + counts per 10k)`` as float32; CSR sparse if the input was sparse, dense otherwise.
     ``adata.uns["canal_normalize"]``
-        ``{"detected": "counts" | "log1p" | "log2", "target_sum": 10000.0, "layer": layer}``.
+        ``{"detected": "counts" | "log1p" | "log2", "rescaled": "per cell" | "kept", "target_sum": 10000.0,
+        "layer": layer}``; ``"kept"`` means log1p values of a gene subset were taken as counts per `target_sum`.
 
     Raises
     ------
@@ -72,13 +82,18 @@ def normalize(adata: AnnData, *, layer: str | None = None, copy: bool = False) -
     _check_values(X)
     detected = _detect(X)
     logger.info("normalize: detected %s values, writing log2(1 + counts per 10k) to X", detected)
-    result = _to_log2_cp10k(X, detected)
+    result, rescaled = _to_log2_cp10k(X, detected, target_sum)
     if copy:
         adata = adata.copy()
     elif adata.is_view:
         adata._init_as_actual(adata.copy())  # as scanpy does: a view becomes its own AnnData before writing
     adata.X = result
-    adata.uns["canal_normalize"] = {"detected": detected, "target_sum": TARGET_SUM, "layer": layer}
+    adata.uns["canal_normalize"] = {
+        "detected": detected,
+        "rescaled": rescaled,
+        "target_sum": TARGET_SUM if rescaled == "per cell" else float(target_sum),
+        "layer": layer,
+    }
     return adata if copy else None
 
 
@@ -169,20 +184,38 @@ def _to_counts_scale(values: np.ndarray, detected: Detected) -> np.ndarray:
     return np.expm1(values * np.log(_BASES[detected]), out=values)
 
 
-def _log2_cp10k(values: np.ndarray, row_sums: np.ndarray) -> np.ndarray:
-    """``log2(1 + values / row_sum * 1e4)`` per cell; `row_sums` broadcasts against `values`."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        scale = np.where(row_sums > 0, TARGET_SUM / row_sums, 0.0)
+def _constant_totals(row_sums: np.ndarray) -> bool:
+    """Whether the expressed cells share one total (within storage precision): the data hold all genes."""
+    totals = row_sums[row_sums > 0]
+    if totals.size == 0:
+        return True
+    low, high = np.percentile(totals, [1, 99])
+    return (high - low) <= _TOTAL_TOLERANCE * np.median(totals)
+
+
+def _log2_scaled(values: np.ndarray, scale: np.ndarray | float) -> np.ndarray:
     values *= scale
     return (np.log1p(values) / np.log(2)).astype(np.float32)
 
 
-def _to_log2_cp10k(X, detected: Detected) -> np.ndarray | sp.csr_matrix:
+def _to_log2_cp10k(X, detected: Detected, target_sum: float) -> tuple[np.ndarray | sp.csr_matrix, str]:
+    """``log2(1 + counts per 10k)`` and how cells were scaled ("per cell" or "kept")."""
     if sp.issparse(X):
         out = sp.csr_matrix(X, dtype=np.float64, copy=True)
         out.data = _to_counts_scale(out.data, detected)
         row_sums = np.asarray(out.sum(axis=1)).ravel()
-        out.data = _log2_cp10k(out.data, np.repeat(row_sums, np.diff(out.indptr)))
-        return out.astype(np.float32)
-    dense = _to_counts_scale(np.array(X, dtype=np.float64, copy=True), detected)
-    return _log2_cp10k(dense, dense.sum(axis=1, keepdims=True))
+    else:
+        out = _to_counts_scale(np.array(X, dtype=np.float64, copy=True), detected)
+        row_sums = out.sum(axis=1)
+    if detected == "counts" or _constant_totals(row_sums):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale, rescaled = np.where(row_sums > 0, TARGET_SUM / row_sums, 0.0), "per cell"
+    else:
+        scale, rescaled = TARGET_SUM / target_sum, "kept"
+        logger.info(
+            "normalize: cell totals differ, so the values are taken as counts per %g of a gene subset", target_sum
+        )
+    if sp.issparse(out):
+        out.data = _log2_scaled(out.data, np.repeat(scale, np.diff(out.indptr)) if np.ndim(scale) else scale)
+        return out.astype(np.float32), rescaled
+    return _log2_scaled(out, scale[:, None] if np.ndim(scale) else scale), rescaled
