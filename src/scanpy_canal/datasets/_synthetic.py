@@ -7,7 +7,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from scanpy_canal.pp import normalize
+from scanpy_canal.pp._normalize import TARGET_SUM
 
 from ._stream import Stream, check_test_size, set_labels, split_stratified
 
@@ -15,7 +15,8 @@ LABELS_KEY = "cell_type"
 _BASELINE_SD = 1.5  # log-normal spread of the shared baseline: few genes dominate, most are low
 _MARKER_FOLD = (4.0, 16.0)  # range of the multiplicative rise of a type's marker genes
 _DISPERSION = 5.0  # negative binomial inverse dispersion (Gamma shape)
-_LIBRARY_SIZE = (np.log(3000), 0.3)  # log-normal mean and sd of UMIs per cell
+_LIBRARY_SIZE = (np.log(5000), 0.3)  # log-normal mean and sd of UMIs per cell, over the whole transcriptome
+_PANEL_COUNTS_PER_GENE = 3.0  # mean UMIs per panel gene: the panel is a small part of each cell's transcriptome
 
 
 def synthetic_stream(
@@ -36,7 +37,9 @@ def synthetic_stream(
     Each stage is a batch: the expected expression of every gene is multiplied by ``exp(N(0, batch_effect))``.
     Stage ``t`` brings `types_per_stage` new types (``cells_per_type`` cells each) and, if `old_types_recur`, also
     ``cells_per_type // 2`` cells of each earlier type under its own batch. Library sizes are log-normal around
-    3000 UMIs. The `n_novel_types` types only occur in ``novel``, under a batch of their own. Each stage is split,
+    5000 UMIs
+    over the whole transcriptome, of which the panel holds about 3 UMIs per gene; ``X`` is normalised by the whole
+    library, as for a gene panel cut from real data. The `n_novel_types` types only occur in ``novel``, under a batch of their own. Each stage is split,
     stratified by type, into train and test.
 
     Parameters
@@ -63,7 +66,7 @@ def synthetic_stream(
     Returns
     -------
     A :class:`Stream`. Each AnnData has ``X`` = ``log2(1 + counts per 10k)`` (float32 CSR), ``layers["counts"]``
-    (float32 CSR), ``obs["cell_type"]`` (categorical), ``obs["stage"]`` (the stage; -1 in ``novel``),
+    (float32 CSR), ``obs["total_counts"]`` (the whole library), ``obs["cell_type"]`` (categorical), ``obs["stage"]`` (the stage; -1 in ``novel``),
     and ``var["marker_of"]`` (the type whose program contains the gene, or ``""``).
 
     Raises
@@ -140,24 +143,32 @@ def _marker_names(markers: np.ndarray, types: list[str], n_genes: int) -> np.nda
 
 def _draw(
     rng: np.random.Generator, programs: np.ndarray, type_ids: list[int], n_cells: list[int], batch_effect: float
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Negative binomial counts (as Gamma-Poisson) of `n_cells[i]` cells of each type, under one new batch."""
     batch = rng.normal(0.0, batch_effect, programs.shape[1])
     cell_type = np.repeat(type_ids, n_cells)
     proportions = np.exp(programs[cell_type] + batch)
     proportions /= proportions.sum(axis=1, keepdims=True)
     library = rng.lognormal(*_LIBRARY_SIZE, size=len(cell_type))
-    means = proportions * library[:, None]
+    panel_share = min(1.0, _PANEL_COUNTS_PER_GENE * programs.shape[1] / np.exp(_LIBRARY_SIZE[0]))
+    means = proportions * (library * panel_share)[:, None]
     counts = rng.poisson(rng.gamma(_DISPERSION, means / _DISPERSION))
-    return counts, cell_type
+    return counts, cell_type, library
 
 
 def _to_anndata(
-    counts: np.ndarray, cell_type: np.ndarray, types: list[str], var: pd.DataFrame, *, prefix: str, stage: int
+    counts: np.ndarray,
+    cell_type: np.ndarray,
+    library: np.ndarray,
+    types: list[str],
+    var: pd.DataFrame,
+    *,
+    prefix: str,
+    stage: int,
 ) -> AnnData:
-    counts = sp.csr_matrix(counts, dtype=np.float32)
-    obs = pd.DataFrame(index=[f"{prefix}_cell_{i}" for i in range(counts.shape[0])])
-    adata = AnnData(X=counts.copy(), obs=obs, var=var.copy(), layers={"counts": counts})
+    # Counts per 10k of the cell's whole library, as for a gene panel cut from real data.
+    values = sp.csr_matrix(np.log2(1 + counts / library[:, None] * TARGET_SUM), dtype=np.float32)
+    obs = pd.DataFrame({"total_counts": library}, index=[f"{prefix}_cell_{i}" for i in range(counts.shape[0])])
+    adata = AnnData(X=values, obs=obs, var=var.copy(), layers={"counts": sp.csr_matrix(counts, dtype=np.float32)})
     set_labels(adata, np.asarray(types, dtype=object)[cell_type], types, LABELS_KEY, stage)
-    normalize(adata)
     return adata
