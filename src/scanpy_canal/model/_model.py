@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import signal
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -323,10 +325,14 @@ class CANAL(BaseModelClass):
                 devices=devices,
                 **trainer_kwargs,
             )
-        except BaseException:
+        except BaseException as error:
             self.module.network, self.cell_types_, self.example_bank_, self.calibration_ = snapshot
             self.module.detach_teacher()
             self.module.eval()
+            if isinstance(error, SystemExit) and isinstance(error.__context__, KeyboardInterrupt):
+                # Lightning answers Ctrl+C with exit(1) and ignores SIGINT from then on; give the user theirs back.
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt from error
             raise
 
     def _train_stage(
@@ -387,7 +393,10 @@ class CANAL(BaseModelClass):
                 **trainer_kwargs,
             )
             self.module.train()
-            runner()
+            with warnings.catch_warnings():
+                # The teacher is in eval mode on purpose; Lightning would warn about it at every stage.
+                warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
+                runner()
         self.module.detach_teacher()
         self.module.eval()
         self.cell_types_ = cell_types

@@ -53,27 +53,41 @@ class CANALTrainingPlan(TrainingPlan):
 
 
 class BestEpochEarlyStopping(pl.Callback):
-    """Stop after more than `patience` epochs without a strictly better `monitor`, and restore the best weights.
+    """Stop after more than `patience` epochs without a better `monitor`, and restore the best epoch's weights.
 
-    The best epoch's weights (random features included) are put back when fitting ends, whether it ended by early
-    stopping or by reaching ``max_epochs``.
+    An epoch is better when its `monitor` (validation accuracy) is strictly higher, or equal with a strictly lower
+    `tie_break` (validation loss): on small validation sets the accuracy saturates early, and the first saturated
+    epoch is rarely the best-fitted one. The best weights (random features included) are put back when fitting ends,
+    whether it ended by early stopping or by reaching ``max_epochs``.
     """
 
-    def __init__(self, monitor: str = "accuracy_validation", patience: int | None = 10):
+    def __init__(
+        self,
+        monitor: str = "accuracy_validation",
+        patience: int | None = 10,
+        tie_break: str | None = "validation_loss",
+    ):
         super().__init__()
         self.monitor = monitor
         self.patience = patience
+        self.tie_break = tie_break
         self.best_score = float("-inf")
+        self.best_loss = float("inf")
         self.best_epoch: int | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self.wait = 0
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+    def _improves(self, score: float, loss: float) -> bool:
+        return score > self.best_score or (score == self.best_score and loss < self.best_loss)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        if trainer.sanity_checking or self.monitor not in metrics:
             return
-        score = float(trainer.callback_metrics[self.monitor])
-        if score > self.best_score:
-            self.best_score, self.best_epoch, self.wait = score, trainer.current_epoch, 0
+        score = float(metrics[self.monitor])
+        loss = float(metrics[self.tie_break]) if self.tie_break in metrics else float("inf")
+        if self._improves(score, loss):
+            self.best_score, self.best_loss, self.best_epoch, self.wait = score, loss, trainer.current_epoch, 0
             self.best_state = copy.deepcopy(pl_module.module.network.state_dict())
         else:
             self.wait += 1

@@ -1,0 +1,46 @@
+import os
+
+import pytest
+
+os.environ.setdefault("MPLBACKEND", "agg")
+
+#: An encoder small enough to train a stage in seconds on a CPU.
+TINY_ARCH = {"dim": 16, "depth": 2, "heads": 2, "dim_head": 8}
+#: Trainer settings for tests: CPU, no progress bars or summaries.
+QUIET = {"accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False}
+
+
+@pytest.fixture(scope="session")
+def small_stream():
+    """Two stages of synthetic data; stage 2 brings two new types and one type is never trained."""
+    from scanpy_canal.datasets import synthetic_stream
+
+    return synthetic_stream(n_stages=2, n_genes=60, types_per_stage=2, cells_per_type=60, seed=0)
+
+
+def make_model(stream, stage: int = 0, **kwargs):
+    """A CANAL model on a copy of stage `stage`'s training data."""
+    from scanpy_canal import CANAL
+
+    data = stream.train[stage].copy()
+    CANAL.setup_anndata(data, labels_key=stream.labels_key)
+    return CANAL(data, **{**TINY_ARCH, **kwargs})
+
+
+def register(adata, labels_key="cell_type"):
+    """A registered copy of `adata`."""
+    from scanpy_canal import CANAL
+
+    adata = adata.copy()
+    CANAL.setup_anndata(adata, labels_key=labels_key)
+    return adata
+
+
+@pytest.fixture(scope="session")
+def two_stage_model(small_stream):
+    """A model trained on both stages of `small_stream` (shared: do not modify)."""
+    model = make_model(small_stream)
+    settings = {"max_epochs": 30, "lr": 3e-3, "batch_size": 8, "rehearsal_size": 40, **QUIET}
+    model.train(**settings)
+    model.train(register(small_stream.train[1]), **settings)
+    return model

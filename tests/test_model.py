@@ -1,0 +1,336 @@
+import copy
+
+import anndata as ad
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import QUIET, TINY_ARCH, make_model, register
+
+import scanpy_canal as canal
+from scanpy_canal.model._bank import trim_to_quota, update_bank
+from scanpy_canal.model._data import stratified_split
+from scanpy_canal.model._schedule import cosine_warm_restarts
+
+
+@pytest.mark.parametrize(
+    ("epoch", "lr"),
+    [(1, 1e-6), (2, 4.08e-5), (3, 8.06e-5), (6, 2e-4), (10, 1.31e-4), (15, 5.9e-6), (16, 1e-6), (21, 1.8e-4)]
+    + [(41, 1e-6), (46, 1.62e-4), (86, 1e-6), (91, 1.458e-4)],
+)
+def test_schedule_matches_original_per_epoch_values(epoch, lr):
+    assert cosine_warm_restarts(epoch - 1) == pytest.approx(lr, rel=1e-2)  # the spec rounds to 2-4 figures
+
+
+def test_stratified_split_keeps_every_class_in_training():
+    codes = np.array([0] * 10 + [1] * 5 + [2])
+    train, val = stratified_split(codes, 0.2, np.random.default_rng(0))
+    assert np.intersect1d(train, val).size == 0 and len(train) + len(val) == 16
+    assert np.bincount(codes[val], minlength=3).tolist() == [2, 1, 0]
+    assert set(codes[train]) == {0, 1, 2}
+
+
+def test_bank_uses_prototype_row_of_the_type_by_name():
+    # The stage brings only type "b", which is row 1 of the model's types; the original scored it against row 0.
+    embedding = np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    prototypes = np.array([[1.0, 0.0], [0.0, 1.0]])
+    data = ad.AnnData(np.zeros((3, 2), np.float32), obs=pd.DataFrame(index=["x", "y", "z"]))
+    bank = update_bank(None, data, ["b", "b", "b"], embedding, prototypes, ["a", "b"], stage=2, size=4)
+    assert bank.obs_names.tolist() == ["y", "z"]
+    assert bank.obs["rank"].tolist() == [1, 2] and bank.obs["stage"].tolist() == [2, 2]
+
+
+def test_bank_trim_keeps_best_ranks_of_each_stage():
+    obs = pd.DataFrame({"cell_type": ["a"] * 8, "rank": [1, 2, 3, 4, 1, 2, 3, 4]})
+    assert trim_to_quota(obs, 4).tolist() == [True, True, False, False] * 2
+    obs = pd.DataFrame({"cell_type": ["a"] * 7, "rank": [1, 2, 3, 4, 1, 2, 3]})
+    assert trim_to_quota(obs, 4).sum() == 4  # d = 3, third largest rank is 3: ranks 1 and 2 of both stages stay
+
+
+def test_head_rows_copied_and_new_types_appended(small_stream):
+    model = make_model(small_stream)
+    model.train(max_epochs=2, **QUIET)
+    old_types = model.cell_types
+    old_weight = model.module.head.fc3.weight.detach().clone()
+    seen = {}
+
+    class Peek(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen["weight"] = pl_module.module.head.fc3.weight.detach().clone()
+
+    model.train(register(small_stream.train[1]), max_epochs=1, callbacks=[Peek()], **QUIET)
+    new_types = sorted(set(small_stream.train[1].obs["cell_type"]) - set(old_types))
+    assert model.cell_types == old_types + new_types
+    assert model.module.head.n_classes == len(old_types) + len(new_types)
+    torch.testing.assert_close(seen["weight"][: len(old_types)], old_weight)
+
+
+def test_bank_sizes_and_quotas_after_each_stage(small_stream):
+    model = make_model(small_stream)
+    size = 30
+    model.train(max_epochs=1, rehearsal_size=size, **QUIET)
+    bank = model.example_bank
+    quota = size // len(model.cell_types)
+    counts = bank.obs["cell_type"].value_counts()
+    assert (counts == quota).all() and set(counts.index) == set(model.cell_types)
+    assert bank.var_names.tolist() == model.genes and set(bank.obs["stage"]) == {1}
+
+    model.train(register(small_stream.train[1]), max_epochs=1, rehearsal_size=size, **QUIET)
+    bank = model.example_bank
+    quota = size // len(model.cell_types)
+    assert bank.n_obs <= size
+    assert (bank.obs["cell_type"].value_counts() <= quota).all()
+    assert not bank.obs_names.duplicated().any()
+    assert set(bank.obs["cell_type"]) == set(model.cell_types)
+    assert set(bank.obs["stage"]) == {1, 2}
+    assert list(bank.obs["cell_type"].cat.categories) == model.cell_types
+
+
+def test_distillation_weight_and_frozen_eval_mode_teacher(small_stream):
+    model = make_model(small_stream)
+    model.train(max_epochs=1, **QUIET)
+    n_old = len(model.cell_types)
+    record = {}
+
+    class Watch(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            record["weight"] = pl_module.loss_kwargs["distill_weight"]
+            record["before"] = copy.deepcopy(pl_module.module.teacher.state_dict())
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            record.setdefault("teacher_training", set()).add(pl_module.module.teacher.training)
+            record.setdefault("student_training", set()).add(pl_module.module.network.training)
+
+        def on_train_end(self, trainer, pl_module):
+            record["after"] = copy.deepcopy(pl_module.module.teacher.state_dict())
+
+    model.train(register(small_stream.train[1]), max_epochs=3, distill_weight=0.1, callbacks=[Watch()], **QUIET)
+    n_new = len(model.cell_types)
+    assert record["weight"] == pytest.approx(0.1 * n_old / n_new)
+    assert model.stage_history_[-1]["distill_weight"] == pytest.approx(0.1 * n_old / n_new)
+    assert record["teacher_training"] == {False} and record["student_training"] == {True}
+    for key, value in record["before"].items():
+        assert torch.equal(value, record["after"][key]), key
+    assert model.module.teacher is None
+    assert "distillation_loss_train" in model.history.columns
+
+
+def test_early_stopping_restores_best_epoch(small_stream):
+    model = make_model(small_stream)
+    states, scores = [], []
+
+    class Record(pl.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            states.append(copy.deepcopy(pl_module.module.network.state_dict()))
+            metrics = trainer.callback_metrics
+            scores.append((float(metrics["accuracy_validation"]), -float(metrics["validation_loss"])))
+
+    model.train(max_epochs=6, lr=1e-2, early_stopping_patience=None, callbacks=[Record()], **QUIET)
+    best = max(range(len(scores)), key=lambda epoch: scores[epoch])  # highest accuracy, then lowest loss
+    assert model.stage_history_[-1]["best_epoch"] == best + 1
+    for key, value in model.module.network.state_dict().items():
+        assert torch.equal(value, states[best][key]), key
+    assert model.history["best"].sum() == 1 and model.history.loc[model.history["best"], "epoch"].item() == best + 1
+
+
+def test_early_stopping_stops_after_patience(small_stream):
+    model = make_model(small_stream)
+    model.train(max_epochs=50, lr=1e-2, early_stopping_patience=2, **QUIET)
+    entry = model.stage_history_[-1]
+    assert entry["epochs"] - entry["best_epoch"] == 3  # stops after more than `patience` epochs without improvement
+    assert entry["epochs"] < 50
+
+
+def test_stage_order_and_data_errors_leave_adata_unchanged(small_stream):
+    model = make_model(small_stream)
+    with pytest.raises(ValueError, match="next stage is 1, not 2"):
+        model.train(stage=2, max_epochs=1, **QUIET)
+    model.train(stage=1, max_epochs=1, **QUIET)
+    with pytest.raises(ValueError, match="needs new labelled data"):
+        model.train(max_epochs=1, **QUIET)
+
+    unlabelled = register(small_stream.train[1])
+    unlabelled.obs.loc[unlabelled.obs_names[:3], "cell_type"] = np.nan
+    snapshot = unlabelled.copy()
+    with pytest.raises(ValueError, match="3 missing or empty labels"):
+        model.train(unlabelled, max_epochs=1, **QUIET)
+
+    unregistered = small_stream.train[1].copy()
+    unregistered.obs["cell_type"] = unregistered.obs["cell_type"].astype(str)
+    unregistered.obs.iloc[:2, unregistered.obs.columns.get_loc("cell_type")] = ""
+    with pytest.raises(ValueError, match="2 missing or empty labels"):
+        canal.CANAL.setup_anndata(unregistered, labels_key="cell_type")
+    assert "_scvi_uuid" not in unregistered.uns
+
+    foreign = register(small_stream.train[1])
+    foreign.var_names = [f"other_{i}" for i in range(foreign.n_vars)]
+    before = foreign.copy()
+    with pytest.raises(ValueError, match="None of the 60 requested genes"):
+        model.train(foreign, max_epochs=1, **QUIET)
+    with pytest.raises(ValueError, match="None of the 60 requested genes"):
+        model.predict(foreign)
+    for adata, reference in ((foreign, before), (unlabelled, snapshot)):
+        assert adata.obs.equals(reference.obs) and (adata.X != reference.X).nnz == 0
+    assert model.stage == 1
+
+
+def test_interrupted_stage_leaves_model_as_before(small_stream):
+    model = make_model(small_stream)
+    model.train(max_epochs=2, **QUIET)
+    state = copy.deepcopy(model.module.network.state_dict())
+    types, bank = model.cell_types, model.example_bank.copy()
+
+    class Interrupt(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        model.train(register(small_stream.train[1]), max_epochs=3, callbacks=[Interrupt()], **QUIET)
+    assert model.stage == 1 and model.cell_types == types and model.module.teacher is None
+    assert model.example_bank.obs.equals(bank.obs)
+    for key, value in model.module.network.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_predictions_accurate_and_gene_order_independent(two_stage_model, small_stream):
+    test = ad.concat(small_stream.test)
+    predicted = two_stage_model.predict(test)
+    assert np.mean(predicted == test.obs["cell_type"].astype(str).to_numpy()) >= 0.85
+    shuffled = test[:, np.random.default_rng(0).permutation(test.n_vars)].copy()
+    np.testing.assert_array_equal(two_stage_model.predict(shuffled), predicted)
+    probabilities = two_stage_model.predict(test, soft=True)
+    assert list(probabilities.columns) == two_stage_model.cell_types
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1, rtol=1e-5)
+    assert two_stage_model.get_latent_representation(test).shape == (test.n_obs, 64)
+
+
+def test_novel_cells_are_unassigned_with_h_score_above_08(two_stage_model, small_stream):
+    query = ad.concat([*small_stream.test, small_stream.novel])
+    truth = query.obs["cell_type"].astype(str)
+    for threshold in ("calibrated", "canal"):
+        scores = canal.tl.evaluate(
+            truth, two_stage_model.predict(query, novel=True, threshold=threshold), novel_types=small_stream.novel_types
+        )
+        assert scores["h_score"] >= 0.8, (threshold, scores)
+
+
+def test_calibrated_call_does_not_depend_on_the_rest_of_the_query(two_stage_model, small_stream):
+    query = ad.concat([*small_stream.test, small_stream.novel])
+    together = two_stage_model.predict(query, novel=True)
+    alone = np.concatenate([two_stage_model.predict(query[i : i + 1], novel=True) for i in range(0, query.n_obs, 7)])
+    np.testing.assert_array_equal(alone, together[::7])
+    np.testing.assert_array_equal(two_stage_model.predict(query, novel=True, seed=0), together)
+    with pytest.raises(ValueError, match="at least 2 cells"):
+        two_stage_model.predict(query[:1], novel=True, threshold="canal")
+    with pytest.raises(ValueError, match="threshold must be"):
+        two_stage_model.predict(query, novel=True, threshold="loose")
+
+
+def test_save_load_round_trip(two_stage_model, small_stream, tmp_path):
+    query = ad.concat([*small_stream.test, small_stream.novel])
+    path = tmp_path / "model"
+    two_stage_model.save(path)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        two_stage_model.save(path)
+    two_stage_model.save(path, overwrite=True)
+    loaded = canal.CANAL.load(path)
+    assert (
+        loaded.stage == 2 and loaded.cell_types == two_stage_model.cell_types and loaded.genes == two_stage_model.genes
+    )
+    pd.testing.assert_frame_equal(loaded.predict(query, soft=True), two_stage_model.predict(query, soft=True))
+    np.testing.assert_array_equal(loaded.predict(query, novel=True), two_stage_model.predict(query, novel=True))
+    assert loaded.example_bank.obs.equals(two_stage_model.example_bank.obs)
+    assert len(loaded.history) == len(two_stage_model.history)
+    assert not any(p.suffix in {".pkl", ".pickle"} for p in path.iterdir())
+
+
+def test_load_refuses_newer_format_and_damaged_files(two_stage_model, tmp_path):
+    import json
+
+    path = tmp_path / "model"
+    two_stage_model.save(path)
+    metadata = json.loads((path / "model.json").read_text())
+    (path / "model.json").write_text(json.dumps({**metadata, "format_version": 99}))
+    with pytest.raises(ValueError, match="newer scanpy-canal"):
+        canal.CANAL.load(path)
+    (path / "model.json").write_text(json.dumps({**metadata, "format_version": "x"}))
+    with pytest.raises(ValueError, match="format_version"):
+        canal.CANAL.load(path)
+    (path / "model.json").write_text(json.dumps(metadata))
+    weights = (path / "weights.pt").read_bytes()
+    (path / "weights.pt").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ValueError, match="weights.pt"):
+        canal.CANAL.load(path)
+
+
+def test_same_seed_same_model(small_stream):
+    states = []
+    for _ in range(2):
+        model = make_model(small_stream, seed=3)
+        model.train(max_epochs=2, **QUIET)
+        states.append(model.module.network.state_dict())
+    for key, value in states[0].items():
+        assert torch.equal(value, states[1][key]), key
+
+
+def test_annotate_writes_documented_keys(two_stage_model, small_stream):
+    query = ad.concat([small_stream.test[0], small_stream.novel])
+    before = query.copy()
+    annotated = canal.tl.annotate(query, two_stage_model, novel=True, copy=True)
+    assert query.obs.equals(before.obs) and not query.obsm
+    obs = annotated.obs
+    assert list(obs["canal_prediction"].cat.categories) == [*two_stage_model.cell_types, "Unassigned"]
+    assert obs["canal_confidence"].between(0, 1).all() and obs["canal_uncertainty"].between(0, 1).all()
+    assert annotated.obsm["canal_probabilities"].shape == (query.n_obs, len(two_stage_model.cell_types))
+    assert annotated.obsm["X_canal"].shape == (query.n_obs, 64)
+    assert annotated.uns["canal"]["cell_types"] == two_stage_model.cell_types and annotated.uns["canal"]["stage"] == 2
+
+    canal.tl.annotate(query, two_stage_model, key_added="ref")
+    assert "ref_prediction" in query.obs and "ref_uncertainty" not in query.obs
+    assert list(query.obs["ref_prediction"].cat.categories) == two_stage_model.cell_types
+
+
+def test_annotate_mudata(two_stage_model, small_stream, tmp_path):
+    import mudata as md
+
+    rna = small_stream.test[0].copy()
+    mdata = md.MuData({"rna": rna})
+    canal.tl.annotate(mdata, two_stage_model, novel=True)
+    assert "canal_prediction" in mdata.mod["rna"].obs and "rna:canal_prediction" in mdata.obs
+    assert "X_canal" in mdata.mod["rna"].obsm
+    mdata.write(tmp_path / "annotated.h5mu")
+    with pytest.raises(KeyError, match="modality 'atac'"):
+        canal.tl.annotate(mdata, two_stage_model, mod="atac")
+
+
+def test_construction_errors(small_stream):
+    data = small_stream.train[0].copy()
+    canal.CANAL.setup_anndata(data)
+    with pytest.raises(ValueError, match="labels_key"):
+        canal.CANAL(data, **TINY_ARCH)
+    with pytest.raises(KeyError, match="not a column"):
+        canal.CANAL.setup_anndata(data, labels_key="celltype")
+    labelled = register(small_stream.train[0])
+    with pytest.raises(ValueError, match="either `genes` or `n_top_genes`"):
+        canal.CANAL(labelled, genes=["gene_0"], n_top_genes=5, **TINY_ARCH)
+    model = canal.CANAL(labelled, n_top_genes=20, **TINY_ARCH)
+    assert len(model.genes) == 20 and model.module.network.max_seq_len == 21
+
+
+def test_pretrained_scbert_checkpoint_by_gene_name(small_stream, tmp_path):
+    source = canal.nn.PerformerLM(max_seq_len=101, **TINY_ARCH)
+    path = tmp_path / "pretrain.pth"
+    torch.save({"model_state_dict": source.state_dict()}, path)
+    vocabulary = [f"gene_{i}" for i in reversed(range(30))] + [f"other_{i}" for i in range(70)]
+    data = register(small_stream.train[0])
+    model = canal.CANAL(data, pretrained=str(path), pretrained_genes=vocabulary)
+    assert model.genes == [f"gene_{i}" for i in range(30)]  # genes outside the vocabulary are left out
+    rows = model.module.network.pos_emb.emb.weight
+    torch.testing.assert_close(rows[0], source.pos_emb.emb.weight[29])  # gene_0 is the vocabulary's 30th entry
+    torch.testing.assert_close(
+        model.module.network.performer.net.layers[1][0].fn.to_q.weight,
+        source.performer.net.layers[1][0].fn.to_q.weight,
+    )
+    with pytest.raises(ValueError, match="vocabulary has 99 genes"):
+        canal.CANAL(data, pretrained=str(path), pretrained_genes=vocabulary[:-1])
