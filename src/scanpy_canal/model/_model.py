@@ -181,7 +181,7 @@ class CANAL(BaseModelClass):
 
     @property
     def example_bank(self) -> ad.AnnData | None:
-        """The replay examples: X in the gene panel, obs ``cell_type``, ``stage`` and ``rank``."""
+        """The replay examples (X in the gene panel; obs ``cell_type``, ``stage`` and ``rank``), `None` before stage 1."""
         return self.example_bank_
 
     @property
