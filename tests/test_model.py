@@ -334,3 +334,11 @@ def test_pretrained_scbert_checkpoint_by_gene_name(small_stream, tmp_path):
     )
     with pytest.raises(ValueError, match="vocabulary has 99 genes"):
         canal.CANAL(data, pretrained=str(path), pretrained_genes=vocabulary[:-1])
+
+
+def test_balanced_threshold_separates_known_from_virtual_cells():
+    from scanpy_canal.model._novelty import _balanced_threshold
+
+    known, virtual = torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.6, 0.7, 0.2])
+    threshold = _balanced_threshold(known, virtual)
+    assert threshold == pytest.approx(0.3)  # keeps every known cell, rejects 2 of 3 virtual ones

@@ -19,8 +19,10 @@ def _demo(args: argparse.Namespace) -> None:
     )
     result = run_stream(
         stream,
+        n_top_genes=args.genes or None,
         seed=args.seed,
         max_epochs=args.epochs,
+        batch_size=args.batch_size,
         lr=args.lr,
         accelerator=args.accelerator,
         enable_progress_bar=not args.quiet,
@@ -41,7 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
         "stage x test-set accuracy matrix, ACC, BWT, macro-F1 and H-score.",
     )
     demo.add_argument("--stages", type=int, default=3, help="number of stages (default: 3)")
-    demo.add_argument("--epochs", type=int, default=40, help="maximum epochs per stage (default: 40)")
+    demo.add_argument(
+        "--genes", type=int, default=300, help="highly variable genes in the panel, 0 for all (default: 300)"
+    )
+    demo.add_argument("--epochs", type=int, default=30, help="maximum epochs per stage (default: 30)")
+    demo.add_argument("--batch-size", type=int, default=8, help="cells per minibatch (default: 8)")
     demo.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.add_argument("--accelerator", default="cpu", help="Lightning accelerator (default: cpu)")

@@ -28,7 +28,7 @@ from scanpy_canal.pp import align_genes
 from ._bank import update_bank
 from ._data import check_expression, highly_variable_genes, read_labels, stratified_split
 from ._module import CANALModule
-from ._novelty import NoveltyReference, mixup_reference
+from ._novelty import NoveltyReference, calibrated_reference, mixup_reference
 from ._schedule import cosine_warm_restarts
 from ._training_plan import MIN_LR, BestEpochEarlyStopping, CANALTrainingPlan
 
@@ -494,7 +494,7 @@ class CANAL(BaseModelClass):
             raise ValueError("The model has no calibration cells yet: train a stage first, or use threshold='canal'.")
         with torch.inference_mode():
             calibration_logits = classify(self.calibration_).float().cpu()
-            reference = mixup_reference(
+            reference = calibrated_reference(
                 self.calibration_, calibration_logits, classify, temperature=temperature, generator=generator
             )
         if threshold == "calibrated":
@@ -566,9 +566,10 @@ class CANAL(BaseModelClass):
         seed
             Seed of the mixup partners and weights behind the threshold.
         threshold
-            ``"calibrated"`` (default): energy range and threshold from held-out training cells, so every cell gets
-            the same answer whatever else is in the query; ``"canal"``: the original rule, relative to this query
-            (needs at least 2 cells); or a number in ``[0, 1]`` used as the threshold itself.
+            ``"calibrated"`` (default): energy range and threshold from held-out training cells of the last stage,
+            the threshold best separating them from virtual cells mixed between two types; every cell gets the same
+            answer whatever else is in the query. ``"canal"``: the original rule, relative to this query (needs at
+            least 2 cells). Or a number in ``[0, 1]`` used as the threshold itself.
 
         Returns
         -------

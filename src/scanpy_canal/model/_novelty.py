@@ -1,10 +1,15 @@
 """Novel-cell detection: energy and confidence scores against a mixup-derived threshold (CANAL, spec section 5).
 
-A cell's uncertainty is ``(normalised energy + 1 - confidence) / 2``. The threshold is the mean *certainty* of
-virtual cells made by mixing the 128-d manifold vectors of pairs of cells, ``(1 - normalised energy + confidence) / 2``
-averaged over the mixes. The original rule normalises and mixes within the query itself (``"canal"``), so a cell's call
-depends on the rest of the query; the ``"calibrated"`` rule takes the energy range and the mixes from held-out
-training cells instead, so a cell gets the same answer alone or in any batch.
+A cell's uncertainty is ``(normalised energy + 1 - confidence) / 2``; above a threshold, it is unassigned. Virtual
+cells made by mixing the 128-d manifold vectors of pairs of cells stand in for cells of unknown types.
+
+- ``"canal"``, the original rule: energies are normalised over the query itself, and the threshold is the mean
+  *certainty* ``(1 - normalised energy + confidence) / 2`` of 128 Beta(1, 1) mixes per query cell. A cell's call
+  depends on the rest of the query.
+- ``"calibrated"``: everything comes from held-out training cells of known types, so a cell gets the same answer alone
+  or in any batch. Each is mixed with partners of another predicted type (weights in [0.25, 0.75], i.e. cells between
+  two types), and the threshold maximises the harmonic mean of the fraction of held-out cells kept and the fraction of
+  virtual cells rejected.
 """
 
 from __future__ import annotations
@@ -100,3 +105,42 @@ def mixup_reference(
         energy_max=cell_energy.max().item(),
         threshold=(mean_certainty_energy + total_confidence / n_virtual) / 2,
     )
+
+
+def calibrated_reference(
+    manifold: torch.Tensor,
+    logits: torch.Tensor,
+    classify: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    temperature: float,
+    generator: torch.Generator,
+    n_mixes: int = N_MIXES,
+) -> NoveltyReference:
+    """Build a :class:`NoveltyReference` from held-out cells of known types (the ``"calibrated"`` rule).
+
+    Parameters are as for :func:`mixup_reference`; `manifold` and `logits` belong to the held-out cells. When all of
+    them are predicted as one type there is nothing to mix between, and the original rule is used.
+    """
+    cell_energy = energy(logits.float(), temperature)
+    base = NoveltyReference(cell_energy.min().item(), cell_energy.max().item(), threshold=1.0)
+    n_cells = manifold.shape[0]
+    predicted = logits.argmax(dim=-1)
+    partners = torch.randint(n_cells, (n_cells,), generator=generator)
+    between = predicted[partners] != predicted
+    if not between.any():
+        return mixup_reference(manifold, logits, classify, temperature=temperature, generator=generator)
+    own, other = manifold[between, None, :], manifold[partners[between], None, :]
+    lam = (0.25 + 0.5 * torch.rand(own.shape[0], n_mixes, 1, generator=generator)).to(manifold.device, manifold.dtype)
+    virtual_logits = classify(lam * own + (1 - lam) * other).float().cpu().flatten(0, 1)
+    known = base.uncertainty(logits.float(), temperature)
+    virtual = base.uncertainty(virtual_logits, temperature)
+    return NoveltyReference(base.energy_min, base.energy_max, _balanced_threshold(known, virtual))
+
+
+def _balanced_threshold(known: torch.Tensor, virtual: torch.Tensor) -> float:
+    """The uncertainty cut maximising the harmonic mean of known cells kept and virtual cells rejected."""
+    candidates = torch.unique(torch.cat([known, virtual]))
+    kept = torch.searchsorted(known.sort().values, candidates, right=True) / known.numel()
+    rejected = 1 - torch.searchsorted(virtual.sort().values, candidates, right=True) / virtual.numel()
+    harmonic = 2 * kept * rejected / (kept + rejected).clamp_min(1e-12)
+    return candidates[harmonic.argmax()].item()
