@@ -25,3 +25,18 @@ def test_cli_help_and_bad_input(capsys):
 
     assert main(["demo", "--stages", "0"]) == 1
     assert "error" in capsys.readouterr().err
+
+
+def test_demo_runs_a_stream_and_writes_json(tmp_path, capsys):
+    import json
+
+    from scanpy_canal.cli import main
+
+    output = tmp_path / "demo.json"
+    arguments = ["demo", "--stages", "2", "--epochs", "1", "--genes", "50", "--quiet", "--json", str(output)]
+    assert main(arguments) == 0
+    printed = capsys.readouterr().out
+    assert "Accuracy after each stage" in printed and "h_score" in printed
+    result = json.loads(output.read_text())
+    assert result["accuracy"]["values"][0][1] is None and 0 <= result["accuracy"]["values"][1][0] <= 1
+    assert {"acc", "bwt", "forgetting", "macro_f1", "ari", "h_score"} <= set(result["final"])

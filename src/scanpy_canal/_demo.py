@@ -32,6 +32,21 @@ class StreamResult:
     final: dict[str, float]
     seconds: list[float] = field(default_factory=list)
 
+    def to_dict(self) -> dict:
+        """JSON-ready content: the matrices as nested lists (None above the diagonal) and the final metrics."""
+
+        def matrix(frame: pd.DataFrame) -> dict:
+            values = [[None if np.isnan(v) else float(v) for v in row] for row in frame.to_numpy()]
+            return {"rows": list(frame.index), "columns": list(frame.columns), "values": values}
+
+        return {
+            "accuracy": matrix(self.accuracy),
+            "macro_f1": matrix(self.macro_f1),
+            "accuracy_novel": matrix(self.accuracy_novel),
+            "final": self.final,
+            "seconds_per_stage": self.seconds,
+        }
+
     def report(self) -> str:
         """A plain-text summary."""
 

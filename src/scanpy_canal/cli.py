@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from pathlib import Path
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -29,6 +31,11 @@ def _demo(args: argparse.Namespace) -> None:
         enable_model_summary=False,
     )
     print(result.report())
+    if args.json is not None:
+        settings = {key: value for key, value in vars(args).items() if key not in {"run", "command", "json"}}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"settings": settings, **result.to_dict()}, indent=2))
+        print(f"wrote {args.json}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.add_argument("--accelerator", default="cpu", help="Lightning accelerator (default: cpu)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     demo.set_defaults(run=_demo)
     return parser
 
