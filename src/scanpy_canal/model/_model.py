@@ -413,6 +413,7 @@ class CANAL(BaseModelClass):
                 "best_epoch": None if stopper.best_epoch is None else int(stopper.best_epoch) + 1,
                 "best_validation_accuracy": None if stopper.best_epoch is None else stopper.best_score,
                 "distill_weight": teacher_weight,
+                "rehearsal_size": rehearsal_size,
             }
         )
         self._model_summary_string = self._model_summary_string.replace(f"stage {stage - 1}", f"stage {stage}")

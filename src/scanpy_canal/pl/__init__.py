@@ -1,0 +1,6 @@
+"""Plots of CANAL training, predictions and the example bank, with scanpy's ``ax``/``show``/``save``/``return_fig``."""
+
+from ._annotation import confusion, uncertainty
+from ._training import example_bank, stage_metrics
+
+__all__ = ["confusion", "example_bank", "stage_metrics", "uncertainty"]
