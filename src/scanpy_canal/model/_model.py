@@ -19,6 +19,7 @@ from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField, NumericalObsField
 from scvi.dataloaders import DataSplitter
+from scvi.model._utils import use_distributed_sampler
 from scvi.model.base import BaseModelClass
 from scvi.train import TrainRunner
 
@@ -377,7 +378,10 @@ class CANAL(BaseModelClass):
                 self.module, lr=lr, label_smoothing=label_smoothing, distill_weight=teacher_weight
             )
             splitter = DataSplitter(
-                manager, external_indexing=[train_idx, val_idx, np.zeros(0, np.int64)], batch_size=batch_size
+                manager,
+                external_indexing=[train_idx, val_idx, np.zeros(0, np.int64)],
+                batch_size=batch_size,
+                distributed_sampler=use_distributed_sampler(trainer_kwargs.get("strategy")),
             )
             stopper = BestEpochEarlyStopping(patience=early_stopping_patience)
             callbacks = [*trainer_kwargs.pop("callbacks", []), stopper]
