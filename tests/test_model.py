@@ -242,6 +242,8 @@ def test_save_load_round_trip(two_stage_model, small_stream, tmp_path):
     np.testing.assert_array_equal(loaded.predict(query, novel=True), two_stage_model.predict(query, novel=True))
     assert loaded.example_bank.obs.equals(two_stage_model.example_bank.obs)
     assert len(loaded.history) == len(two_stage_model.history)
+    assert loaded._model_summary_string == two_stage_model._model_summary_string
+    assert "stage 2" in loaded._model_summary_string
     assert not any(p.suffix in {".pkl", ".pickle"} for p in path.iterdir())
 
 

@@ -147,5 +147,5 @@ def load_model(cls: type[CANAL], dir_path: str | os.PathLike, *, adata: ad.AnnDa
         model.training_log_ = pd.read_csv(directory / HISTORY)
     model.init_params_ = {"kwargs": {"genes": model.genes_, "seed": model.seed_, **model.arch_}}
     model._adata = adata
-    model._model_summary_string = model._model_summary_string.replace("stage 0", f"stage {model.stage_}")
+    model._update_summary()
     return model

@@ -159,9 +159,13 @@ class CANAL(BaseModelClass):
             self.module = self._module_cls(
                 n_genes=len(genes), n_classes=len(cell_types), arch=self.arch_, trainable_blocks=trainable_blocks
             )
+        self._update_summary()
+
+    def _update_summary(self) -> None:
+        """Refresh the one-line description that scvi-tools prints for the model."""
         self._model_summary_string = (
-            f"CANAL model: {len(genes)} genes, {len(cell_types)} cell types, stage {self.stage_}, "
-            f"encoder dim {arch['dim']} depth {arch['depth']}"
+            f"CANAL model: {len(self.genes_)} genes, {len(self.cell_types_)} cell types, stage {self.stage_}, "
+            f"encoder dim {self.arch_['dim']} depth {self.arch_['depth']}"
         )
 
     # ----------------------------------------------------------------------------------------------------- state
@@ -420,7 +424,7 @@ class CANAL(BaseModelClass):
                 "rehearsal_size": rehearsal_size,
             }
         )
-        self._model_summary_string = self._model_summary_string.replace(f"stage {stage - 1}", f"stage {stage}")
+        self._update_summary()
 
     def _training_data(self, data: ad.AnnData, labels: np.ndarray, cell_types: list[str]) -> ad.AnnData:
         """The stage's cells plus the replayed bank, with label codes in `cell_types` order."""
