@@ -86,6 +86,9 @@ def test_bank_sizes_and_quotas_after_each_stage(small_stream):
     assert set(bank.obs["stage"]) == {1, 2}
     assert list(bank.obs["cell_type"].cat.categories) == model.cell_types
 
+    model.train(register(small_stream.train[1]), max_epochs=1, rehearsal_size=0, **QUIET)
+    assert model.example_bank is None  # capacity 0 keeps no bank, so a next stage replays nothing
+
 
 def test_distillation_weight_and_frozen_eval_mode_teacher(small_stream):
     model = make_model(small_stream)

@@ -283,7 +283,7 @@ class CANAL(BaseModelClass):
         lr
             Peak learning rate of the per-epoch cosine schedule with warm restarts (epoch 1 trains at 1e-6).
         rehearsal_size
-            Capacity of the example bank (0 disables replay).
+            Capacity of the example bank kept after this stage and replayed in the next one (0 keeps none).
         distill_weight
             Weight of the embedding distillation loss before the ``C_old / C_new`` factor (0 disables it).
         label_smoothing
@@ -364,7 +364,6 @@ class CANAL(BaseModelClass):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed_ + stage)
             self.module.head.add_classes(len(new_types))
-            self.module.head.fc3.requires_grad_(True)
             training = self._training_data(data, labels, cell_types)
             codes = training.obs[_LABEL_COLUMN].to_numpy().astype(np.int64)
             train_idx, val_idx = stratified_split(codes, validation_size, np.random.default_rng(self.seed_ + stage))
@@ -447,7 +446,9 @@ class CANAL(BaseModelClass):
         rehearsal_size: int,
     ) -> None:
         """Refresh the example bank and the cells that calibrate the novel-cell threshold."""
-        if rehearsal_size > 0:
+        if rehearsal_size == 0:
+            self.example_bank_ = None
+        else:
             embedding = self._forward(data.X)["embedding"].numpy()
             prototypes = self.module.head.fc3.weight.detach().cpu().numpy()
             panel = ad.AnnData(data.X, obs=pd.DataFrame(index=data.obs_names), var=pd.DataFrame(index=data.var_names))
