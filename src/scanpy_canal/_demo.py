@@ -121,23 +121,25 @@ def run_stream(
         seconds.append(time.perf_counter() - start)
         for j, test in enumerate(stream.test[: t + 1]):
             truth = test.obs[stream.labels_key]
-            scores = evaluate(truth, model.predict(test))
+            outputs = model._predict_outputs(test, novel=novel)  # one forward pass: closed-set and novel labels
+            scores = evaluate(truth, outputs.probabilities.idxmax(axis=1))
             accuracy.iloc[t, j], macro_f1.iloc[t, j] = scores["accuracy"], scores["macro_f1"]
             if novel:
-                accuracy_novel.iloc[t, j] = evaluate(truth, model.predict(test, novel=True))["accuracy"]
+                accuracy_novel.iloc[t, j] = evaluate(truth, outputs.labels)["accuracy"]
         log(
             f"stage {t + 1}/{stream.n_stages}: {data.n_obs} cells, {len(model.cell_types)} types known, "
             f"{seconds[-1]:.0f} s, mean held-out accuracy {np.nanmean(accuracy.iloc[t]):.3f}"
         )
     final = continual_metrics(accuracy.to_numpy())
     held_out = ad.concat(stream.test)
-    scores = evaluate(held_out.obs[stream.labels_key], model.predict(held_out))
+    with_novel = novel and stream.novel is not None
+    query = ad.concat([held_out, stream.novel]) if with_novel else held_out
+    outputs = model._predict_outputs(query, novel=novel)
+    closed = outputs.probabilities.idxmax(axis=1).to_numpy()[: held_out.n_obs]
+    scores = evaluate(held_out.obs[stream.labels_key], closed)
     final.update(macro_f1=scores["macro_f1"], ari=scores["ari"])
-    if novel and stream.novel is not None:
-        query = ad.concat([held_out, stream.novel])
-        scores = evaluate(
-            query.obs[stream.labels_key], model.predict(query, novel=True), novel_types=stream.novel_types
-        )
+    if with_novel:
+        scores = evaluate(query.obs[stream.labels_key], outputs.labels, novel_types=stream.novel_types)
         final.update({key: scores[key] for key in ("known_accuracy", "unknown_accuracy", "h_score")})
         final["total_accuracy"] = scores["accuracy"]
     return StreamResult(
