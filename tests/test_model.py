@@ -206,6 +206,8 @@ def test_predictions_accurate_and_gene_order_independent(two_stage_model, small_
     assert list(probabilities.columns) == two_stage_model.cell_types
     np.testing.assert_allclose(probabilities.sum(axis=1), 1, rtol=1e-5)
     assert two_stage_model.get_latent_representation(test).shape == (test.n_obs, 64)
+    subset = register(test)[:10].copy()  # a copy of registered data keeps the registration's setup arguments
+    np.testing.assert_array_equal(two_stage_model.predict(subset), predicted[:10])
 
 
 def test_novel_cells_are_unassigned_with_h_score_above_08(two_stage_model, small_stream):

@@ -17,6 +17,7 @@ import torch
 from scipy import sparse
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
+from scvi.data._constants import _SCVI_UUID_KEY
 from scvi.data.fields import CategoricalObsField, LayerField, NumericalObsField
 from scvi.dataloaders import DataSplitter
 from scvi.model._utils import use_distributed_sampler
@@ -41,6 +42,8 @@ DEFAULT_ARCH = {key: value for key, value in SCBERT_CONFIG.items() if key != "ma
 #: Held-out cells kept per stage to calibrate the novel-cell threshold.
 N_CALIBRATION_CELLS = 2000
 _LABEL_COLUMN = "_canal_label"
+#: Attention feature-map elements per CPU inference batch (about 16 MB in float32).
+_CPU_FEATURE_MAP_BUDGET = 4_000_000
 
 Threshold = Literal["calibrated", "canal"] | float
 
@@ -227,7 +230,9 @@ class CANAL(BaseModelClass):
         cls.register_manager(manager)
 
     def _setup_args(self, adata: ad.AnnData) -> tuple[str | None, str | None]:
-        manager = self._get_most_recent_anndata_manager(adata)
+        """``(labels_key, layer)`` registered for `adata`, or for the AnnData it was copied or subset from."""
+        # scvi's own lookup refuses copies; the setup arguments hold for them all the same.
+        manager = type(self)._setup_adata_manager_store.get(adata.uns.get(_SCVI_UUID_KEY))
         if manager is None:
             return None, None
         args = manager.registry["setup_args"]
@@ -483,15 +488,28 @@ class CANAL(BaseModelClass):
     @torch.inference_mode()
     def _forward(self, x: sparse.csr_matrix | np.ndarray, batch_size: int | None = None) -> dict[str, torch.Tensor]:
         """Manifold, embedding and logits of every row of `x`, in batches, on the CPU."""
-        batch_size = batch_size or 64
         network = self.module.network.eval()
         device = next(network.parameters()).device
+        batch_size = batch_size or self._inference_batch_size(device)
         outputs: dict[str, list[torch.Tensor]] = {"manifold": [], "embedding": [], "logits": []}
         for start in range(0, x.shape[0], batch_size):
             manifold, embedding, logits = network(tokenize(x[start : start + batch_size]).to(device))
             for key, value in zip(outputs, (manifold, embedding, logits), strict=True):
                 outputs[key].append(value.float().cpu())
         return {key: torch.cat(values) for key, values in outputs.items()}
+
+    def _inference_batch_size(self, device: torch.device) -> int:
+        """Cells per forward pass when none is given: 64, fewer on a CPU when the attention feature maps are large.
+
+        On a CPU, throughput per cell falls once a batch's feature maps (heads x positions x random features) outgrow
+        the caches: with scBERT's encoder at 1,001 tokens one cell at a time is 3x faster than 32
+        (``benchmarks/results/encoder_throughput.json``).
+        """
+        if device.type != "cpu":
+            return 64
+        config = self.module.network.config
+        per_cell = config["heads"] * config["max_seq_len"] * config["nb_features"]
+        return int(np.clip(_CPU_FEATURE_MAP_BUDGET // per_cell, 1, 64))
 
     def _novelty_reference(
         self, manifold: torch.Tensor, logits: torch.Tensor, *, threshold: Threshold, temperature: float, seed: int
