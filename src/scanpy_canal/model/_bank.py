@@ -105,9 +105,12 @@ def update_bank(
     picks.obs = pd.DataFrame(
         {"cell_type": np.asarray(labels)[chosen], "stage": stage, "rank": ranks}, index=picks.obs_names
     )
-    merged = picks if bank is None else ad.concat([bank, picks], merge="first")
-    merged.obs["cell_type"] = pd.Categorical(merged.obs["cell_type"].astype(str), categories=list(cell_types))
+    parts = [part for part in (bank, picks) if part is not None and part.n_obs > 0]
+    merged = ad.concat(parts, merge="first") if len(parts) > 1 else (parts[0] if parts else picks).copy()
+    merged.obs["cell_type"] = merged.obs["cell_type"].astype(str)
     merged.obs[["stage", "rank"]] = merged.obs[["stage", "rank"]].astype(np.int64)
     merged = merged[trim_to_quota(merged.obs, quota)].copy()
+    # Set after subsetting, which would drop the categories of types without examples.
+    merged.obs["cell_type"] = pd.Categorical(merged.obs["cell_type"], categories=list(cell_types))
     merged.obs_names_make_unique()
     return merged

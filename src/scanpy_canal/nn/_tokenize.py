@@ -39,7 +39,11 @@ def tokenize(x: np.ndarray | sparse.spmatrix | sparse.sparray | torch.Tensor, *,
         bins = x.floor().clamp_(0, n_bins).long()
         return torch.cat([bins, bins.new_zeros(bins.shape[0], 1)], dim=1)
     if sparse.issparse(x):
-        return _tokenize_sparse(sparse.csr_matrix(x), n_bins)
+        x = sparse.csr_matrix(x)
+        if not x.has_canonical_format:  # duplicate entries of a cell and gene mean their sum
+            x = x.copy()
+            x.sum_duplicates()
+        return _tokenize_sparse(x, n_bins)
     x = np.asarray(x)
     tokens = np.zeros((x.shape[0], x.shape[1] + 1), dtype=np.int64)
     tokens[:, :-1] = np.clip(np.floor(x), 0, n_bins)
