@@ -12,6 +12,8 @@ from scanpy_canal.nn import (
     set_trainable,
     tokenize,
 )
+from scanpy_canal.nn import _performer as performer_module
+from scanpy_canal.nn._performer import favor_attention, orthogonal_random_features, reference_favor_attention
 
 TINY = {"dim": 16, "depth": 3, "heads": 2, "dim_head": 8, "max_seq_len": 33}
 
@@ -67,6 +69,25 @@ def test_batch_equals_cells_one_at_a_time():
         batched = lm.encode(tokens)
         single = torch.cat([lm.encode(tokens[i : i + 1]) for i in range(6)])
     assert (batched - single).abs().max() <= 1e-5
+
+
+def test_fused_attention_equals_the_scbert_formula():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 40, 8, dtype=torch.float64) * 2 for _ in range(3))
+    projection = orthogonal_random_features(20, 8).double()
+    fused = favor_attention(q, k, v, projection)
+    assert torch.allclose(fused, reference_favor_attention(q, k, v, projection), rtol=1e-10, atol=1e-12)
+
+
+def test_cpu_attention_chunks_give_the_whole_batch_result(monkeypatch):
+    torch.manual_seed(0)
+    lm = PerformerLM(**TINY).eval()
+    tokens = torch.randint(0, 6, (5, 33))
+    with torch.no_grad():
+        whole = lm.encode(tokens)
+        monkeypatch.setattr(performer_module, "CPU_FEATURE_MAP_CHUNK", 2 * 33 * lm.config["nb_features"])
+        chunked = lm.encode(tokens)  # one cell per chunk
+    assert (whole - chunked).abs().max() <= 1e-6
 
 
 def test_forward_and_encode_shapes():

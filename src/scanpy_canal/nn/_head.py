@@ -112,3 +112,16 @@ def set_trainable(
     model.norm.requires_grad_(norm)
     model.to_out.requires_grad_(head)
     return [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+
+
+def frozen_prefix(model: PerformerLM) -> int:
+    """Number of leading blocks that, like the embeddings before them, have no trainable parameter.
+
+    Their output does not change while the model trains, so it can be computed once per cell
+    (:meth:`PerformerLM.hidden_states`) and training can continue from it (:meth:`PerformerLM.forward_from`).
+    """
+    if any(parameter.requires_grad for parameter in model.token_emb.parameters()):
+        return 0
+    layers = model.performer.net.layers
+    trainable = [i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())]
+    return min(trainable, default=len(layers))

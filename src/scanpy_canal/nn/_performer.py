@@ -53,26 +53,60 @@ def orthogonal_random_features(
     return norms[:, None] * matrix
 
 
-def softmax_kernel(data: torch.Tensor, projection: torch.Tensor, *, is_query: bool, eps: float = 1e-4) -> torch.Tensor:
-    """Positive random features ``phi(x)`` whose inner products approximate ``exp(q . k / sqrt(d))``.
+#: Feature-map elements per CPU attention chunk: a chunk's maps then stay in the last-level cache.
+CPU_FEATURE_MAP_CHUNK = 4_000_000
 
-    ``data`` has shape ``(batch, heads, seq, dim_head)``. The exponent is stabilised by subtracting a maximum: per query
-    row for queries, and per sample (over heads, positions and features) for keys, so that a cell's output never
-    depends on the other cells in its batch.
+
+def favor_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor, *, eps: float = 1e-4
+) -> torch.Tensor:
+    """Non-causal FAVOR+ attention with positive random features, ``D^-1 phi(q) (phi(k)^T v)``.
+
+    ``q``, ``k`` and ``v`` have shape ``(batch, heads, seq, dim_head)``; ``projection`` is ``(features, dim_head)``.
+    With ``a = dim_head^-1/4`` and ``dash = (a x) projection^T``, the features are
+    ``phi(x) = exp(dash - a^2 |x|^2 / 2 - max) + eps`` (scBERT's, up to a constant factor that cancels in ``D^-1``).
+    The exponent is stabilised by its maximum: per query row for queries, and per sample (over heads, positions and
+    features) for keys, so that a cell's output never depends on the other cells in its batch.
+
+    The computation is arranged to touch the large ``(batch, heads, seq, features)`` maps as few times as possible:
+    the maps are shifted and exponentiated in place, the ``+ eps`` is applied through the small products it enters,
+    and the normaliser ``phi(q) . sum_n phi(k_n)`` rides along as an extra column of ``v``.
     """
-    normalizer = data.shape[-1] ** -0.25
-    ratio = projection.shape[0] ** -0.5
-    dash = (data * normalizer) @ projection.T.to(data.dtype)
-    diag = (data**2).sum(dim=-1, keepdim=True) * (normalizer**2 / 2)
-    dims = (-1,) if is_query else (-3, -2, -1)
-    stabiliser = dash.amax(dim=dims, keepdim=True).detach()
-    return ratio * (torch.exp(dash - diag - stabiliser) + eps)
+    scale = q.shape[-1] ** -0.25
+    projection = (projection * scale).to(q.dtype).T
+    half_scale_sq = scale * scale / 2
+    q_features = q @ projection
+    shift = q_features.detach().amax(dim=-1, keepdim=True) + (q * q).sum(dim=-1, keepdim=True) * half_scale_sq
+    q_features = q_features.sub_(shift).exp_()
+    k_features = k @ projection
+    shift = k_features.detach().amax(dim=(-3, -2, -1), keepdim=True) + (k * k).sum(dim=-1, keepdim=True) * half_scale_sq
+    k_features = k_features.sub_(shift).exp_()
+    v_and_ones = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+    context = k_features.transpose(-2, -1) @ v_and_ones
+    context = context + eps * v_and_ones.sum(dim=-2, keepdim=True)
+    out = q_features @ context + eps * context.sum(dim=-2, keepdim=True)
+    numerator, normaliser = out.split([v.shape[-1], 1], dim=-1)  # a split's backward is one concatenation
+    return numerator / normaliser
 
 
-def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Non-causal linear attention ``D^-1 q (k^T v)`` over feature-mapped queries and keys."""
-    normaliser = q @ k.sum(dim=-2).unsqueeze(-1)
-    return (q @ (k.transpose(-2, -1) @ v)) / normaliser
+def reference_favor_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor, *, eps: float = 1e-4
+) -> torch.Tensor:
+    """:func:`favor_attention` computed step by step as scBERT writes it (spec section 1.2), key maximum per sample.
+
+    Slower (more passes over the feature maps); the reference the fused version is tested against, and the
+    attention of the original algorithm in ``benchmarks/prediction.py``.
+    """
+    scale, ratio = q.shape[-1] ** -0.25, projection.shape[0] ** -0.5
+
+    def features(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        dash = (scale * x) @ projection.T.to(x.dtype)
+        diag = (x**2).sum(dim=-1, keepdim=True) * scale**2 / 2
+        return ratio * (torch.exp(dash - diag - dash.amax(dim=dims, keepdim=True).detach()) + eps)
+
+    q_features, k_features = features(q, (-1,)), features(k, (-3, -2, -1))
+    normaliser = q_features @ k_features.sum(dim=-2).unsqueeze(-1)
+    return (q_features @ (k_features.transpose(-2, -1) @ v)) / normaliser
 
 
 class FastAttention(nn.Module):
@@ -91,9 +125,15 @@ class FastAttention(nn.Module):
         self.projection_matrix.copy_(fresh)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        q = softmax_kernel(q, self.projection_matrix, is_query=True)
-        k = softmax_kernel(k, self.projection_matrix, is_query=False)
-        return linear_attention(q, k, v)
+        # On a CPU, a whole batch's feature maps outgrow the caches and the element-wise passes over them dominate;
+        # chunks of cells keep them cache-resident. A GPU takes the whole batch at once.
+        per_cell = q.shape[1] * q.shape[2] * self.nb_features
+        chunk = max(1, CPU_FEATURE_MAP_CHUNK // per_cell) if q.device.type == "cpu" else q.shape[0]
+        if chunk >= q.shape[0]:
+            return favor_attention(q, k, v, self.projection_matrix)
+        # split, not slices: the backward of a slice fills a zero tensor as large as the whole batch, per chunk
+        chunks = zip(q.split(chunk), k.split(chunk), v.split(chunk), strict=True)
+        return torch.cat([favor_attention(*qkv, self.projection_matrix) for qkv in chunks])
 
 
 class SelfAttention(nn.Module):
@@ -200,7 +240,8 @@ class Performer(nn.Module):
     """A stack of Performer blocks that redraws its random features every ``feature_redraw_interval`` training calls.
 
     The call counter is the buffer ``calls_since_last_redraw``, so it is saved and restored with the weights. In eval
-    mode nothing is redrawn and outputs are deterministic.
+    mode nothing is redrawn and outputs are deterministic. Blocks before ``redraw_from`` (0: none) keep their features,
+    so that the hidden states of a frozen prefix of blocks can be computed once and reused.
     """
 
     def __init__(
@@ -237,13 +278,13 @@ class Performer(nn.Module):
             layers.append(nn.ModuleList([PreLayerNorm(dim, attention), PreLayerNorm(dim, feed_forward)]))
         self.net = ResidualBlocks(layers)
         self.feature_redraw_interval = feature_redraw_interval
+        self.redraw_from = 0
         self.register_buffer("calls_since_last_redraw", torch.tensor(0))
 
     def redraw_features(self) -> None:
-        """Redraw the random features of every attention layer, frozen ones included (as scBERT does)."""
-        for module in self.modules():
-            if isinstance(module, FastAttention):
-                module.redraw_projection_matrix()
+        """Redraw the random features of the blocks from ``redraw_from`` on, frozen ones included (scBERT: all)."""
+        for attention, _ in self.net.layers[self.redraw_from :]:
+            attention.fn.fast_attention.redraw_projection_matrix()
         self.calls_since_last_redraw.zero_()
 
     def count_call(self) -> None:
@@ -394,6 +435,17 @@ class PerformerLM(nn.Module):
         """Final-LayerNorm hidden states, ``(batch, seq, dim)``."""
         return self.norm(self.performer(self.embed(tokens)))
 
+    def hidden_states(self, tokens: torch.Tensor, stop: int | None = None) -> torch.Tensor:
+        """The embeddings passed through the first `stop` blocks (all when `None`), before the final LayerNorm.
+
+        Counts no training call, so it never redraws random features: use it for blocks that do not learn.
+        """
+        return self.performer.net(self.embed(tokens), 0, stop)
+
+    def forward_from(self, hidden: torch.Tensor, start: int = 0) -> Any:
+        """Continue from the hidden states before block `start` (see :meth:`hidden_states`) to the output head."""
+        return self.to_out(self.norm(self.performer(hidden, start)))
+
     def forward(self, tokens: torch.Tensor) -> Any:
         """The output head on the hidden states: per-token logits ``(batch, seq, num_tokens)`` for the LM head."""
-        return self.to_out(self.encode(tokens))
+        return self.forward_from(self.embed(tokens))
