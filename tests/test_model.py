@@ -12,6 +12,7 @@ import scanpy_canal as canal
 from scanpy_canal.model._bank import trim_to_quota, update_bank
 from scanpy_canal.model._data import stratified_split
 from scanpy_canal.model._schedule import cosine_warm_restarts
+from scanpy_canal.nn import tokenize
 
 
 @pytest.mark.parametrize(
@@ -90,33 +91,79 @@ def test_bank_sizes_and_quotas_after_each_stage(small_stream):
     assert model.example_bank is None  # capacity 0 keeps no bank, so a next stage replays nothing
 
 
-def test_distillation_weight_and_frozen_eval_mode_teacher(small_stream):
+def test_distillation_targets_are_the_previous_models_fixed_embeddings(small_stream):
     model = make_model(small_stream)
     model.train(max_epochs=1, **QUIET)
+    previous = copy.deepcopy(model.module.network).eval()
     n_old = len(model.cell_types)
     record = {}
 
     class Watch(pl.Callback):
         def on_train_start(self, trainer, pl_module):
             record["weight"] = pl_module.loss_kwargs["distill_weight"]
-            record["before"] = copy.deepcopy(pl_module.module.teacher.state_dict())
+            record["cells"] = pl_module.cells
+            record["before"] = pl_module.module.teacher_embedding.clone()
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            record.setdefault("teacher_training", set()).add(pl_module.module.teacher.training)
             record.setdefault("student_training", set()).add(pl_module.module.network.training)
 
         def on_train_end(self, trainer, pl_module):
-            record["after"] = copy.deepcopy(pl_module.module.teacher.state_dict())
+            record["after"] = pl_module.module.teacher_embedding.clone()
 
     model.train(register(small_stream.train[1]), max_epochs=3, distill_weight=0.1, callbacks=[Watch()], **QUIET)
     n_new = len(model.cell_types)
     assert record["weight"] == pytest.approx(0.1 * n_old / n_new)
     assert model.stage_history_[-1]["distill_weight"] == pytest.approx(0.1 * n_old / n_new)
-    assert record["teacher_training"] == {False} and record["student_training"] == {True}
-    for key, value in record["before"].items():
-        assert torch.equal(value, record["after"][key]), key
-    assert model.module.teacher is None
+    assert record["student_training"] == {True}
+    with torch.no_grad():
+        expected = previous(tokenize(record["cells"]))[1]
+    assert torch.allclose(record["before"], expected, atol=1e-5)
+    assert torch.equal(record["before"], record["after"])
+    assert model.module.teacher is None and model.module.teacher_embedding is None
     assert "distillation_loss_train" in model.history.columns
+
+
+def test_cached_frozen_prefix_trains_like_recomputing_it(small_stream):
+    # depth 3, block 1 learns: block 0 is the frozen prefix; no redraws, so caching changes nothing but the speed
+    arch = {**TINY_ARCH, "depth": 3, "feature_redraw_interval": None}
+    states, prefixes = [], []
+
+    class Watch(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            prefixes.append(pl_module.module.cached_blocks)
+
+    for cache in (True, False):
+        model = make_model(small_stream, **arch)
+        model.train(max_epochs=2, lr=1e-2, cache_frozen=cache, callbacks=[Watch()], **QUIET)
+        model.train(register(small_stream.train[1]), max_epochs=2, lr=1e-2, cache_frozen=cache, **QUIET)
+        states.append(model.module.network.state_dict())
+        assert model.module.prefix_cache is None and model.module.network.performer.redraw_from == 0
+    assert prefixes == [1, 0]
+    for key, value in states[0].items():
+        assert torch.allclose(value, states[1][key], atol=1e-5), key
+
+
+def test_bfloat16_training_and_prediction(small_stream):
+    model = make_model(small_stream)
+    model.train(max_epochs=10, lr=1e-2, precision="bf16", **QUIET)
+    assert model.history["accuracy_validation"].max() > 0.8
+    test = small_stream.test[0]
+    full, reduced = model.predict(test, soft=True), model.predict(test, soft=True, precision="bf16")
+    assert (full.to_numpy() - reduced.to_numpy()).max() < 0.05
+    assert (full.idxmax(axis=1) == reduced.idxmax(axis=1)).mean() > 0.9
+    with pytest.raises(ValueError, match="precision"):
+        model.predict(test, precision="fp16")
+
+
+def test_cached_prefix_keeps_its_random_features(small_stream):
+    model = make_model(small_stream, **{**TINY_ARCH, "depth": 3, "feature_redraw_interval": 1})
+    layers = model.module.network.performer.net.layers
+    features = lambda: [layer[0].fn.fast_attention.projection_matrix.clone() for layer in layers]
+    before = features()
+    model.train(max_epochs=1, cache_frozen=True, **QUIET)
+    after = features()
+    assert torch.equal(before[0], after[0])  # the cached block
+    assert not torch.equal(before[2], after[2])  # the frozen block after the trainable one is redrawn as in scBERT
 
 
 def test_early_stopping_restores_best_epoch(small_stream):
@@ -232,6 +279,22 @@ def test_calibrated_call_does_not_depend_on_the_rest_of_the_query(two_stage_mode
         two_stage_model.predict(query, novel=True, threshold="loose")
 
 
+@pytest.mark.parametrize("dense", [False, True])
+def test_backed_query_is_read_in_chunks(two_stage_model, small_stream, tmp_path, dense):
+    query = small_stream.test[0].copy()
+    if dense:
+        query.X = query.X.toarray()
+    query.write_h5ad(tmp_path / "query.h5ad")
+    backed = ad.read_h5ad(tmp_path / "query.h5ad", backed="r")
+    expected = two_stage_model.predict(query, soft=True)
+    streamed = two_stage_model.predict(backed, soft=True, chunk_size=7)
+    pd.testing.assert_frame_equal(streamed, expected, atol=1e-6)
+    canal.tl.annotate(backed, two_stage_model, novel=True, chunk_size=7)
+    assert backed.isbacked and backed.obsm["X_canal"].shape == (query.n_obs, 64)
+    with pytest.raises(ValueError, match="chunk_size"):
+        two_stage_model.predict(backed, chunk_size=0)
+
+
 def test_save_load_round_trip(two_stage_model, small_stream, tmp_path):
     query = ad.concat([*small_stream.test, small_stream.novel])
     path = tmp_path / "model"
@@ -250,6 +313,23 @@ def test_save_load_round_trip(two_stage_model, small_stream, tmp_path):
     assert loaded._model_summary_string == two_stage_model._model_summary_string
     assert "stage 2" in loaded._model_summary_string
     assert not any(p.suffix in {".pkl", ".pickle"} for p in path.iterdir())
+
+
+def test_interrupted_save_leaves_the_previous_model(two_stage_model, small_stream, tmp_path, monkeypatch):
+    path = tmp_path / "model"
+    two_stage_model.save(path)
+    before = sorted((p.name, p.read_bytes()) for p in path.iterdir())
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ad.AnnData, "write_h5ad", interrupt)  # stops the save after the weights are written
+    with pytest.raises(KeyboardInterrupt):
+        two_stage_model.save(path, overwrite=True)
+    monkeypatch.undo()
+    assert sorted((p.name, p.read_bytes()) for p in path.iterdir()) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging directory left behind
+    assert canal.CANAL.load(path).predict(small_stream.test[0]).shape == (small_stream.test[0].n_obs,)
 
 
 def test_load_refuses_newer_format_and_damaged_files(two_stage_model, tmp_path):

@@ -34,9 +34,11 @@ def test_demo_runs_a_stream_and_writes_json(tmp_path, capsys):
 
     output = tmp_path / "demo.json"
     arguments = ["demo", "--stages", "2", "--epochs", "1", "--genes", "50", "--quiet", "--json", str(output)]
-    assert main(arguments) == 0
+    assert main([*arguments, "--pretrain-epochs", "2"]) == 0
     printed = capsys.readouterr().out
     assert "Accuracy after each stage" in printed and "h_score" in printed
+    assert "Pretraining: 2 epochs, masked-token accuracy" in printed
     result = json.loads(output.read_text())
     assert result["accuracy"]["values"][0][1] is None and 0 <= result["accuracy"]["values"][1][0] <= 1
     assert {"acc", "bwt", "forgetting", "macro_f1", "ari", "h_score"} <= set(result["final"])
+    assert result["pretraining"]["epoch"] == [1, 2] and result["settings"]["pretrain_epochs"] == 2

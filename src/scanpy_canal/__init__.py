@@ -6,6 +6,10 @@ import importlib
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
+from ._logging import configure_logger
+
+configure_logger()  # messages follow scanpy's verbosity
+
 try:
     __version__ = version("scanpy-canal")
 except PackageNotFoundError:  # running from a source tree that is not installed
@@ -14,13 +18,13 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 # Submodules and the model load on first use: torch and scvi-tools take seconds to import,
 # and `import scanpy_canal` should stay instant (PEP 562).
 _SUBMODULES = {"datasets", "model", "nn", "pl", "pp", "tl"}
-_ATTRIBUTES = {"CANAL": "scanpy_canal.model"}
+_ATTRIBUTES = {"CANAL": "scanpy_canal.model", "pretrain": "scanpy_canal.model"}
 
-__all__ = ["CANAL", "datasets", "model", "nn", "pl", "pp", "tl"]
+__all__ = ["CANAL", "datasets", "model", "nn", "pl", "pp", "pretrain", "tl"]
 
 if TYPE_CHECKING:
     from . import datasets, model, nn, pl, pp, tl
-    from .model import CANAL
+    from .model import CANAL, pretrain
 
 
 def __getattr__(name: str):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +18,8 @@ from scanpy_canal.tl import continual_metrics, evaluate
 
 #: A small encoder that trains a stream on a laptop CPU in minutes.
 DEMO_ARCH = {"dim": 32, "depth": 2, "heads": 4, "dim_head": 16}
+#: Pretraining settings of the demo's small encoder (a larger rate than scBERT's 1e-4 suits its size and short run).
+DEMO_PRETRAINING = {"lr": 1e-3, "batch_size": 16}
 
 
 @dataclass
@@ -31,6 +35,7 @@ class StreamResult:
     accuracy_novel: pd.DataFrame
     final: dict[str, float]
     seconds: list[float] = field(default_factory=list)
+    pretraining: pd.DataFrame | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready content: the matrices as nested lists (None above the diagonal) and the final metrics."""
@@ -39,13 +44,16 @@ class StreamResult:
             values = [[None if np.isnan(v) else float(v) for v in row] for row in frame.to_numpy()]
             return {"rows": list(frame.index), "columns": list(frame.columns), "values": values}
 
-        return {
+        content = {
             "accuracy": matrix(self.accuracy),
             "macro_f1": matrix(self.macro_f1),
             "accuracy_novel": matrix(self.accuracy_novel),
             "final": self.final,
             "seconds_per_stage": self.seconds,
         }
+        if self.pretraining is not None:
+            content["pretraining"] = self.pretraining.to_dict(orient="list")
+        return content
 
     def report(self) -> str:
         """A plain-text summary."""
@@ -53,8 +61,13 @@ class StreamResult:
         def table(frame: pd.DataFrame) -> str:
             return frame.to_string(float_format=lambda v: f"{v:.3f}", na_rep="-")
 
+        lines = []
+        if self.pretraining is not None:
+            accuracy = final_masked_accuracy(self.pretraining)
+            lines += [f"Pretraining: {len(self.pretraining)} epochs, masked-token accuracy {accuracy:.3f}", ""]
         return "\n".join(
-            [
+            lines
+            + [
                 "Accuracy after each stage (rows) on each stage's held-out cells (columns):",
                 table(self.accuracy),
                 "",
@@ -74,6 +87,10 @@ def run_stream(
     n_top_genes: int | None = None,
     seed: int = 0,
     novel: bool = True,
+    pretrained: str | os.PathLike | None = None,
+    pretrained_genes: Sequence[str] | str | os.PathLike | None = None,
+    pretrain_epochs: int = 0,
+    pretrain_kwargs: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
     **train_kwargs: Any,
 ) -> StreamResult:
@@ -84,13 +101,22 @@ def run_stream(
     stream
         The stages, their held-out cells, and optionally cells of never-trained types.
     arch
-        Encoder architecture (default :data:`DEMO_ARCH`).
+        Encoder architecture (default: :data:`DEMO_ARCH`, or the pretrained encoder's).
     n_top_genes
         Gene panel: this many highly variable genes of the first stage (default: all genes).
     seed
         Model seed.
     novel
         Also predict with novel-cell detection, after every stage and on the final query with the novel cells.
+    pretrained, pretrained_genes
+        Weights that start the model (see :class:`~scanpy_canal.CANAL`).
+    pretrain_epochs
+        Without `pretrained`: pretrain the encoder for this many epochs (:func:`~scanpy_canal.pretrain`) on the
+        training cells of every stage, without their labels (never on held-out or novel cells), over the gene panel;
+        0 starts from random weights.
+    pretrain_kwargs
+        Further arguments of :func:`~scanpy_canal.pretrain` (default: :data:`DEMO_PRETRAINING`; accelerator and
+        progress bar as in `train_kwargs`).
     log
         Receives one line per stage.
     **train_kwargs
@@ -101,6 +127,7 @@ def run_stream(
     The metric matrices, and final ``acc``, ``bwt``, ``forgetting`` (from the closed-set accuracy matrix),
     ``macro_f1``, ``ari`` (closed set, all held-out cells) and, with `novel` and novel cells in the stream,
     ``known_accuracy``, ``unknown_accuracy``, ``h_score`` and ``total_accuracy`` (held-out plus novel cells).
+    With pretraining, ``pretraining`` holds its per-epoch history.
     """
     from scanpy_canal.model import CANAL
 
@@ -108,16 +135,28 @@ def run_stream(
     accuracy = pd.DataFrame(np.nan, index=names, columns=names)
     macro_f1, accuracy_novel = accuracy.copy(), accuracy.copy()
     seconds = []
-    model = None
+    settings = {
+        "n_top_genes": n_top_genes,
+        "seed": seed,
+        "pretrained": pretrained,
+        "pretrained_genes": pretrained_genes,
+    }
+    progress = {"enable_progress_bar": train_kwargs.get("enable_progress_bar", True), "enable_model_summary": False}
+    pretrain_kwargs = {
+        **DEMO_PRETRAINING,
+        "accelerator": train_kwargs.get("accelerator", "auto"),
+        "trainer_kwargs": progress,
+        **(pretrain_kwargs or {}),
+    }
+    model, pretraining = _initial_model(
+        stream, settings, arch=arch, pretrain_epochs=pretrain_epochs, pretrain_kwargs=pretrain_kwargs, log=log
+    )
     for t, data in enumerate(stream.train):
-        data = data.copy()
-        CANAL.setup_anndata(data, labels_key=stream.labels_key)
+        if t > 0:
+            data = data.copy()
+            CANAL.setup_anndata(data, labels_key=stream.labels_key)
         start = time.perf_counter()
-        if model is None:
-            model = CANAL(data, n_top_genes=n_top_genes, seed=seed, **(arch or DEMO_ARCH))
-            model.train(**train_kwargs)
-        else:
-            model.train(data, **train_kwargs)
+        model.train(None if t == 0 else data, **train_kwargs)
         seconds.append(time.perf_counter() - start)
         for j, test in enumerate(stream.test[: t + 1]):
             truth = test.obs[stream.labels_key]
@@ -143,5 +182,60 @@ def run_stream(
         final.update({key: scores[key] for key in ("known_accuracy", "unknown_accuracy", "h_score")})
         final["total_accuracy"] = scores["accuracy"]
     return StreamResult(
-        accuracy=accuracy, macro_f1=macro_f1, accuracy_novel=accuracy_novel, final=final, seconds=seconds
+        accuracy=accuracy,
+        macro_f1=macro_f1,
+        accuracy_novel=accuracy_novel,
+        final=final,
+        seconds=seconds,
+        pretraining=pretraining,
     )
+
+
+def _initial_model(
+    stream: Stream,
+    settings: dict[str, Any],
+    *,
+    arch: dict[str, Any] | None,
+    pretrain_epochs: int,
+    pretrain_kwargs: dict[str, Any],
+    log: Callable[[str], None],
+):
+    """The untrained model on the first stage's cells, started from given, freshly pretrained or random weights."""
+    from scanpy_canal.model import CANAL, pretrain
+    from scanpy_canal.model._data import highly_variable_genes
+
+    if pretrain_epochs < 0:
+        raise ValueError(f"pretrain_epochs must be 0 or more, got {pretrain_epochs}.")
+    if settings["pretrained"] is not None and pretrain_epochs > 0:
+        raise ValueError("Give either pretrained weights or pretrain_epochs, not both.")
+    first = stream.train[0].copy()
+    CANAL.setup_anndata(first, labels_key=stream.labels_key)
+    if pretrain_epochs == 0:
+        default = {} if settings["pretrained"] is not None else DEMO_ARCH  # a pretrained encoder has its own
+        return CANAL(first, **settings, **(default if arch is None else arch)), None
+    arch = arch or DEMO_ARCH
+    n_top_genes = settings["n_top_genes"]
+    panel = highly_variable_genes(first.X, first.var_names, n_top_genes) if n_top_genes else list(first.var_names)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as scratch:
+        history = pretrain(
+            ad.concat(stream.train),
+            os.path.join(scratch, "encoder"),
+            genes=panel,
+            max_epochs=pretrain_epochs,
+            seed=settings["seed"],
+            **pretrain_kwargs,
+            **arch,
+        )
+        model = CANAL(first, **{**settings, "pretrained": os.path.join(scratch, "encoder")}, **arch)
+    log(
+        f"pretraining: {pretrain_epochs} epochs on {sum(d.n_obs for d in stream.train)} unlabelled training cells, "
+        f"{time.perf_counter() - start:.0f} s, masked-token accuracy {final_masked_accuracy(history):.3f}"
+    )
+    return model, history
+
+
+def final_masked_accuracy(history: pd.DataFrame) -> float:
+    """The last epoch's masked-token accuracy of a pretraining history: on held-out cells where there are some."""
+    column = "masked_accuracy_validation" if "masked_accuracy_validation" in history else "masked_accuracy_train"
+    return float(history[column].iloc[-1])

@@ -1,7 +1,16 @@
-"""The CANAL model on scvi-tools: module, training plan, example bank and novel-cell detection."""
+"""The CANAL model on scvi-tools: module, training plan, example bank, novel-cell detection and pretraining."""
 
 from ._model import CANAL, UNASSIGNED
 from ._module import CANALModule
+from ._pretrain import PretrainingPlan, pretrain
 from ._training_plan import BestEpochEarlyStopping, CANALTrainingPlan
 
-__all__ = ["CANAL", "CANALModule", "CANALTrainingPlan", "BestEpochEarlyStopping", "UNASSIGNED"]
+__all__ = [
+    "CANAL",
+    "CANALModule",
+    "CANALTrainingPlan",
+    "BestEpochEarlyStopping",
+    "PretrainingPlan",
+    "UNASSIGNED",
+    "pretrain",
+]

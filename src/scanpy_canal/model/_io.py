@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
+import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +15,7 @@ import torch
 from scvi.model.base import BaseModelClass
 
 from scanpy_canal.nn import CheckpointError
+from scanpy_canal.nn._pretrained import read_json, staged_directory
 
 if TYPE_CHECKING:
     from ._model import CANAL
@@ -25,6 +25,7 @@ METADATA = "model.json"
 WEIGHTS = "weights.pt"
 BANK = "example_bank.h5ad"
 HISTORY = "history.csv"
+_METADATA_KEYS = ("arch", "trainable_blocks", "seed", "stage", "genes", "cell_types", "stage_history", "registry")
 
 
 def _jsonable(value: Any) -> Any:
@@ -42,57 +43,48 @@ def save_model(model: CANAL, dir_path: str | os.PathLike, *, overwrite: bool = F
     from scanpy_canal import __version__
 
     target = Path(dir_path)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{str(target)!r} already exists; pass overwrite=True to replace it.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        metadata = {
-            "format_version": FORMAT_VERSION,
-            "scanpy_canal_version": __version__,
-            "arch": model.arch_,
-            "trainable_blocks": model.trainable_blocks_,
-            "seed": model.seed_,
-            "stage": model.stage_,
-            "genes": model.genes_,
-            "cell_types": model.cell_types_,
-            "stage_history": model.stage_history_,
-            "registry": model.registry_,
-        }
+    if target.exists():
+        _check_replaceable(target, overwrite=overwrite)
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "scanpy_canal_version": __version__,
+        "arch": model.arch_,
+        "trainable_blocks": model.trainable_blocks_,
+        "seed": model.seed_,
+        "stage": model.stage_,
+        "genes": model.genes_,
+        "cell_types": model.cell_types_,
+        "stage_history": model.stage_history_,
+        "registry": model.registry_,
+    }
+    tensors = {"network": model.module.network.state_dict()}
+    if model.calibration_ is not None:
+        tensors["calibration"] = model.calibration_
+    with staged_directory(target, overwrite=True) as staging:
         (staging / METADATA).write_text(json.dumps(_jsonable(metadata), indent=1))
-        tensors = {"network": model.module.network.state_dict()}
-        if model.calibration_ is not None:
-            tensors["calibration"] = model.calibration_
         torch.save(tensors, staging / WEIGHTS)
         if model.example_bank_ is not None:
             model.example_bank_.write_h5ad(staging / BANK)
         model.history.to_csv(staging / HISTORY, index=False)
-        _replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
-def _replace(staging: Path, target: Path) -> None:
-    """Move `staging` to `target`; an existing `target` is only removed once the new one is in place."""
-    if not target.exists():
-        staging.rename(target)
-        return
-    retired = target.with_name(f".{target.name}.old")
-    shutil.rmtree(retired, ignore_errors=True)
-    target.rename(retired)
-    staging.rename(target)
-    shutil.rmtree(retired)
+def _check_replaceable(target: Path, *, overwrite: bool) -> None:
+    """Allow replacing `target` only when asked to and when it is a saved model or an empty directory."""
+    if not overwrite:
+        raise FileExistsError(f"{str(target)!r} already exists; pass overwrite=True to replace it.")
+    empty_directory = target.is_dir() and not any(target.iterdir())
+    if not (target / METADATA).is_file() and not empty_directory:
+        raise FileExistsError(
+            f"{str(target)!r} exists and is not a saved CANAL model; overwrite=True only replaces a model. "
+            "Choose another path, or remove it yourself."
+        )
 
 
 def _read_metadata(directory: Path) -> dict:
     path = directory / METADATA
     if not path.is_file():
         raise FileNotFoundError(f"{str(directory)!r} is not a saved CANAL model: {METADATA} is missing.")
-    try:
-        metadata = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{str(path)!r} is damaged: {error}.") from error
+    metadata = read_json(path, error=ValueError)
     version = metadata.get("format_version") if isinstance(metadata, dict) else None
     if not isinstance(version, int):
         raise ValueError(f"{str(path)!r} has no valid format_version; it was not written by scanpy-canal.")
@@ -103,6 +95,9 @@ def _read_metadata(directory: Path) -> dict:
         )
     if version < 1:
         raise ValueError(f"{str(path)!r} has an unknown format_version {version}.")
+    missing = [key for key in _METADATA_KEYS if key not in metadata]
+    if missing:
+        raise ValueError(f"{str(path)!r} is damaged: it lacks {', '.join(missing)}.")
     return metadata
 
 
@@ -111,11 +106,33 @@ def _read_tensors(directory: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{str(directory)!r} is incomplete: {WEIGHTS} is missing.")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated files and pickled objects raise many types
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
         raise CheckpointError(
-            f"Could not read {str(path)!r}: it is truncated, damaged or holds objects other than tensors ({error})."
+            f"{str(path)!r} holds objects other than tensors. scanpy-canal never writes such files and does not "
+            "unpickle them, as that could run arbitrary code; load only models written by `CANAL.save`."
         ) from error
+    except Exception as error:  # truncated and damaged files raise many types
+        raise _damaged(path, error) from error
+    if not isinstance(tensors, dict) or "network" not in tensors:
+        raise CheckpointError(f"{str(path)!r} holds no network weights; it was not written by scanpy-canal.")
+    return tensors
+
+
+def _damaged(path: Path, error: Exception) -> CheckpointError:
+    lines = str(error).strip().splitlines()
+    detail = lines[0] if lines else type(error).__name__
+    return CheckpointError(f"Could not read {str(path)!r}: it is truncated or damaged ({detail}).")
+
+
+def _read_bank(path: Path, genes: list[str]) -> ad.AnnData:
+    try:
+        bank = ad.read_h5ad(path)
+    except Exception as error:  # h5py and anndata raise many types for a damaged file
+        raise _damaged(path, error) from error
+    if bank.var_names.tolist() != genes or "cell_type" not in bank.obs:
+        raise CheckpointError(f"{str(path)!r} does not match the gene panel of its model.json, or has no cell types.")
+    return bank
 
 
 def load_model(cls: type[CANAL], dir_path: str | os.PathLike, *, adata: ad.AnnData | None = None) -> CANAL:
@@ -124,14 +141,20 @@ def load_model(cls: type[CANAL], dir_path: str | os.PathLike, *, adata: ad.AnnDa
     metadata = _read_metadata(directory)
     tensors = _read_tensors(directory)
     model = cls.__new__(cls)
-    BaseModelClass.__init__(model, None, registry=metadata["registry"])
-    model._build(
-        genes=metadata["genes"],
-        cell_types=metadata["cell_types"],
-        arch=metadata["arch"],
-        trainable_blocks=metadata["trainable_blocks"],
-        seed=metadata["seed"],
-    )
+    try:
+        BaseModelClass.__init__(model, None, registry=metadata["registry"])
+        model._build(
+            genes=metadata["genes"],
+            cell_types=metadata["cell_types"],
+            arch=metadata["arch"],
+            trainable_blocks=metadata["trainable_blocks"],
+            seed=metadata["seed"],
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(
+            f"{str(directory / METADATA)!r} does not describe a valid CANAL model ({type(error).__name__}: {error}); "
+            "it is damaged or was not written by scanpy-canal."
+        ) from error
     try:
         model.module.network.load_state_dict(tensors["network"])
     except (KeyError, RuntimeError) as error:
@@ -142,7 +165,7 @@ def load_model(cls: type[CANAL], dir_path: str | os.PathLike, *, adata: ad.AnnDa
     model.calibration_ = tensors.get("calibration")
     model.is_trained_ = model.stage_ > 0
     if (directory / BANK).is_file():
-        model.example_bank_ = ad.read_h5ad(directory / BANK)
+        model.example_bank_ = _read_bank(directory / BANK, model.genes_)
     if (directory / HISTORY).is_file() and (directory / HISTORY).stat().st_size > 1:
         model.training_log_ = pd.read_csv(directory / HISTORY)
     model.init_params_ = {"kwargs": {"genes": model.genes_, "seed": model.seed_, **model.arch_}}

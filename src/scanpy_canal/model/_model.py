@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import signal
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -26,13 +27,14 @@ from scvi.train import TrainRunner
 
 from scanpy_canal.nn import SCBERT_CONFIG, tokenize
 from scanpy_canal.pp import align_genes
+from scanpy_canal.pp._align import panel_columns, scatter_columns
 
 from ._bank import update_bank
-from ._data import check_expression, highly_variable_genes, read_labels, stratified_split
-from ._module import CANALModule
+from ._data import check_expression, h5ad_var_names, highly_variable_genes, read_labels, stratified_split
+from ._module import ROW_KEY, CANALModule
 from ._novelty import NoveltyReference, calibrated_reference, mixup_reference
 from ._schedule import cosine_warm_restarts
-from ._training_plan import MIN_LR, BestEpochEarlyStopping, CANALTrainingPlan
+from ._training_plan import MIN_LR, BestEpochEarlyStopping, CANALTrainingPlan, stage_outcome
 
 logger = logging.getLogger("scanpy_canal")
 
@@ -42,10 +44,12 @@ DEFAULT_ARCH = {key: value for key, value in SCBERT_CONFIG.items() if key != "ma
 #: Held-out cells kept per stage to calibrate the novel-cell threshold.
 N_CALIBRATION_CELLS = 2000
 _LABEL_COLUMN = "_canal_label"
-#: Attention feature-map elements per CPU inference batch (about 16 MB in float32).
-_CPU_FEATURE_MAP_BUDGET = 4_000_000
+_ROW_COLUMN = "_canal_row"
+#: Largest frozen-prefix cache that ``cache_frozen=None`` keeps (hidden states of every training cell).
+PREFIX_CACHE_BUDGET = 4 * 2**30
 
 Threshold = Literal["calibrated", "canal"] | float
+Precision = Literal["32", "bf16"]
 
 
 @dataclass
@@ -73,10 +77,14 @@ class CANAL(BaseModelClass):
     registry
         Only used by scvi-tools internals; leave it `None`.
     pretrained
-        A scBERT checkpoint (``.pth``, e.g. ``panglao_pretrain.pth``) whose encoder weights start the model. Needs
-        `pretrained_genes`. Genes of the panel that the checkpoint does not know are left out, with a warning.
+        Weights that start the encoder: a directory written by :func:`scanpy_canal.pretrain` or
+        :func:`scanpy_canal.nn.save_pretrained` (it carries its gene vocabulary), or a scBERT checkpoint (``.pth``,
+        e.g. ``panglao_pretrain.pth``, which needs `pretrained_genes`). The panel's genes are matched to the
+        vocabulary by name and take their positional rows; genes the vocabulary lacks are left out of the panel,
+        with a warning.
     pretrained_genes
-        The checkpoint's gene vocabulary in positional order: a sequence of names or a text file with one per line.
+        The checkpoint's gene vocabulary in positional order: a sequence of names, a text file with one per line,
+        or an ``.h5ad`` file whose ``var_names`` are the vocabulary. Its length must match the checkpoint.
     genes
         The gene panel. Default: the `n_top_genes` highly variable genes of `adata`, or all its genes.
     n_top_genes
@@ -109,8 +117,8 @@ class CANAL(BaseModelClass):
         adata: ad.AnnData | None = None,
         registry: dict | None = None,
         *,
-        pretrained: str | None = None,
-        pretrained_genes: Sequence[str] | str | None = None,
+        pretrained: str | os.PathLike | None = None,
+        pretrained_genes: Sequence[str] | str | os.PathLike | None = None,
         genes: Sequence[str] | None = None,
         n_top_genes: int | None = None,
         seed: int = 0,
@@ -119,11 +127,13 @@ class CANAL(BaseModelClass):
     ):
         if adata is None:
             raise ValueError("CANAL needs stage-1 data; use `CANAL.load` to restore a saved model.")
+        _refuse_view(adata)
         super().__init__(adata, registry)
         labels_key, layer = self._setup_args(adata)
         if labels_key is None:
             raise ValueError("CANAL trains on labelled data: call `CANAL.setup_anndata(adata, labels_key=...)` first.")
         x = self._layer(adata, layer)
+        check_expression(x, what="the stage-1 data")
         panel = _choose_panel(x, adata.var_names, genes, n_top_genes)
         checkpoint = None
         if pretrained is not None:
@@ -219,6 +229,9 @@ class CANAL(BaseModelClass):
         ``adata.uns["_scvi_manager_uuid"]``, and with a `labels_key` the label codes in ``adata.obs["_scvi_labels"]``.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
+        _refuse_view(adata)
+        if adata.n_obs == 0:
+            raise ValueError("adata has no cells.")
         if layer is not None and layer not in adata.layers:
             raise KeyError(f"Layer {layer!r} not found; available layers: {list(adata.layers)}.")
         fields = [LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False, correct_data_format=False)]
@@ -263,6 +276,8 @@ class CANAL(BaseModelClass):
         label_smoothing: float = 0.1,
         early_stopping_patience: int | None = 10,
         validation_size: float = 0.2,
+        cache_frozen: bool | None = None,
+        precision: Precision = "32",
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
         **trainer_kwargs: Any,
@@ -274,6 +289,10 @@ class CANAL(BaseModelClass):
         bank is replayed with the new cells and the embeddings of a frozen copy of the previous model are distilled
         with weight ``distill_weight * C_old / C_new``. The epoch with the best validation accuracy is kept, also when
         ``max_epochs`` is reached. If training is interrupted (e.g. KeyboardInterrupt) the model is left as it was.
+
+        A stage may bring only cell types the model knows (it refines them) or a single cell type (a model that knows
+        only one type predicts it for every cell, and a warning says so). It needs two cells of at least one type,
+        so that a cell can be held out for validation; a single cell is an error.
 
         Parameters
         ----------
@@ -296,12 +315,21 @@ class CANAL(BaseModelClass):
         early_stopping_patience
             Stop after more than this many epochs without a better validation accuracy (`None`: never).
         validation_size
-            Fraction of each cell type held out for validation, early stopping and threshold calibration.
+            Fraction of each cell type held out for validation, early stopping and threshold calibration, in
+            ``(0, 1)``; every type keeps at least one cell to train on.
+        cache_frozen
+            Compute the hidden states of the frozen blocks before the first trainable one once per cell and stage, and
+            train from them, instead of recomputing them at every step; the random features of those blocks are then
+            not redrawn during the stage. `None` (default): cache when the hidden states of all training cells fit in
+            4 GiB. `False`: recompute at every step, as the original CANAL. The frozen teacher's embeddings are always
+            computed once per cell.
+        precision
+            ``"32"`` (float32) or ``"bf16"`` (bfloat16 autocast through Lightning's ``"bf16-mixed"``, on CPU or GPU).
         accelerator, devices
             Lightning's; ``accelerator="gpu", devices=-1, strategy="ddp_find_unused_parameters_true"`` trains on all
-            GPUs.
+            GPUs (see :doc:`/multi_gpu`).
         **trainer_kwargs
-            Passed to :class:`scvi.train.Trainer` (e.g. ``strategy``, ``precision``, ``enable_progress_bar``).
+            Passed to :class:`scvi.train.Trainer` (e.g. ``strategy``, ``enable_progress_bar``).
         """
         next_stage = self.stage_ + 1
         if stage is not None and stage != next_stage:
@@ -317,6 +345,11 @@ class CANAL(BaseModelClass):
             raise ValueError("Register the stage's data first: `CANAL.setup_anndata(adata, labels_key=...)`.")
         labels = read_labels(adata, labels_key)
         data = self._aligned(adata, what=f"the stage-{next_stage} data")
+        if len(set(self.cell_types_) | set(labels)) == 1:
+            logger.warning(
+                "The model knows a single cell type, %r: it predicts it for every cell until a stage adds others.",
+                labels[0],
+            )
         snapshot = copy.deepcopy((self.module.network, self.cell_types_, self.example_bank_, self.calibration_))
         try:
             self._train_stage(
@@ -331,13 +364,15 @@ class CANAL(BaseModelClass):
                 label_smoothing=label_smoothing,
                 early_stopping_patience=early_stopping_patience,
                 validation_size=validation_size,
+                cache_frozen=cache_frozen,
                 accelerator=accelerator,
                 devices=devices,
+                precision=_lightning_precision(precision),
                 **trainer_kwargs,
             )
         except BaseException as error:
             self.module.network, self.cell_types_, self.example_bank_, self.calibration_ = snapshot
-            self.module.detach_teacher()
+            self.module.finish_stage()
             self.module.eval()
             if isinstance(error, SystemExit) and isinstance(error.__context__, KeyboardInterrupt):
                 # Lightning answers Ctrl+C with exit(1) and ignores SIGINT from then on; give the user theirs back.
@@ -359,6 +394,7 @@ class CANAL(BaseModelClass):
         label_smoothing: float,
         early_stopping_patience: int | None,
         validation_size: float,
+        cache_frozen: bool | None,
         accelerator: str,
         devices: int | list[int] | str,
         **trainer_kwargs: Any,
@@ -379,11 +415,17 @@ class CANAL(BaseModelClass):
                 fields=[
                     LayerField(REGISTRY_KEYS.X_KEY, None, is_count_data=False),
                     NumericalObsField(REGISTRY_KEYS.LABELS_KEY, _LABEL_COLUMN),
+                    NumericalObsField(ROW_KEY, _ROW_COLUMN),
                 ]
             )
             manager.register_fields(training)
             plan = self._training_plan_cls(
-                self.module, lr=lr, label_smoothing=label_smoothing, distill_weight=teacher_weight
+                self.module,
+                cells=training.X,
+                cache_prefix=self._use_prefix_cache(cache_frozen, training.n_obs),
+                lr=lr,
+                label_smoothing=label_smoothing,
+                distill_weight=teacher_weight,
             )
             splitter = DataSplitter(
                 manager,
@@ -409,26 +451,41 @@ class CANAL(BaseModelClass):
                 # The teacher is in eval mode on purpose; Lightning would warn about it at every stage.
                 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
                 runner()
-        self.module.detach_teacher()
+        self.module.finish_stage()
         self.module.eval()
         self.cell_types_ = cell_types
         self.stage_ = stage
         self._after_stage(data, labels, training, val_idx, stage=stage, rehearsal_size=rehearsal_size)
-        self._log_stage(runner.trainer, stopper, stage=stage, lr=lr)
+        summary, epochs = stage_outcome(runner.trainer.callback_metrics)
+        best_epoch = None if summary["best_epoch"] < 0 else int(summary["best_epoch"])
+        self._log_stage(epochs, best_epoch, stage=stage, lr=lr)
         self.stage_history_.append(
             {
                 "stage": stage,
                 "n_cells": int(data.n_obs),
                 "n_replayed": int(training.n_obs - data.n_obs),
                 "new_cell_types": new_types,
-                "epochs": int(runner.trainer.current_epoch),
-                "best_epoch": None if stopper.best_epoch is None else int(stopper.best_epoch) + 1,
-                "best_validation_accuracy": None if stopper.best_epoch is None else stopper.best_score,
+                "epochs": int(summary["epochs"]),
+                "best_epoch": None if best_epoch is None else best_epoch + 1,
+                "best_validation_accuracy": None if best_epoch is None else summary["best_score"],
                 "distill_weight": teacher_weight,
                 "rehearsal_size": rehearsal_size,
             }
         )
         self._update_summary()
+
+    def _use_prefix_cache(self, cache_frozen: bool | None, n_cells: int) -> bool:
+        if cache_frozen is not None:
+            return cache_frozen
+        config = self.module.network.config
+        size = n_cells * config["max_seq_len"] * config["dim"] * 4
+        if size > PREFIX_CACHE_BUDGET:
+            logger.info(
+                "Recomputing the frozen blocks at every step: caching them for %d cells would take %.1f GiB.",
+                n_cells,
+                size / 2**30,
+            )
+        return size <= PREFIX_CACHE_BUDGET
 
     def _training_data(self, data: ad.AnnData, labels: np.ndarray, cell_types: list[str]) -> ad.AnnData:
         """The stage's cells plus the replayed bank, with label codes in `cell_types` order."""
@@ -437,7 +494,10 @@ class CANAL(BaseModelClass):
             matrices.append(sparse.csr_matrix(self.example_bank_.X))
             names.append(self.example_bank_.obs["cell_type"].astype(str).to_numpy())
         codes = pd.Categorical(np.concatenate(names), categories=cell_types).codes
-        obs = pd.DataFrame({_LABEL_COLUMN: codes.astype(np.float32)}, index=pd.RangeIndex(len(codes)).astype(str))
+        obs = pd.DataFrame(
+            {_LABEL_COLUMN: codes.astype(np.float32), _ROW_COLUMN: np.arange(len(codes), dtype=np.float32)},
+            index=pd.RangeIndex(len(codes)).astype(str),
+        )
         return ad.AnnData(sparse.vstack(matrices, format="csr", dtype=np.float32), obs=obs)
 
     def _after_stage(
@@ -472,44 +532,47 @@ class CANAL(BaseModelClass):
         held_out = np.sort(rng.permutation(held_out)[:N_CALIBRATION_CELLS])
         self.calibration_ = self._forward(training.X[held_out])["manifold"]
 
-    def _log_stage(self, trainer, stopper: BestEpochEarlyStopping, *, stage: int, lr: float) -> None:
-        logged = getattr(trainer.logger, "history", None) or {}
-        frames = [frame for frame in logged.values() if isinstance(frame, pd.DataFrame)]
-        if not frames:
+    def _log_stage(self, epochs: pd.DataFrame, best_epoch: int | None, *, stage: int, lr: float) -> None:
+        if epochs.empty:
             return
-        log = pd.concat(frames, axis=1).reset_index(drop=True)
+        log = epochs.reset_index(drop=True)
         log.insert(0, "epoch", np.arange(1, len(log) + 1))
         log.insert(0, "stage", stage)
         log["lr"] = [cosine_warm_restarts(e, max_lr=lr, min_lr=min(MIN_LR, lr)) for e in range(len(log))]
-        log["best"] = log["epoch"] == (-1 if stopper.best_epoch is None else stopper.best_epoch + 1)
+        log["best"] = log["epoch"] == (-1 if best_epoch is None else best_epoch + 1)
         self.training_log_ = pd.concat([self.training_log_, log], ignore_index=True)
 
     # ---------------------------------------------------------------------------------------------- inference
     @torch.inference_mode()
-    def _forward(self, x: sparse.csr_matrix | np.ndarray, batch_size: int | None = None) -> dict[str, torch.Tensor]:
-        """Manifold, embedding and logits of every row of `x`, in batches, on the CPU."""
+    def _forward(
+        self, x: sparse.csr_matrix | np.ndarray, batch_size: int | None = None, precision: Precision = "32"
+    ) -> dict[str, torch.Tensor]:
+        """Manifold, embedding and logits (float32, on the CPU) of every row of `x`, in batches."""
         network = self.module.network.eval()
         device = next(network.parameters()).device
-        batch_size = batch_size or self._inference_batch_size(device)
+        batch_size = batch_size or self.module.inference_batch_size(device)
         outputs: dict[str, list[torch.Tensor]] = {"manifold": [], "embedding": [], "logits": []}
-        for start in range(0, x.shape[0], batch_size):
-            manifold, embedding, logits = network(tokenize(x[start : start + batch_size]).to(device))
-            for key, value in zip(outputs, (manifold, embedding, logits), strict=True):
-                outputs[key].append(value.float().cpu())
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=_check_precision(precision) == "bf16"):
+            for start in range(0, x.shape[0], batch_size):
+                tokens = tokenize(x[start : start + batch_size])
+                if device.type == "cuda":  # page-locked memory lets the copy overlap the previous batch's work
+                    tokens = tokens.pin_memory()
+                tokens = tokens.to(device, non_blocking=True)
+                for key, value in zip(outputs, network(tokens), strict=True):
+                    outputs[key].append(value.float().cpu())
         return {key: torch.cat(values) for key, values in outputs.items()}
 
-    def _inference_batch_size(self, device: torch.device) -> int:
-        """Cells per forward pass when none is given: 64, fewer on a CPU when the attention feature maps are large.
-
-        On a CPU, throughput per cell falls once a batch's feature maps (heads x positions x random features) outgrow
-        the caches: with scBERT's encoder at 1,001 tokens one cell at a time is 3x faster than 32
-        (``benchmarks/results/encoder_throughput.json``).
-        """
-        if device.type != "cpu":
-            return 64
-        config = self.module.network.config
-        per_cell = config["heads"] * config["max_seq_len"] * config["nb_features"]
-        return int(np.clip(_CPU_FEATURE_MAP_BUDGET // per_cell, 1, 64))
+    def _query_chunks(self, adata: ad.AnnData, chunk_size: int) -> Iterator[sparse.csr_matrix]:
+        """The query's values in the gene panel, `chunk_size` cells at a time (read from disk when `adata` is backed)."""
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive number of cells, got {chunk_size}.")
+        _, layer = self._setup_args(adata)
+        columns, found = panel_columns(adata, self.genes_)
+        x = self._layer(adata, layer)
+        for start in range(0, adata.n_obs, chunk_size):
+            chunk = scatter_columns(x[start : start + chunk_size][:, columns], found)
+            check_expression(chunk, what="the query")
+            yield chunk
 
     def _novelty_reference(
         self, manifold: torch.Tensor, logits: torch.Tensor, *, threshold: Threshold, temperature: float, seed: int
@@ -540,13 +603,17 @@ class CANAL(BaseModelClass):
         threshold: Threshold = "calibrated",
         batch_size: int | None = None,
         seed: int = 0,
+        precision: Precision = "32",
+        chunk_size: int = 10_000,
     ) -> Outputs:
         if adata is None:
             adata = self.adata
         if adata is None:
             raise ValueError("Pass the cells to annotate.")
-        data = self._aligned(adata, what="the query")
-        forward = self._forward(data.X, batch_size)
+        if adata.n_obs == 0:
+            raise ValueError("The query has no cells.")
+        chunks = [self._forward(chunk, batch_size, precision) for chunk in self._query_chunks(adata, chunk_size)]
+        forward = {key: torch.cat([chunk[key] for chunk in chunks]) for key in chunks[0]}
         probabilities = forward["logits"].softmax(dim=-1)
         labels = np.asarray(self.cell_types_, dtype=object)[probabilities.argmax(dim=-1).numpy()]
         outputs = Outputs(
@@ -574,6 +641,8 @@ class CANAL(BaseModelClass):
         batch_size: int | None = None,
         seed: int = 0,
         threshold: Threshold = "calibrated",
+        precision: Precision = "32",
+        chunk_size: int = 10_000,
     ) -> np.ndarray | pd.DataFrame:
         """Predict cell types, calling cells of never-seen types ``"Unassigned"`` when `novel`.
 
@@ -598,28 +667,51 @@ class CANAL(BaseModelClass):
             the threshold best separating them from virtual cells mixed between two types; every cell gets the same
             answer whatever else is in the query. ``"canal"``: the original rule, relative to this query (needs at
             least 2 cells). Or a number in ``[0, 1]`` used as the threshold itself.
+        precision
+            ``"32"`` (float32) or ``"bf16"`` (bfloat16 autocast: faster on GPUs and on CPUs with bfloat16 instructions,
+            with slightly different probabilities; see the performance benchmarks).
+        chunk_size
+            Cells read, aligned to the panel and predicted at a time. A backed AnnData
+            (``anndata.read_h5ad(path, backed="r")``) is read from disk chunk by chunk, so memory stays bounded.
 
         Returns
         -------
         An array of cell-type names, or with `soft` a DataFrame of probabilities (cells x cell types).
         """
         outputs = self._predict_outputs(
-            adata, novel=novel, temperature=temperature, threshold=threshold, batch_size=batch_size, seed=seed
+            adata,
+            novel=novel,
+            temperature=temperature,
+            threshold=threshold,
+            batch_size=batch_size,
+            seed=seed,
+            precision=precision,
+            chunk_size=chunk_size,
         )
         return outputs.probabilities if soft else outputs.labels
 
     def get_latent_representation(
-        self, adata: ad.AnnData | None = None, *, batch_size: int | None = None
+        self,
+        adata: ad.AnnData | None = None,
+        *,
+        batch_size: int | None = None,
+        precision: Precision = "32",
+        chunk_size: int = 10_000,
     ) -> np.ndarray:
-        """The 64-d embedding of each cell (the head's ``fc2`` output), shape ``(n_obs, 64)``."""
-        return self._predict_outputs(adata, batch_size=batch_size).embedding
+        """The 64-d embedding of each cell (the head's ``fc2`` output), shape ``(n_obs, 64)``.
+
+        The options are those of :meth:`predict`.
+        """
+        outputs = self._predict_outputs(adata, batch_size=batch_size, precision=precision, chunk_size=chunk_size)
+        return outputs.embedding
 
     # ----------------------------------------------------------------------------------------------- save/load
     def save(self, dir_path: str, overwrite: bool = False, **kwargs: Any) -> None:
         """Save to a directory: weights (``weights.pt``), metadata (``model.json``) and the bank (``.h5ad``).
 
         Nothing is pickled. The directory is written next to its destination and renamed into place, so an
-        interrupted save never damages an earlier model at the same path.
+        interrupted save never damages an earlier model at the same path. An existing `dir_path` is an error unless
+        `overwrite`, and even then only a saved model or an empty directory is replaced, never other files.
         """
         from ._io import save_model
 
@@ -632,40 +724,99 @@ class CANAL(BaseModelClass):
 
         return load_model(cls, dir_path, adata=adata)
 
+    @classmethod
+    def from_legacy_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        genes: Sequence[str] | str | os.PathLike,
+        *,
+        trust_pickle: bool = False,
+        stage: int | None = None,
+    ) -> CANAL:
+        """Build a trained model from a stage checkpoint of the original CANAL tool.
+
+        The file (``{experiment}_finetune_dataset_{dataset}_CANAL.pth``) holds the network's weights
+        (``model_state_dict``), the cell types in output-row order (``annotation``), the panel's positions in the
+        gene list of the original run (``highly_variable_idx``) and, except at the final stage, the example bank as a
+        pickled AnnData (``example_bank``). The model predicts right away and can train further stages; novel-cell
+        detection needs ``threshold="canal"`` until it has trained a stage here (the calibration cells are not in
+        the file).
+
+        Parameters
+        ----------
+        path
+            The checkpoint.
+        genes
+            Names for the checkpoint's gene positions, as a sequence, a text file with one per line, or an ``.h5ad``
+            file whose ``var_names`` are used. Either the panel itself, in sequence order (as many genes as positions,
+            e.g. the ``var_names`` of the original run's preprocessed data), or the whole gene list the original run
+            aligned its data to (e.g. the 16906 genes of ``panglao_10000.h5ad``), from which ``highly_variable_idx``
+            picks the panel.
+        trust_pickle
+            Unpickle Python objects in the file. Unpickling can run arbitrary code, so without this only tensors and
+            numpy arrays are read and a file with an example bank is refused. Only set it for a file from a source you
+            trust.
+        stage
+            Number of stages the checkpoint has completed (default: ``t`` of its ``stage_{t}`` directory, else 1).
+
+        Returns
+        -------
+        The model, in eval mode.
+
+        Examples
+        --------
+        >>> model = canal.CANAL.from_legacy_checkpoint(
+        ...     "ckpt/pancreas/stage_2/pancreas_finetune_dataset_Enge_CANAL.pth",
+        ...     genes="panglao_genes.txt",
+        ...     trust_pickle=True,
+        ... )  # doctest: +SKIP
+        >>> labels = model.predict(query)  # doctest: +SKIP
+        """
+        from ._legacy import load_legacy_model
+
+        return load_legacy_model(cls, path, genes, trust_pickle=trust_pickle, stage=stage)
+
+
+def _refuse_view(adata: ad.AnnData) -> None:
+    """Refuse a view: registration writes to `adata`, and scvi-tools ties a model to the registered object."""
+    if adata.is_view:
+        raise ValueError(
+            "adata is a view of another AnnData (e.g. `adata[mask]`); make it an AnnData of its own first: "
+            "`adata = adata[mask].copy()`, then `CANAL.setup_anndata(adata, ...)`."
+        )
+
 
 def _choose_panel(x, var_names: pd.Index, genes: Sequence[str] | None, n_top_genes: int | None) -> list[str]:
     if genes is not None and n_top_genes is not None:
         raise ValueError("Give either `genes` or `n_top_genes`, not both.")
     if genes is not None:
         return [str(g) for g in genes]
+    names = pd.Index(var_names.astype(str))
+    first = ~names.duplicated()  # a duplicated name counts once, with its first column, as in `align_genes`
+    if not first.all():
+        x, names = x[:, first], names[first]
     if n_top_genes is not None:
-        return highly_variable_genes(x, var_names, n_top_genes)
-    return [str(g) for g in var_names]
+        return highly_variable_genes(x, names, n_top_genes)
+    return list(names)
 
 
-def _pretrained_encoder(path: str, vocabulary: Sequence[str] | str | None, panel: list[str]):
-    """The checkpoint's encoder over the panel genes it knows, and that reduced panel."""
-    from scanpy_canal.nn import encoder_from_state_dict, read_state_dict
+def _pretrained_encoder(
+    path: str | os.PathLike, vocabulary: Sequence[str] | str | os.PathLike | None, panel: list[str]
+):
+    """The pretrained encoder over the panel genes its vocabulary knows, and that reduced panel."""
+    from scanpy_canal.nn import load_pretrained
 
-    if vocabulary is None:
-        raise ValueError("`pretrained` needs `pretrained_genes`: the checkpoint's genes in positional order.")
-    if isinstance(vocabulary, str):
-        with open(vocabulary) as handle:
-            vocabulary = [line.strip() for line in handle if line.strip()]
-    state = read_state_dict(path)
-    n_rows = state["pos_emb.emb.weight"].shape[0] if "pos_emb.emb.weight" in state else None
-    if n_rows != len(vocabulary) + 1:
-        raise ValueError(
-            f"The vocabulary has {len(vocabulary)} genes but checkpoint {path!r} has a gene table of {n_rows} rows "
-            "(genes plus the appended token)."
-        )
-    positions = pd.Index(vocabulary).get_indexer(panel)
-    known = positions >= 0
-    if not known.any():
-        raise ValueError(f"None of the {len(panel)} panel genes is in the vocabulary of checkpoint {path!r}.")
-    if not known.all():
-        logger.warning(
-            "%d of %d panel genes are not in the checkpoint's vocabulary and are left out.", (~known).sum(), len(panel)
-        )
-    encoder = encoder_from_state_dict(state, positions[known], source=f"Checkpoint {path!r}")
-    return [gene for gene, keep in zip(panel, known, strict=True) if keep], encoder
+    if isinstance(vocabulary, str | os.PathLike) and str(vocabulary).endswith(".h5ad"):
+        vocabulary = h5ad_var_names(vocabulary)
+    encoder, kept = load_pretrained(path, vocabulary=vocabulary, genes=panel)
+    return kept, encoder
+
+
+def _check_precision(precision: str) -> str:
+    if precision not in ("32", "bf16"):
+        raise ValueError(f"precision must be '32' or 'bf16', got {precision!r}.")
+    return precision
+
+
+def _lightning_precision(precision: str) -> str:
+    return {"32": "32-true", "bf16": "bf16-mixed"}[_check_precision(precision)]

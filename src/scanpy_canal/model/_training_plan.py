@@ -5,12 +5,29 @@ from __future__ import annotations
 import copy
 
 import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
 import torch
 from scvi.train import TrainingPlan
 
 from ._schedule import cosine_warm_restarts
 
 MIN_LR = 1e-6
+#: Prefix of the ``trainer.callback_metrics`` that carry a stage's outcome. A spawning strategy (``ddp_spawn``) returns
+#: only the weights and these metrics to the main process; everything else stays in the workers.
+STAGE_PREFIX = "canal_stage/"
+HISTORY_PREFIX = "canal_history/"
+
+
+def stage_outcome(callback_metrics: dict) -> tuple[dict[str, float], pd.DataFrame]:
+    """The stage's summary (``epochs``, ``best_epoch``, ``best_score``) and per-epoch metrics (rows: epochs from 0)."""
+    summary = {k[len(STAGE_PREFIX) :]: float(v) for k, v in callback_metrics.items() if k.startswith(STAGE_PREFIX)}
+    columns = {
+        key[len(HISTORY_PREFIX) :]: pd.Series(value[:, 1].numpy(), index=value[:, 0].numpy().astype(int))
+        for key, value in callback_metrics.items()
+        if key.startswith(HISTORY_PREFIX)
+    }
+    return summary, pd.DataFrame(columns).sort_index()
 
 
 class CANALTrainingPlan(TrainingPlan):
@@ -20,14 +37,44 @@ class CANALTrainingPlan(TrainingPlan):
     ----------
     module
         A :class:`~scanpy_canal.model.CANALModule`.
+    cells
+        The stage's training matrix, from which the module's per-stage caches are computed when fitting starts (on
+        the training device, in every process).
+    cache_prefix
+        Cache the hidden states of the frozen prefix of blocks (see :meth:`CANALModule.prepare_stage`).
     lr
         Peak learning rate of the schedule.
     **loss_kwargs
         Passed to the module's ``loss`` (``label_smoothing``, ``distill_weight``).
     """
 
-    def __init__(self, module, *, lr: float = 2e-4, **loss_kwargs):
+    def __init__(
+        self,
+        module,
+        *,
+        cells,
+        cache_prefix: bool = True,
+        lr: float = 2e-4,
+        **loss_kwargs,
+    ):
         super().__init__(module, lr=lr, **loss_kwargs)
+        self.cells = cells
+        self.cache_prefix = cache_prefix
+
+    def on_fit_start(self) -> None:
+        """Compute the teacher embeddings and the prefix cache on the device the stage trains on."""
+        batch_size = self.module.inference_batch_size(self.device)
+        self.module.prepare_stage(self.cells, cache_prefix=self.cache_prefix, batch_size=batch_size)
+
+    def on_fit_end(self) -> None:
+        """Free the per-stage caches, and record the per-epoch metrics where the main process can read them."""
+        self.module.finish_stage()
+        if not self.trainer.is_global_zero:  # only rank 0 logs, and only its results reach the main process
+            return
+        for name, frame in (getattr(self.trainer.logger, "history", None) or {}).items():
+            if isinstance(frame, pd.DataFrame) and not frame.empty:
+                epochs_and_values = np.column_stack([frame.index.to_numpy(), frame.iloc[:, 0].to_numpy()])
+                self.trainer.callback_metrics[HISTORY_PREFIX + name] = torch.as_tensor(epochs_and_values.astype(float))
 
     def configure_optimizers(self):
         """Adam (AMSGrad) over the trainable parameters, with the LR set per epoch by the warm-restart schedule."""
@@ -97,3 +144,7 @@ class BestEpochEarlyStopping(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.best_state is not None:
             pl_module.module.network.load_state_dict(self.best_state)
+        outcome = {"epochs": trainer.current_epoch, "best_epoch": -1 if self.best_epoch is None else self.best_epoch}
+        outcome["best_score"] = self.best_score
+        for name, value in outcome.items():
+            trainer.callback_metrics[STAGE_PREFIX + name] = torch.tensor(float(value))

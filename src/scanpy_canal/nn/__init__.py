@@ -1,19 +1,30 @@
-"""Pure-PyTorch building blocks: the scBERT Performer encoder, the CANAL head, tokens and checkpoint import."""
+"""Pure-PyTorch building blocks: the scBERT Performer encoder, the CANAL head, tokens, masking and checkpoints."""
 
 from ._checkpoint import CheckpointError, encoder_from_state_dict, load_scbert_checkpoint, read_state_dict
-from ._head import CANALHead, set_trainable
+from ._head import CANALHead, frozen_prefix, set_trainable
+from ._masking import IGNORE_INDEX, MASK_TOKEN, mask_tokens, masked_accuracy_counts, masked_lm_loss
 from ._performer import SCBERT_CONFIG, PerformerLM
+from ._pretrained import load_pretrained, read_vocabulary, save_pretrained
 from ._tokenize import N_BINS, tokenize
 
 __all__ = [
     "CANALHead",
     "CheckpointError",
+    "IGNORE_INDEX",
+    "MASK_TOKEN",
     "N_BINS",
     "PerformerLM",
     "SCBERT_CONFIG",
     "encoder_from_state_dict",
+    "frozen_prefix",
+    "load_pretrained",
     "load_scbert_checkpoint",
+    "mask_tokens",
+    "masked_accuracy_counts",
+    "masked_lm_loss",
     "read_state_dict",
+    "read_vocabulary",
+    "save_pretrained",
     "set_trainable",
     "tokenize",
 ]

@@ -72,24 +72,34 @@ def align_genes(
     (['CD3E', 'MS4A1', 'NOT_A_GENE'], {'n_found': 2, 'n_genes': 3})
     """
     target = _target_genes(genes)
+    columns, found = panel_columns(adata, target, gene_symbols=gene_symbols)
+    X = adata.X if layer is None else adata.layers[layer]
+    aligned = AnnData(
+        X=scatter_columns(X[:, columns], found),
+        obs=adata.obs.copy(),
+        var=pd.DataFrame({"canal_found": found}, index=target),
+    )
+    aligned.uns["canal_align_genes"] = {"n_found": int(found.sum()), "n_genes": len(target)}
+    return aligned
+
+
+def panel_columns(
+    adata: AnnData, genes: Sequence[str] | pd.Index, *, gene_symbols: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Where the panel's genes are in `adata`: its column of each found gene, and which genes were found.
+
+    Reads only ``var``, so it is cheap on backed data; the overlap is logged. See :func:`align_genes` for the rules.
+    """
+    target = _target_genes(genes)
     names = _source_names(adata, gene_symbols)
     usable = _usable_columns(names)
     position = pd.Index(names[usable]).get_indexer(target)
     found = position >= 0
-    columns = np.flatnonzero(usable)[position[found]]
     n_found = int(found.sum())
     if n_found == 0:
         raise ValueError(_no_overlap_message(target, names, gene_symbols))
     logger.info("%d of %d genes found (%.1f%%)", n_found, len(target), 100 * n_found / len(target))
-
-    X = adata.X if layer is None else adata.layers[layer]
-    aligned = AnnData(
-        X=_scatter_columns(X[:, columns], np.flatnonzero(found), len(target)),
-        obs=adata.obs.copy(),
-        var=pd.DataFrame({"canal_found": found}, index=target),
-    )
-    aligned.uns["canal_align_genes"] = {"n_found": n_found, "n_genes": len(target)}
-    return aligned
+    return np.flatnonzero(usable)[position[found]], found
 
 
 def _target_genes(genes: Sequence[str] | pd.Index) -> pd.Index:
@@ -131,12 +141,13 @@ def _usable_columns(names: pd.Index) -> np.ndarray:
     return present & first
 
 
-def _scatter_columns(values, out_columns: np.ndarray, n_columns: int) -> sp.csr_matrix:
-    """The columns of `values` placed at `out_columns` (increasing) of an all-zero CSR matrix."""
+def scatter_columns(values, found: np.ndarray) -> sp.csr_matrix:
+    """A float32 CSR matrix over the whole panel: the columns of `values` where `found`, zeros elsewhere."""
     selected = sp.csr_matrix(values, dtype=np.float32)
     selected.sort_indices()
+    out_columns = np.flatnonzero(found)
     return sp.csr_matrix(
-        (selected.data, out_columns[selected.indices], selected.indptr), shape=(selected.shape[0], n_columns)
+        (selected.data, out_columns[selected.indices], selected.indptr), shape=(selected.shape[0], len(found))
     )
 
 

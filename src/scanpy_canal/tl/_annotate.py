@@ -25,6 +25,8 @@ def annotate(
     temperature: float = 0.8,
     threshold: Literal["calibrated", "canal"] | float = "calibrated",
     seed: int = 0,
+    precision: Literal["32", "bf16"] = "32",
+    chunk_size: int = 10_000,
     copy: bool = False,
 ) -> AnnData | MuData | None:
     """Annotate cell types with a trained CANAL model.
@@ -48,6 +50,11 @@ def annotate(
         Cells per forward pass.
     temperature, threshold, seed
         Novel-cell detection settings, see :meth:`~scanpy_canal.CANAL.predict`.
+    precision
+        ``"32"`` or ``"bf16"`` (bfloat16 autocast), see :meth:`~scanpy_canal.CANAL.predict`.
+    chunk_size
+        Cells read and predicted at a time; a backed AnnData (``anndata.read_h5ad(path, backed="r")``) is read from
+        disk chunk by chunk, so memory stays bounded.
     copy
         Return an annotated copy instead of writing into `data`.
 
@@ -81,7 +88,14 @@ def annotate(
     data = data.copy() if copy else data
     adata = data if isinstance(data, AnnData) else _modality(data, mod)
     outputs = model._predict_outputs(
-        adata, novel=novel, temperature=temperature, threshold=threshold, batch_size=batch_size, seed=seed
+        adata,
+        novel=novel,
+        temperature=temperature,
+        threshold=threshold,
+        batch_size=batch_size,
+        seed=seed,
+        precision=precision,
+        chunk_size=chunk_size,
     )
     categories = model.cell_types + (["Unassigned"] if novel else [])
     columns = {

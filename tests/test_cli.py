@@ -1,0 +1,177 @@
+"""`scanpy-canal train` and `scanpy-canal predict` on small .h5ad files."""
+
+import shutil
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import TINY_ARCH
+
+from scanpy_canal import CANAL
+from scanpy_canal.cli import main
+
+#: A new model with the tiny encoder, trained briefly on the CPU without progress bars.
+TINY = [f"--{key.replace('_', '-')}={value}" for key, value in TINY_ARCH.items()]
+QUICK = ["--epochs", "2", "--lr", "3e-3", "--accelerator", "cpu", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Two labelled stages and a query (with a never-trained type) as .h5ad files."""
+    from scanpy_canal.datasets import synthetic_stream
+
+    stream = synthetic_stream(n_stages=2, n_genes=30, types_per_stage=2, cells_per_type=20, seed=1)
+    folder = tmp_path_factory.mktemp("cli")
+    paths = {"stage1": folder / "stage1.h5ad", "stage2": folder / "stage2.h5ad", "query": folder / "query.h5ad"}
+    stream.train[0].write_h5ad(paths["stage1"])
+    stream.train[1].write_h5ad(paths["stage2"])
+    ad.concat([*stream.test, stream.novel]).write_h5ad(paths["query"])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def stage1_dir(files, tmp_path_factory):
+    """A model directory after `scanpy-canal train` on stage 1 (copy it before training on)."""
+    directory = tmp_path_factory.mktemp("models") / "stage1"
+    assert (
+        main(["train", str(files["stage1"]), "--model-dir", str(directory), "--labels-key", "cell_type"] + TINY + QUICK)
+        == 0
+    )
+    return directory
+
+
+def _train(data, model_dir, *extra):
+    return main(["train", str(data), "--model-dir", str(model_dir), "--labels-key", "cell_type", *extra])
+
+
+def _error(capsys) -> str:
+    """The one-line error the last command printed."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("scanpy-canal: error: ") and "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+def test_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    assert {"demo", "train", "predict"} <= set(capsys.readouterr().out.replace(",", " ").replace("{", " ").split())
+    for command in ("train", "predict"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "--model-dir" in capsys.readouterr().out
+
+
+def test_train_creates_then_continues_a_model(files, stage1_dir, tmp_path, capsys):
+    first = CANAL.load(stage1_dir)
+    assert first.stage == 1 and first.arch_["dim"] == TINY_ARCH["dim"] and first.seed_ == 0
+    model_dir = tmp_path / "model"
+    shutil.copytree(stage1_dir, model_dir)
+    assert _train(files["stage2"], model_dir, "--stage", "2", *QUICK) == 0
+    assert "stage 2 trained on" in capsys.readouterr().out
+    second = CANAL.load(model_dir)
+    assert second.stage == 2 and second.cell_types[:2] == first.cell_types and len(second.cell_types) == 4
+    assert second.example_bank is not None and set(second.example_bank.obs["stage"]) == {1, 2}
+
+
+def test_train_never_loses_a_model(files, stage1_dir, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    shutil.copytree(stage1_dir, model_dir)
+    weights = (model_dir / "weights.pt").read_bytes()
+
+    assert _train(files["stage2"], model_dir, "--new", *TINY, *QUICK) == 1
+    message = _error(capsys)
+    assert "already holds a model" in message and "--overwrite" in message
+    assert _train(files["stage2"], model_dir, "--dim", "8", *QUICK) == 1
+    assert "--dim: options of a new model" in _error(capsys)
+    assert _train(files["stage2"], model_dir, "--stage", "3", *QUICK) == 1
+    assert "the next stage is 2, not 3" in _error(capsys)
+    assert (model_dir / "weights.pt").read_bytes() == weights
+
+    other = tmp_path / "results"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    for extra in ([], ["--new", "--overwrite"]):
+        assert _train(files["stage1"], other, *extra, *TINY, *QUICK) == 1
+        assert "is not a saved CANAL model" in _error(capsys)
+    assert (other / "notes.txt").read_text() == "keep me"
+
+    assert _train(files["stage2"], model_dir, "--new", "--overwrite", *TINY, *QUICK) == 0
+    replaced = CANAL.load(model_dir)
+    assert replaced.stage == 1 and replaced.cell_types == sorted(
+        ad.read_h5ad(files["stage2"]).obs["cell_type"].unique()
+    )
+
+
+def test_predict_writes_h5ad_and_csv(files, stage1_dir, tmp_path, capsys):
+    query = ad.read_h5ad(files["query"])
+    out_h5ad, out_csv = tmp_path / "annotated.h5ad", tmp_path / "predictions.csv"
+    assert main(["predict", str(files["query"]), "--model-dir", str(stage1_dir), "--output", str(out_h5ad)]) == 0
+    annotated = ad.read_h5ad(out_h5ad)
+    assert {"canal_prediction", "canal_confidence"} <= set(annotated.obs) and "canal_uncertainty" not in annotated.obs
+    assert {"X_canal", "canal_probabilities"} <= set(annotated.obsm) and set(annotated.uns) == {"canal"}
+    assert (annotated.X != query.X).nnz == 0 and annotated.obs_names.equals(query.obs_names)
+
+    arguments = ["predict", str(files["query"]), "--model-dir", str(stage1_dir), "--output", str(out_csv), "--novel"]
+    assert main([*arguments, "--key-added", "ref", "--batch-size", "7"]) == 0
+    assert "Unassigned" in capsys.readouterr().out
+    table = pd.read_csv(out_csv, index_col=0)
+    assert table.index.name == "obs_names" and table.index.equals(query.obs_names)
+    assert list(table.columns) == ["prediction", "confidence", "uncertainty"]
+    model = CANAL.load(stage1_dir)
+    np.testing.assert_array_equal(table["prediction"], model.predict(query, novel=True))
+
+    assert main(arguments) == 1
+    assert "already exists; add --overwrite" in _error(capsys)
+    assert main([*arguments, "--overwrite", "--chunk-size", "5", "--precision", "bf16"]) == 0  # read from disk
+    streamed = pd.read_csv(out_csv, index_col=0)
+    assert streamed.index.equals(table.index) and (streamed["prediction"] == table["prediction"]).mean() > 0.9
+
+
+def test_predict_layer(files, stage1_dir, tmp_path):
+    query = ad.read_h5ad(files["query"])
+    query.layers["lognorm"] = query.X.copy()
+    query.X = query.X * 0
+    query.write_h5ad(tmp_path / "layered.h5ad")
+    out = tmp_path / "out.csv"
+    arguments = ["predict", str(tmp_path / "layered.h5ad"), "--model-dir", str(stage1_dir), "--output", str(out)]
+    assert main([*arguments, "--layer", "lognorm"]) == 0
+    np.testing.assert_array_equal(
+        pd.read_csv(out)["prediction"], CANAL.load(stage1_dir).predict(ad.read_h5ad(files["query"]))
+    )
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["predict", "{query}", "--output", "{tmp}/out.txt"], "--output must end in .h5ad or .csv"),
+        (["predict", "{tmp}/missing.h5ad", "--output", "{tmp}/out.csv"], "does not exist"),
+        (["predict", "{csv}", "--output", "{tmp}/out.csv"], "cannot read"),
+        (["predict", "{query}", "--output", "{tmp}/out.csv", "--layer", "spliced"], "Layer 'spliced' not found"),
+        (["predict", "{query}", "--output", "{tmp}/out.csv", "--layer", "counts"], "looks like raw counts"),
+        (["train", "{query}", "--labels-key", "celltype"], "Labels key 'celltype' is not a column"),
+        (["train", "{query}", "--labels-key", "cell_type", "--accelerator", "nonsense"], "invalid accelerator name"),
+        pytest.param(
+            ["train", "{query}", "--labels-key", "cell_type", "--accelerator", "gpu"],
+            "Lightning cannot train with --accelerator gpu --devices auto --strategy auto: No supported gpu",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU"),
+        ),
+    ],
+)
+def test_errors_are_one_line(files, stage1_dir, tmp_path, capsys, arguments, message):
+    (tmp_path / "table.csv").write_text("a,b\n1,2\n")
+    model_dir = tmp_path / "model"
+    shutil.copytree(stage1_dir, model_dir)
+    fill = {"query": files["query"], "tmp": tmp_path, "csv": tmp_path / "table.csv"}
+    assert main([arguments[0], "--model-dir", str(model_dir), *(a.format(**fill) for a in arguments[1:])]) == 1
+    assert message in _error(capsys)
+
+
+@pytest.mark.parametrize("bad", [["--epochs", "0"], ["--lr", "-1"], ["--devices", "x"], ["--batch-size", "two"]])
+def test_bad_option_values_are_usage_errors(files, tmp_path, capsys, bad):
+    with pytest.raises(SystemExit) as exit_:
+        _train(files["stage1"], tmp_path / "model", *bad)
+    assert exit_.value.code == 2 and "error: argument" in capsys.readouterr().err
+    assert not (tmp_path / "model").exists()
