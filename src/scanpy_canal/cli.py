@@ -382,8 +382,8 @@ def _add_pretrain_parser(commands) -> None:
     pretrain = commands.add_parser(
         "pretrain",
         help="pretrain the encoder on unlabelled cells (.h5ad) by masked-bin prediction",
-        description="Self-supervised pretraining as scBERT did it: in every cell 15%% of the non-zero expression "
-        "bins are hidden (90%% of them behind the mask token) and the encoder learns to recover them. Writes a "
+        description="Self-supervised pretraining as scBERT did it: in every cell 15% of the non-zero expression "
+        "bins are hidden (90% of them behind the mask token) and the encoder learns to recover them. Writes a "
         "directory (config.json, genes.txt, weights.pt, history.csv) that `train --pretrained` and "
         "canal.CANAL(adata, pretrained=...) read; genes are matched by name. Many GPUs: --accelerator gpu "
         "--devices -1 --strategy ddp (and --num-nodes).",
