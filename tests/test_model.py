@@ -421,6 +421,11 @@ def test_pretrained_scbert_checkpoint_by_gene_name(small_stream, tmp_path):
     )
     with pytest.raises(ValueError, match="vocabulary has 99 genes"):
         canal.CANAL(data, pretrained=str(path), pretrained_genes=vocabulary[:-1])
+    # highly variable genes are chosen among those the weights know, so the panel has the size asked for
+    known = {f"gene_{i}" for i in range(10)}
+    partial = [gene if gene in known else f"unknown_{k}" for k, gene in enumerate(vocabulary)]
+    chosen = canal.CANAL(data, pretrained=str(path), pretrained_genes=partial, n_top_genes=8)
+    assert len(chosen.genes) == 8 and set(chosen.genes) <= known
 
 
 def test_balanced_threshold_separates_known_from_virtual_cells():

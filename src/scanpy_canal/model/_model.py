@@ -9,6 +9,7 @@ import signal
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import anndata as ad
@@ -134,7 +135,8 @@ class CANAL(BaseModelClass):
             raise ValueError("CANAL trains on labelled data: call `CANAL.setup_anndata(adata, labels_key=...)` first.")
         x = self._layer(adata, layer)
         check_expression(x, what="the stage-1 data")
-        panel = _choose_panel(x, adata.var_names, genes, n_top_genes)
+        candidates = None if pretrained is None or genes is not None else _vocabulary(pretrained, pretrained_genes)
+        panel = _choose_panel(x, adata.var_names, genes, n_top_genes, candidates=candidates)
         checkpoint = None
         if pretrained is not None:
             panel, checkpoint = _pretrained_encoder(pretrained, pretrained_genes, panel)
@@ -786,18 +788,39 @@ def _refuse_view(adata: ad.AnnData) -> None:
         )
 
 
-def _choose_panel(x, var_names: pd.Index, genes: Sequence[str] | None, n_top_genes: int | None) -> list[str]:
+def _choose_panel(
+    x, var_names: pd.Index, genes: Sequence[str] | None, n_top_genes: int | None, *, candidates: list[str] | None
+) -> list[str]:
+    """`genes`, or the `n_top_genes` most variable (or all) genes of the data among the `candidates`."""
     if genes is not None and n_top_genes is not None:
         raise ValueError("Give either `genes` or `n_top_genes`, not both.")
     if genes is not None:
         return [str(g) for g in genes]
     names = pd.Index(var_names.astype(str))
-    first = ~names.duplicated()  # a duplicated name counts once, with its first column, as in `align_genes`
-    if not first.all():
-        x, names = x[:, first], names[first]
+    usable = ~names.duplicated()  # a duplicated name counts once, with its first column, as in `align_genes`
+    if candidates is not None:  # choose among the genes the pretrained weights know, so the panel keeps its size
+        usable &= names.isin(candidates)
+        if not usable.any():
+            raise ValueError("None of the data's genes is in the pretrained weights' vocabulary.")
+    if not usable.all():
+        x, names = x[:, usable], names[usable]
     if n_top_genes is not None:
         return highly_variable_genes(x, names, n_top_genes)
     return list(names)
+
+
+def _vocabulary(path: str | os.PathLike, vocabulary: Sequence[str] | str | os.PathLike | None) -> list[str] | None:
+    """The gene vocabulary of pretrained weights: a directory's own, or the one given for a checkpoint file."""
+    from scanpy_canal.nn import read_vocabulary
+    from scanpy_canal.nn._pretrained import GENES_FILE
+
+    if Path(path).is_dir() and (Path(path) / GENES_FILE).is_file():
+        return read_vocabulary(Path(path) / GENES_FILE)
+    if vocabulary is None:
+        return None  # loading the weights says what is missing
+    if isinstance(vocabulary, str | os.PathLike) and str(vocabulary).endswith(".h5ad"):
+        return h5ad_var_names(vocabulary)
+    return read_vocabulary(vocabulary)
 
 
 def _pretrained_encoder(
