@@ -101,6 +101,9 @@ class CANALModule(BaseModuleClass):
             Cells per forward pass.
         """
         stop = frozen_prefix(self.network) if cache_prefix else 0
+        self.network.performer.redraw_from = stop
+        if not cache_prefix and self.teacher is None:
+            return  # nothing is fixed for the whole stage: stage 1 without the cache
         prefix, teacher = [], []
         was_training = self.network.training
         self.network.eval()
@@ -114,7 +117,6 @@ class CANALModule(BaseModuleClass):
         self.teacher = None
         self.teacher_embedding = torch.cat(teacher) if teacher else None
         self.prefix_cache = torch.cat(prefix) if cache_prefix else None
-        self.network.performer.redraw_from = stop
 
     def _get_inference_input(self, tensors: dict[str, torch.Tensor], **kwargs) -> dict[str, torch.Tensor | None]:
         return {"x": tensors[REGISTRY_KEYS.X_KEY], "rows": tensors.get(ROW_KEY)}
