@@ -26,7 +26,7 @@ from scvi.model._utils import use_distributed_sampler
 from scvi.model.base import BaseModelClass
 from scvi.train import TrainRunner
 
-from scanpy_canal.nn import SCBERT_CONFIG, tokenize
+from scanpy_canal.nn import SCBERT_CONFIG, load_pretrained, tokenize
 from scanpy_canal.pp import align_genes
 from scanpy_canal.pp._align import panel_columns, scatter_columns
 
@@ -135,11 +135,14 @@ class CANAL(BaseModelClass):
             raise ValueError("CANAL trains on labelled data: call `CANAL.setup_anndata(adata, labels_key=...)` first.")
         x = self._layer(adata, layer)
         check_expression(x, what="the stage-1 data")
-        candidates = None if pretrained is None or genes is not None else _vocabulary(pretrained, pretrained_genes)
+        vocabulary = pretrained_genes
+        if isinstance(vocabulary, str | os.PathLike) and str(vocabulary).endswith(".h5ad"):
+            vocabulary = h5ad_var_names(vocabulary)
+        candidates = None if pretrained is None or genes is not None else _vocabulary(pretrained, vocabulary)
         panel = _choose_panel(x, adata.var_names, genes, n_top_genes, candidates=candidates)
         checkpoint = None
         if pretrained is not None:
-            panel, checkpoint = _pretrained_encoder(pretrained, pretrained_genes, panel)
+            checkpoint, panel = load_pretrained(pretrained, vocabulary=vocabulary, genes=panel)
             arch = {key: value for key, value in checkpoint.config.items() if key != "max_seq_len"} | arch
         self._build(
             genes=panel,
@@ -810,7 +813,7 @@ def _choose_panel(
 
 
 def _vocabulary(path: str | os.PathLike, vocabulary: Sequence[str] | str | os.PathLike | None) -> list[str] | None:
-    """The gene vocabulary of pretrained weights: a directory's own, or the one given for a checkpoint file."""
+    """The gene vocabulary of pretrained weights: a directory's own, or the one given (names or a text file)."""
     from scanpy_canal.nn import read_vocabulary
     from scanpy_canal.nn._pretrained import GENES_FILE
 
@@ -818,21 +821,7 @@ def _vocabulary(path: str | os.PathLike, vocabulary: Sequence[str] | str | os.Pa
         return read_vocabulary(Path(path) / GENES_FILE)
     if vocabulary is None:
         return None  # loading the weights says what is missing
-    if isinstance(vocabulary, str | os.PathLike) and str(vocabulary).endswith(".h5ad"):
-        return h5ad_var_names(vocabulary)
     return read_vocabulary(vocabulary)
-
-
-def _pretrained_encoder(
-    path: str | os.PathLike, vocabulary: Sequence[str] | str | os.PathLike | None, panel: list[str]
-):
-    """The pretrained encoder over the panel genes its vocabulary knows, and that reduced panel."""
-    from scanpy_canal.nn import load_pretrained
-
-    if isinstance(vocabulary, str | os.PathLike) and str(vocabulary).endswith(".h5ad"):
-        vocabulary = h5ad_var_names(vocabulary)
-    encoder, kept = load_pretrained(path, vocabulary=vocabulary, genes=panel)
-    return kept, encoder
 
 
 def _check_precision(precision: str) -> str:
