@@ -121,6 +121,17 @@ def test_synthetic_counts_and_markers(synthetic):
         assert X[in_type][:, markers].mean() > X[~in_type][:, markers].mean() + 1
 
 
+def test_synthetic_marker_fold():
+    def marker_contrast(stream):
+        data = stream.train[0]
+        X, cell_type = data.X.toarray(), data.obs["cell_type"].to_numpy()
+        markers = (data.var["marker_of"] == "type_0").to_numpy()
+        return X[cell_type == "type_0"][:, markers].mean() - X[cell_type != "type_0"][:, markers].mean()
+
+    weak, strong = synthetic_stream(marker_fold=(1.5, 2.0)), synthetic_stream(marker_fold=(10.0, 20.0))
+    assert 0 < marker_contrast(weak) < 1.5 < marker_contrast(strong)
+
+
 def test_synthetic_stream_seed(synthetic):
     again = synthetic_stream()
     other = synthetic_stream(seed=1)
@@ -148,6 +159,8 @@ def test_synthetic_stream_options():
         ({"n_novel_types": -1}, "n_novel_types"),
         ({"cells_per_type": 1}, "cells_per_type"),
         ({"batch_effect": -0.1}, "batch_effect"),
+        ({"marker_fold": (1.0, 2.0)}, "marker_fold"),
+        ({"marker_fold": (3.0, 2.0)}, "marker_fold"),
         ({"test_size": 0}, "test_size"),
     ],
 )

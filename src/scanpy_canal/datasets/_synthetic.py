@@ -13,7 +13,6 @@ from ._stream import Stream, check_test_size, set_labels, split_stratified
 
 LABELS_KEY = "cell_type"
 _BASELINE_SD = 1.5  # log-normal spread of the shared baseline: few genes dominate, most are low
-_MARKER_FOLD = (4.0, 16.0)  # range of the multiplicative rise of a type's marker genes
 _DISPERSION = 5.0  # negative binomial inverse dispersion (Gamma shape)
 _LIBRARY_SIZE = (np.log(5000), 0.3)  # log-normal mean and sd of UMIs per cell, over the whole transcriptome
 _PANEL_COUNTS_PER_GENE = 3.0  # mean UMIs per panel gene: the panel is a small part of each cell's transcriptome
@@ -29,11 +28,13 @@ def synthetic_stream(
     test_size: float = 0.3,
     batch_effect: float = 0.5,
     old_types_recur: bool = True,
+    marker_fold: tuple[float, float] = (4.0, 16.0),
     seed: int = 0,
 ) -> Stream:
     """Seeded synthetic stream of negative binomial counts with cell-type programs and per-stage batch effects.
 
-    Every type has a program: a set of marker genes raised 4 to 16 fold over a shared log-normal baseline.
+    Every type has a program: a set of marker genes raised `marker_fold` (4 to 16 fold by default) over a shared
+    log-normal baseline.
     Each stage is a batch: the expected expression of every gene is multiplied by ``exp(N(0, batch_effect))``.
     Stage ``t`` brings `types_per_stage` new types (``cells_per_type`` cells each) and, if `old_types_recur`, also
     ``cells_per_type // 2`` cells of each earlier type under its own batch. Library sizes are log-normal around
@@ -60,6 +61,9 @@ def synthetic_stream(
         Standard deviation of the log gene-wise batch shift.
     old_types_recur
         Whether later stages also contain cells of earlier types.
+    marker_fold
+        Range of the multiplicative rise of each marker gene (drawn uniformly); closer to 1 makes types harder to
+        tell apart.
     seed
         Seed of everything; the same seed gives identical data.
 
@@ -82,11 +86,13 @@ def synthetic_stream(
     ([84, 126], ['type_4'])
     """
     _check_arguments(n_stages, n_genes, types_per_stage, n_novel_types, cells_per_type, batch_effect)
+    if not 1 < marker_fold[0] <= marker_fold[1]:
+        raise ValueError(f"marker_fold must be a range (low, high) with 1 < low <= high, got {marker_fold}.")
     check_test_size(test_size)
     rng = np.random.default_rng(seed)
     n_known = n_stages * types_per_stage
     types = [f"type_{k}" for k in range(n_known + n_novel_types)]
-    programs, markers = _programs(rng, n_genes, len(types))
+    programs, markers = _programs(rng, n_genes, len(types), marker_fold)
     var = pd.DataFrame(
         {"marker_of": _marker_names(markers, types, n_genes)}, index=[f"gene_{g}" for g in range(n_genes)]
     )
@@ -122,14 +128,16 @@ def _check_arguments(
         raise ValueError(f"batch_effect must be non-negative, got {batch_effect}.")
 
 
-def _programs(rng: np.random.Generator, n_genes: int, n_types: int) -> tuple[np.ndarray, np.ndarray]:
+def _programs(
+    rng: np.random.Generator, n_genes: int, n_types: int, marker_fold: tuple[float, float]
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-type log expected expression (n_types, n_genes) and marker genes (n_types, n_markers)."""
     n_markers = max(3, n_genes // 20)
     baseline = rng.normal(0.0, _BASELINE_SD, n_genes)
     # Consecutive slices of one permutation: disjoint marker sets while the genes suffice, overlapping after.
     markers = rng.permutation(n_genes)[np.arange(n_types * n_markers).reshape(n_types, n_markers) % n_genes]
     programs = np.tile(baseline, (n_types, 1))
-    rises = np.log(rng.uniform(*_MARKER_FOLD, size=markers.shape))
+    rises = np.log(rng.uniform(*marker_fold, size=markers.shape))
     np.add.at(programs, (np.arange(n_types)[:, None], markers), rises)
     return programs, markers
 
