@@ -42,3 +42,18 @@ def test_demo_runs_a_stream_and_writes_json(tmp_path, capsys):
     assert result["accuracy"]["values"][0][1] is None and 0 <= result["accuracy"]["values"][1][0] <= 1
     assert {"acc", "bwt", "forgetting", "macro_f1", "ari", "h_score"} <= set(result["final"])
     assert result["pretraining"]["epoch"] == [1, 2] and result["settings"]["pretrain_epochs"] == 2
+
+
+def test_demo_pretrains_on_a_panel_smaller_than_n_top_genes():
+    """HVG selection skips genes unexpressed in stage 1; the model must use the panel its encoder learnt."""
+    from scanpy_canal._demo import run_stream
+    from scanpy_canal.datasets import synthetic_stream
+
+    stream = synthetic_stream(n_stages=2, n_genes=30, cells_per_type=8, n_novel_types=0)
+    stream.train[0].X[:, 0] = 0
+    stream.train[0].X.eliminate_zeros()
+    tiny = {"dim": 8, "depth": 2, "heads": 2, "dim_head": 4}
+    result = run_stream(
+        stream, arch=tiny, n_top_genes=30, pretrain_epochs=1, max_epochs=1, accelerator="cpu", log=lambda line: None
+    )
+    assert result.accuracy.notna().to_numpy().sum() == 3

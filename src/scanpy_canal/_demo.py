@@ -227,7 +227,9 @@ def _initial_model(
             **pretrain_kwargs,
             **arch,
         )
-        model = CANAL(first, **{**settings, "pretrained": os.path.join(scratch, "encoder")}, **arch)
+        # The panel the encoder learnt; HVG selection may have returned fewer genes than `n_top_genes`
+        encoder = {"pretrained": os.path.join(scratch, "encoder"), "genes": panel, "n_top_genes": None}
+        model = CANAL(first, **{**settings, **encoder}, **arch)
     log(
         f"pretraining: {pretrain_epochs} epochs on {sum(d.n_obs for d in stream.train)} unlabelled training cells, "
         f"{time.perf_counter() - start:.0f} s, masked-token accuracy {final_masked_accuracy(history):.3f}"
