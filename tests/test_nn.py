@@ -13,7 +13,13 @@ from scanpy_canal.nn import (
     tokenize,
 )
 from scanpy_canal.nn import _performer as performer_module
-from scanpy_canal.nn._performer import favor_attention, orthogonal_random_features, reference_favor_attention
+from scanpy_canal.nn._performer import (
+    ORDINAL_NOISE,
+    ORDINAL_STEP,
+    favor_attention,
+    orthogonal_random_features,
+    reference_favor_attention,
+)
 
 TINY = {"dim": 16, "depth": 3, "heads": 2, "dim_head": 8, "max_seq_len": 33}
 
@@ -252,3 +258,25 @@ def test_checkpoint_with_pickled_objects_is_refused(tmp_path, capsys):
     with pytest.raises(CheckpointError, match="hostile.pth"):
         load_scbert_checkpoint(path)
     assert "must never run" not in capsys.readouterr().out
+
+
+def test_ordinal_token_embedding():
+    small = {"max_seq_len": 11, "dim": 16, "depth": 2, "heads": 2, "dim_head": 8}
+    torch.manual_seed(0)
+    ordinal = PerformerLM(**small)
+    torch.manual_seed(0)
+    normal = PerformerLM(**small, token_init="normal")
+    assert ordinal.config["token_init"] == "ordinal" and normal.config["token_init"] == "normal"
+    # No random number is drawn for the order, so every other weight starts as with the standard normal rows.
+    normal_state = normal.state_dict()
+    for key, value in ordinal.state_dict().items():
+        if key != "token_emb.weight":
+            assert torch.equal(value, normal_state[key]), key
+    bins, start = ordinal.token_emb.weight.detach(), normal.token_emb.weight.detach()
+    torch.testing.assert_close(bins[-1], start[-1])  # the mask token keeps its row
+    steps = (bins[:-1] - ORDINAL_NOISE * start[:-1]).diff(dim=0)
+    torch.testing.assert_close(steps, steps[:1].expand_as(steps))
+    assert steps[0].norm().item() == pytest.approx(ORDINAL_STEP * 16**0.5, rel=1e-5)
+    assert (torch.diff(bins[:-1] @ steps[0]) > 0).all()  # the bins are ordered along the step
+    with pytest.raises(ValueError, match="token_init"):
+        PerformerLM(**small, token_init="uniform")

@@ -91,7 +91,7 @@ def test_loss_falls_over_a_few_steps_on_a_tiny_model():
     tokens = torch.where(random_tokens(32, 41, seed=5) > 0, torch.arange(41) % 5 + 1, 0)
     optimizer = torch.optim.Adam(encoder.parameters(), lr=3e-3)
     losses = []
-    for step in range(15):
+    for step in range(30):
         inputs, labels = mask_tokens(tokens, generator=torch.Generator().manual_seed(step))
         loss = canal.nn.masked_lm_loss(encoder(inputs), labels)
         optimizer.zero_grad()

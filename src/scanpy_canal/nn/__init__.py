@@ -3,7 +3,7 @@
 from ._checkpoint import CheckpointError, encoder_from_state_dict, load_scbert_checkpoint, read_state_dict
 from ._head import CANALHead, frozen_prefix, set_trainable
 from ._masking import IGNORE_INDEX, MASK_TOKEN, mask_tokens, masked_accuracy_counts, masked_lm_loss
-from ._performer import SCBERT_CONFIG, PerformerLM
+from ._performer import SCBERT_CONFIG, PerformerLM, order_token_embedding
 from ._pretrained import load_pretrained, read_vocabulary, save_pretrained
 from ._tokenize import N_BINS, tokenize
 
@@ -22,6 +22,7 @@ __all__ = [
     "mask_tokens",
     "masked_accuracy_counts",
     "masked_lm_loss",
+    "order_token_embedding",
     "read_state_dict",
     "read_vocabulary",
     "save_pretrained",

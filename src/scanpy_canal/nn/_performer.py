@@ -7,7 +7,7 @@ published ``panglao_pretrain.pth`` loads with ``strict=True`` and no renaming.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -301,6 +301,29 @@ class Performer(nn.Module):
         return self.net(x, start, stop)
 
 
+#: Distance between the embeddings of consecutive expression bins, per ``sqrt(dim)`` (a standard normal row's norm).
+ORDINAL_STEP = 0.5
+#: Weight of each bin's random start in its ordinal embedding.
+ORDINAL_NOISE = 0.3
+
+
+@torch.no_grad()
+def order_token_embedding(weight: torch.Tensor) -> None:
+    """Space the expression-bin rows of a token embedding evenly along one direction, in place.
+
+    Row ``k`` of the bins (every row but the last, the mask token) becomes ``k * step * direction`` plus
+    :data:`ORDINAL_NOISE` times its random start, with ``step = ORDINAL_STEP * sqrt(dim)``. The direction is that from
+    the first bin's random row to the last one's, so no random number is drawn and the layers built after the
+    embedding get the same weights as with a standard normal start. With bins that are random vectors, as scBERT
+    starts, a model trained from random weights on a few hundred cells has to learn the order of the bins first.
+    """
+    n_bins = weight.shape[0] - 1
+    direction = weight[n_bins - 1] - weight[0]
+    direction *= ORDINAL_STEP * math.sqrt(weight.shape[1]) / direction.norm()
+    steps = torch.arange(n_bins, dtype=weight.dtype, device=weight.device)[:, None]
+    weight[:n_bins] = steps * direction + ORDINAL_NOISE * weight[:n_bins]
+
+
 class GenePositionalEmbedding(nn.Module):
     """A frozen table with one vector per gene position (gene2vec in scBERT); the appended token's row is zero."""
 
@@ -348,6 +371,11 @@ class PerformerLM(nn.Module):
         Dropout rates (all 0 in scBERT).
     qkv_bias
         Whether the query, key and value projections have a bias (scBERT: no).
+    token_init
+        Start of the token embedding. ``"ordinal"``: the expression bins (every token but the last, the mask) are
+        spaced evenly along one direction, plus a little of their random start (:func:`~scanpy_canal.nn.order_token_embedding`), so
+        that a model trained from random weights can read expression levels from the start. ``"normal"``: PyTorch's
+        standard normal rows, as in scBERT. Either way, pretrained weights replace it.
 
     Examples
     --------
@@ -377,8 +405,11 @@ class PerformerLM(nn.Module):
         ff_dropout: float = 0.0,
         attn_dropout: float = 0.0,
         qkv_bias: bool = False,
+        token_init: Literal["ordinal", "normal"] = "ordinal",
     ):
         super().__init__()
+        if token_init not in ("ordinal", "normal"):
+            raise ValueError(f"token_init must be 'ordinal' or 'normal', got {token_init!r}.")
         self.config = {
             "num_tokens": num_tokens,
             "max_seq_len": max_seq_len,
@@ -396,8 +427,11 @@ class PerformerLM(nn.Module):
             "ff_dropout": ff_dropout,
             "attn_dropout": attn_dropout,
             "qkv_bias": qkv_bias,
+            "token_init": token_init,
         }
         self.token_emb = nn.Embedding(num_tokens, dim)
+        if token_init == "ordinal":
+            order_token_embedding(self.token_emb.weight)
         self.pos_emb = GenePositionalEmbedding(dim, max_seq_len)
         self.dropout = nn.Dropout(emb_dropout)
         self.performer = Performer(
