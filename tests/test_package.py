@@ -41,6 +41,7 @@ def test_demo_runs_a_stream_and_writes_json(tmp_path, capsys):
     result = json.loads(output.read_text())
     assert result["accuracy"]["values"][0][1] is None and 0 <= result["accuracy"]["values"][1][0] <= 1
     assert {"acc", "bwt", "forgetting", "macro_f1", "ari", "h_score"} <= set(result["final"])
+    assert 0 <= result["final"]["novel_auroc"] <= 1
     assert result["pretraining"]["epoch"] == [1, 2] and result["settings"]["pretrain_epochs"] == 2
 
 

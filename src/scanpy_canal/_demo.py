@@ -126,9 +126,12 @@ def run_stream(
     -------
     The metric matrices, and final ``acc``, ``bwt``, ``forgetting`` (from the closed-set accuracy matrix),
     ``macro_f1``, ``ari`` (closed set, all held-out cells) and, with `novel` and novel cells in the stream,
-    ``known_accuracy``, ``unknown_accuracy``, ``h_score`` and ``total_accuracy`` (held-out plus novel cells).
+    ``known_accuracy``, ``unknown_accuracy``, ``h_score``, ``total_accuracy`` (held-out plus novel cells) and
+    ``novel_auroc`` (how well the uncertainty ranks the novel cells above the held-out ones, whatever the threshold).
     With pretraining, ``pretraining`` holds its per-epoch history.
     """
+    from sklearn.metrics import roc_auc_score
+
     from scanpy_canal.model import CANAL
 
     names = [f"stage {t + 1}" for t in range(stream.n_stages)]
@@ -181,6 +184,8 @@ def run_stream(
         scores = evaluate(query.obs[stream.labels_key], outputs.labels, novel_types=stream.novel_types)
         final.update({key: scores[key] for key in ("known_accuracy", "unknown_accuracy", "h_score")})
         final["total_accuracy"] = scores["accuracy"]
+        is_novel = query.obs[stream.labels_key].isin(stream.novel_types).to_numpy()
+        final["novel_auroc"] = float(roc_auc_score(is_novel, outputs.uncertainty))
     return StreamResult(
         accuracy=accuracy,
         macro_f1=macro_f1,
