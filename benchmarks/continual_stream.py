@@ -19,6 +19,8 @@ size 8, learning rate 1e-3, CPU, ``--epochs`` per stage with the default early s
 - ``canal_no_bank``: the same with ``rehearsal_size=0``;
 - ``canal_no_distill``: the same with ``distill_weight=0``;
 - ``naive_finetune``: both off, plain sequential fine-tuning;
+- ``canal_random_bins``: ``canal`` with scBERT's random bin embeddings (``token_init="normal"``), as before the
+  ordinal start became the default;
 - ``canal_joint`` (upper bound): after each stage ``t``, a new CANAL model trained in one stage on the training cells
   of stages 1 to ``t`` together (panel: 300 HVGs of
   those cells);
@@ -72,6 +74,7 @@ from typing import TYPE_CHECKING
 import anndata as ad
 import numpy as np
 import pandas as pd
+from continual_stream_report import print_tables
 from encoder_throughput import machine_info, write_report
 
 import scanpy_canal as canal
@@ -88,12 +91,14 @@ STREAMS = {
         n_stages=3, n_genes=300, batch_effect=1.0, marker_fold=(2.0, 4.0), seed=0
     ),
 }
-#: ``model.train`` settings of each CANAL stream run.
+#: Settings of each CANAL stream run beyond :func:`canal_train_kwargs`: ``model.train``'s, and ``arch`` updates
+#: ``DEMO_ARCH``.
 CANAL_VARIANTS = {
     "canal": {},
     "canal_no_bank": {"rehearsal_size": 0},
     "canal_no_distill": {"distill_weight": 0},
     "naive_finetune": {"rehearsal_size": 0, "distill_weight": 0},
+    "canal_random_bins": {"arch": {"token_init": "normal"}},
 }
 METHODS = [*CANAL_VARIANTS, "canal_joint", "lr_sequential", "lr_joint", "scanvi_scarches"]
 #: ``scanvi_scarches``: latent size, and the fixed epochs of the scVI and scANVI reference and of each query stage.
@@ -112,7 +117,6 @@ TARGETS = [
     ("acc_minus_lr_joint", "acc", ("lr_joint", "acc"), 0.0),
     ("acc_minus_scanvi_scarches", "acc", ("scanvi_scarches", "acc"), None),
 ]
-TABLE_KEYS = ["acc", "bwt", "forgetting", "macro_f1", "ari", "h_score"]
 
 Predictor = Callable[[ad.AnnData], np.ndarray]
 
@@ -313,7 +317,8 @@ def run_method(stream: canal.datasets.Stream, method: str, seed: int, epochs: in
     key = stream.labels_key
     if method in CANAL_VARIANTS:
         train_kwargs = {**canal_train_kwargs(epochs), **CANAL_VARIANTS[method]}
-        result = run_stream(stream, arch=DEMO_ARCH, n_top_genes=N_TOP_GENES, seed=seed, log=log, **train_kwargs)
+        arch = {**DEMO_ARCH, **train_kwargs.pop("arch", {})}
+        result = run_stream(stream, arch=arch, n_top_genes=N_TOP_GENES, seed=seed, log=log, **train_kwargs)
         return result.to_dict()
     if method == "lr_sequential":
         stages = [(f"stage {t + 1}", t + 1, lambda d=d: fit_logistic(d, key, seed)) for t, d in enumerate(stream.train)]
@@ -356,24 +361,6 @@ def check_targets(results: dict) -> dict:
     return targets
 
 
-def print_table(report: dict) -> None:
-    print(f"\n{'stream':<10} {'method':<17}" + "".join(f"{key:>16}" for key in [*TABLE_KEYS, "seconds"]))
-    for stream_name, methods in report["results"].items():
-        for method, content in methods.items():
-            cells = []
-            for key in [*TABLE_KEYS, "seconds"]:
-                stat = content["summary"].get(key)
-                sd = "" if stat is None or stat["sd"] is None else f" ± {stat['sd']:.3f}"
-                cells.append("-" if stat is None else f"{stat['mean']:.3f}{sd}")
-            print(f"{stream_name:<10} {method:<17}" + "".join(f"{c:>16}" for c in cells))
-    for stream_name, targets in report["targets"].items():
-        print(f"\ntargets, {stream_name}:")
-        for name, check in targets.items():
-            verdict = "reported" if check["met"] is None else ("met" if check["met"] else "NOT met")
-            target = "" if check["target"] is None else f" (target >= {check['target']:+.3f})"
-            print(f"  {name:<28} {check['value']:+.3f}{target}: {verdict}")
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     report = {
@@ -399,7 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
         report.setdefault("targets", {})[stream_name] = check_targets(report["results"][stream_name])
     report["machine"]["load_average_end"] = list(os.getloadavg())
     write_report(report, args.output)
-    print_table(report)
+    print_tables(report)
     print(f"\nwrote {args.output}")
     return report
 
