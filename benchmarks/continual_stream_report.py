@@ -4,9 +4,9 @@ Usage (the SVG is committed, so the docs build does not run this; the tables are
 
     .venv/bin/python benchmarks/continual_stream_report.py
 
-The figure has one row per stream. Left: the mean held-out accuracy after each stage (the mean of the stage's row of the accuracy
-matrix, averaged over seeds). Right: the accuracy on the first stage's test cells after each stage, where
-forgetting shows as a falling line.
+The figure has one row per stream. Left: the mean held-out accuracy after each stage (the mean of the stage's row
+of the accuracy matrix, averaged over seeds). Right: the accuracy on the first stage's test cells after each
+stage, where forgetting shows as a falling line.
 """
 
 from __future__ import annotations

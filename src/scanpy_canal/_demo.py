@@ -232,7 +232,7 @@ def _initial_model(
             **pretrain_kwargs,
             **arch,
         )
-        # The panel the encoder learnt; HVG selection may have returned fewer genes than `n_top_genes`
+        # The panel the encoder learnt: HVG selection may have returned fewer genes than `n_top_genes`.
         encoder = {"pretrained": os.path.join(scratch, "encoder"), "genes": panel, "n_top_genes": None}
         model = CANAL(first, **{**settings, **encoder}, **arch)
     log(

@@ -373,9 +373,10 @@ class PerformerLM(nn.Module):
         Whether the query, key and value projections have a bias (scBERT: no).
     token_init
         Start of the token embedding. ``"ordinal"``: the expression bins (every token but the last, the mask) are
-        spaced evenly along one direction, plus a little of their random start (:func:`~scanpy_canal.nn.order_token_embedding`), so
-        that a model trained from random weights can read expression levels from the start. ``"normal"``: PyTorch's
-        standard normal rows, as in scBERT. Either way, pretrained weights replace it.
+        spaced evenly along one direction, plus a little of their random start
+        (:func:`~scanpy_canal.nn.order_token_embedding`), so that a model trained from random weights can read
+        expression levels from the start. ``"normal"``: PyTorch's standard normal rows, as in scBERT. Either way,
+        pretrained weights replace it.
 
     Examples
     --------
