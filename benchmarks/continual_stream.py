@@ -22,8 +22,7 @@ size 8, learning rate 1e-3, CPU, ``--epochs`` per stage with the default early s
 - ``canal_random_bins``: ``canal`` with scBERT's random bin embeddings (``token_init="normal"``), as before the
   ordinal start became the default;
 - ``canal_joint`` (upper bound): after each stage ``t``, a new CANAL model trained in one stage on the training cells
-  of stages 1 to ``t`` together (panel: 300 HVGs of
-  those cells);
+  of stages 1 to ``t`` together (panel: 300 HVGs of those cells);
 - ``lr_sequential``: a CellTypist-style classifier, ``StandardScaler`` then ``LogisticRegression(max_iter=1000)``
   on the stream's ``log2(1 + CP10k)`` values of all genes (CellTypist scales genes too; its clipping at 10 and
   feature selection are left out), refit at stage ``t`` on stage ``t``'s training cells only: it can only predict
@@ -320,17 +319,16 @@ def run_method(stream: canal.datasets.Stream, method: str, seed: int, epochs: in
         arch = {**DEMO_ARCH, **train_kwargs.pop("arch", {})}
         result = run_stream(stream, arch=arch, n_top_genes=N_TOP_GENES, seed=seed, log=log, **train_kwargs)
         return result.to_dict()
-    if method == "lr_sequential":
-        stages = [(f"stage {t + 1}", t + 1, lambda d=d: fit_logistic(d, key, seed)) for t, d in enumerate(stream.train)]
-        return run_stages(stream, stages)
     if method == "scanvi_scarches":
         return run_stages(stream, scanvi_stages(stream, seed))
     fit = {
         "canal_joint": lambda data: fit_canal(data, key, seed, epochs),
         "lr_joint": lambda data: fit_logistic(data, key, seed),
+        "lr_sequential": lambda data: fit_logistic(data, key, seed),
     }[method]
-    seen = [ad.concat(stream.train[: t + 1]) for t in range(stream.n_stages)]
-    return run_stages(stream, [(f"stage {t + 1}", t + 1, lambda d=d: fit(d)) for t, d in enumerate(seen)])
+    joint = method != "lr_sequential"
+    training = [ad.concat(stream.train[: t + 1]) if joint else data for t, data in enumerate(stream.train)]
+    return run_stages(stream, [(f"stage {t + 1}", t + 1, lambda d=d: fit(d)) for t, d in enumerate(training)])
 
 
 def summarise(runs: list[dict]) -> dict:
