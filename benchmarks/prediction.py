@@ -11,7 +11,7 @@ the same model predicts a query of synthetic cells in two ways:
 - **baseline**, the original CANAL's ``predict`` (spec section 5) written out: for each cell, densify its row, make its
   tokens and run one forward pass; with novel-cell detection also a second forward pass for a random partner cell and
   128 mixes of the two manifolds through the head. Measured twice: with the attention computed step by step as the
-  original code does (``nn._performer.reference_favor_attention``, "original attention"), and with our fused
+  original code does (``nn._attention.reference_favor_attention``, "original attention"), and with our fused
   attention (``favor_attention``, the same model as ours, one cell at a time).
 - **ours**, ``model.predict(query)`` and ``model.predict(query, novel=True)``: batched, one forward pass for both the
   labels and the novelty scores; in float32 and in bfloat16 autocast (``precision="bf16"``).
@@ -37,8 +37,8 @@ import torch
 from encoder_throughput import machine_info, matmul_flops_per_cell, write_report
 
 import scanpy_canal as canal
-from scanpy_canal.model._model import DEFAULT_ARCH
-from scanpy_canal.nn import _performer, tokenize
+from scanpy_canal.model._module import DEFAULT_ARCH
+from scanpy_canal.nn import _attention, tokenize
 
 RESULTS = Path(__file__).resolve().parent / "results" / "prediction.json"
 MATMUL_OPS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm"}
@@ -105,14 +105,14 @@ def original_predict(model: canal.CANAL, x, *, novel: bool, seed: int = 0) -> np
 @contextmanager
 def original_attention():
     """Compute the attention step by step as the original code does, for the duration of the block."""
-    fused = _performer.FastAttention.forward
-    _performer.FastAttention.forward = lambda self, q, k, v: _performer.reference_favor_attention(
+    fused = _attention.FastAttention.forward
+    _attention.FastAttention.forward = lambda self, q, k, v: _attention.reference_favor_attention(
         q, k, v, self.projection_matrix
     )
     try:
         yield
     finally:
-        _performer.FastAttention.forward = fused
+        _attention.FastAttention.forward = fused
 
 
 def cells_per_second(fn, n_cells: int) -> float:

@@ -12,14 +12,9 @@ from scanpy_canal.nn import (
     set_trainable,
     tokenize,
 )
-from scanpy_canal.nn import _performer as performer_module
-from scanpy_canal.nn._performer import (
-    ORDINAL_NOISE,
-    ORDINAL_STEP,
-    favor_attention,
-    orthogonal_random_features,
-    reference_favor_attention,
-)
+from scanpy_canal.nn import _attention as attention_module
+from scanpy_canal.nn._attention import favor_attention, orthogonal_random_features, reference_favor_attention
+from scanpy_canal.nn._performer import ORDINAL_NOISE, ORDINAL_STEP
 
 TINY = {"dim": 16, "depth": 3, "heads": 2, "dim_head": 8, "max_seq_len": 33}
 
@@ -91,7 +86,7 @@ def test_cpu_attention_chunks_give_the_whole_batch_result(monkeypatch):
     tokens = torch.randint(0, 6, (5, 33))
     with torch.no_grad():
         whole = lm.encode(tokens)
-        monkeypatch.setattr(performer_module, "CPU_FEATURE_MAP_CHUNK", 2 * 33 * lm.config["nb_features"])
+        monkeypatch.setattr(attention_module, "CPU_FEATURE_MAP_CHUNK", 2 * 33 * lm.config["nb_features"])
         chunked = lm.encode(tokens)  # one cell per chunk
     assert (whole - chunked).abs().max() <= 1e-6
 
