@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
 from ._logging import configure_logger
+from ._version import __version__
 
 configure_logger()  # messages follow scanpy's verbosity
-
-try:
-    __version__ = version("scanpy-canal")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0"
 
 # Submodules and the model load on first use: torch and scvi-tools take seconds to import,
 # and `import scanpy_canal` should stay instant (PEP 562).

@@ -133,7 +133,9 @@ def run_stream(
     from sklearn.metrics import roc_auc_score
 
     from scanpy_canal.model import CANAL
+    from scanpy_canal.model._options import PredictOptions
 
+    options = PredictOptions(novel=novel)
     names = [f"stage {t + 1}" for t in range(stream.n_stages)]
     accuracy = pd.DataFrame(np.nan, index=names, columns=names)
     macro_f1, accuracy_novel = accuracy.copy(), accuracy.copy()
@@ -163,7 +165,7 @@ def run_stream(
         seconds.append(time.perf_counter() - start)
         for j, test in enumerate(stream.test[: t + 1]):
             truth = test.obs[stream.labels_key]
-            outputs = model._predict_outputs(test, novel=novel)  # one forward pass: closed-set and novel labels
+            outputs = model._predict_outputs(test, options)  # one forward pass: closed-set and novel labels
             scores = evaluate(truth, outputs.probabilities.idxmax(axis=1))
             accuracy.iloc[t, j], macro_f1.iloc[t, j] = scores["accuracy"], scores["macro_f1"]
             if novel:
@@ -176,7 +178,7 @@ def run_stream(
     held_out = ad.concat(stream.test)
     with_novel = novel and stream.novel is not None
     query = ad.concat([held_out, stream.novel]) if with_novel else held_out
-    outputs = model._predict_outputs(query, novel=novel)
+    outputs = model._predict_outputs(query, options)
     closed = outputs.probabilities.idxmax(axis=1).to_numpy()[: held_out.n_obs]
     scores = evaluate(held_out.obs[stream.labels_key], closed)
     final.update(macro_f1=scores["macro_f1"], ari=scores["ari"])

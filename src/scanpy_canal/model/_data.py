@@ -4,14 +4,59 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 from scipy import sparse
+from scvi import REGISTRY_KEYS
+from scvi.data._constants import _SCVI_UUID_KEY
+from scvi.data.fields import CategoricalObsField, LayerField
+
+if TYPE_CHECKING:
+    from scvi.model.base import BaseModelClass
 
 #: The largest possible ``log2(1 + counts per 10k)`` (one gene holding all counts), with float32 rounding room.
 MAX_LOG2_CP10K = float(np.log2(1 + 1e4)) + 1e-3
+
+
+def refuse_view(adata: ad.AnnData) -> None:
+    """Refuse a view: registration writes to `adata`, and scvi-tools ties a model to the registered object."""
+    if adata.is_view:
+        raise ValueError(
+            "adata is a view of another AnnData (e.g. `adata[mask]`); make it an AnnData of its own first: "
+            "`adata = adata[mask].copy()`, then `CANAL.setup_anndata(adata, ...)`."
+        )
+
+
+def setup_args(model_cls: type[BaseModelClass], adata: ad.AnnData) -> tuple[str | None, str | None]:
+    """``(labels_key, layer)`` registered for `adata`, or for the AnnData it was copied or subset from."""
+    # scvi's own lookup refuses copies; the setup arguments hold for them all the same.
+    manager = model_cls._setup_adata_manager_store.get(adata.uns.get(_SCVI_UUID_KEY))
+    if manager is None:
+        return None, None
+    args = manager.registry["setup_args"]
+    return args.get("labels_key"), args.get("layer")
+
+
+def registration_fields(adata: ad.AnnData, labels_key: str | None, layer: str | None) -> list:
+    """The scvi-tools fields that register `adata` for CANAL: its values and, with a `labels_key`, its cell types."""
+    refuse_view(adata)
+    if adata.n_obs == 0:
+        raise ValueError("adata has no cells.")
+    if layer is not None and layer not in adata.layers:
+        raise KeyError(f"Layer {layer!r} not found; available layers: {list(adata.layers)}.")
+    fields = [LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False, correct_data_format=False)]
+    if labels_key is not None:
+        read_labels(adata, labels_key)
+        fields.append(CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key))
+    return fields
+
+
+def layer_matrix(adata: ad.AnnData, layer: str | None):
+    """``adata.X``, or the layer `layer`."""
+    return adata.X if layer is None else adata.layers[layer]
 
 
 def read_labels(adata: ad.AnnData, labels_key: str) -> np.ndarray:

@@ -6,7 +6,7 @@ import json
 import os
 import pickle
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 import anndata as ad
 import numpy as np
@@ -14,17 +14,17 @@ import pandas as pd
 import torch
 from scvi.model.base import BaseModelClass
 
+from scanpy_canal._version import __version__
 from scanpy_canal.nn import CheckpointError
 from scanpy_canal.nn._pretrained import read_json, staged_directory
-
-if TYPE_CHECKING:
-    from ._model import CANAL
 
 FORMAT_VERSION = 1
 METADATA = "model.json"
 WEIGHTS = "weights.pt"
 BANK = "example_bank.h5ad"
 HISTORY = "history.csv"
+#: The model class being loaded (:class:`~scanpy_canal.CANAL`), which the caller passes in.
+Model = TypeVar("Model", bound=BaseModelClass)
 _METADATA_KEYS = ("arch", "trainable_blocks", "seed", "stage", "genes", "cell_types", "stage_history", "registry")
 
 
@@ -38,10 +38,8 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def save_model(model: CANAL, dir_path: str | os.PathLike, *, overwrite: bool = False) -> None:
+def save_model(model: BaseModelClass, dir_path: str | os.PathLike, *, overwrite: bool = False) -> None:
     """Write `model` to `dir_path` through a temporary sibling directory and an atomic rename."""
-    from scanpy_canal import __version__
-
     target = Path(dir_path)
     if target.exists():
         _check_replaceable(target, overwrite=overwrite)
@@ -135,15 +133,20 @@ def _read_bank(path: Path, genes: list[str]) -> ad.AnnData:
     return bank
 
 
-def load_model(cls: type[CANAL], dir_path: str | os.PathLike, *, adata: ad.AnnData | None = None) -> CANAL:
-    """Rebuild a model saved by :func:`save_model`."""
+def load_model(cls: type[Model], dir_path: str | os.PathLike, *, adata: ad.AnnData | None = None) -> Model:
+    """Rebuild a model of class `cls` saved by :func:`save_model`."""
     directory = Path(dir_path)
     metadata = _read_metadata(directory)
     tensors = _read_tensors(directory)
-    model = cls.__new__(cls)
+    state = {
+        "stage_": metadata["stage"],
+        "stage_history_": metadata["stage_history"],
+        "calibration_": tensors.get("calibration"),
+    }
     try:
-        BaseModelClass.__init__(model, None, registry=metadata["registry"])
-        model._build(
+        model = cls._restored(
+            registry=metadata["registry"],
+            state=state,
             genes=metadata["genes"],
             cell_types=metadata["cell_types"],
             arch=metadata["arch"],
@@ -160,15 +163,9 @@ def load_model(cls: type[CANAL], dir_path: str | os.PathLike, *, adata: ad.AnnDa
     except (KeyError, RuntimeError) as error:
         raise CheckpointError(f"The weights in {str(directory)!r} do not match its model.json: {error}") from error
     model.module.eval()
-    model.stage_ = metadata["stage"]
-    model.stage_history_ = metadata["stage_history"]
-    model.calibration_ = tensors.get("calibration")
-    model.is_trained_ = model.stage_ > 0
     if (directory / BANK).is_file():
         model.example_bank_ = _read_bank(directory / BANK, model.genes_)
     if (directory / HISTORY).is_file() and (directory / HISTORY).stat().st_size > 1:
         model.training_log_ = pd.read_csv(directory / HISTORY)
-    model.init_params_ = {"kwargs": {"genes": model.genes_, "seed": model.seed_, **model.arch_}}
     model._adata = adata
-    model._update_summary()
     return model

@@ -9,23 +9,21 @@ import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
 from scipy import sparse
-from scvi.model.base import BaseModelClass
 
 from scanpy_canal.nn import CheckpointError, read_vocabulary
 from scanpy_canal.nn._checkpoint import infer_config, load_weights
 from scanpy_canal.pp import align_genes
 
 from ._data import h5ad_var_names
-
-if TYPE_CHECKING:
-    from ._model import CANAL
+from ._io import Model
+from ._module import DEFAULT_ARCH
 
 logger = logging.getLogger("scanpy_canal")
 
@@ -141,7 +139,7 @@ def legacy_bank(bank: Any, panel: list[str], cell_types: list[str], *, source: s
     return ad.AnnData(x, obs=obs, var=pd.DataFrame(index=pd.Index(panel)))
 
 
-def _placeholder_registry(cls: type[CANAL], cell_types: list[str], n_genes: int) -> dict:
+def _placeholder_registry(cls: type[Model], cell_types: list[str], n_genes: int) -> dict:
     """The scvi-tools registry of data with these cell types and genes (no data is kept)."""
     placeholder = ad.AnnData(
         sparse.csr_matrix((len(cell_types), n_genes), dtype=np.float32),
@@ -154,16 +152,17 @@ def _placeholder_registry(cls: type[CANAL], cell_types: list[str], n_genes: int)
 
 
 def load_legacy_model(
-    cls: type[CANAL],
+    cls: type[Model],
     path: str | os.PathLike,
     genes: Sequence[str] | str | os.PathLike,
     *,
     trust_pickle: bool = False,
     stage: int | None = None,
-) -> CANAL:
-    """Build a trained CANAL model from a checkpoint of the original tool; see :meth:`CANAL.from_legacy_checkpoint`."""
-    from ._model import DEFAULT_ARCH
+) -> Model:
+    """Build a trained model of class `cls` from a checkpoint of the original tool.
 
+    See :meth:`~scanpy_canal.CANAL.from_legacy_checkpoint`.
+    """
     source = f"Checkpoint {str(path)!r}"
     content = read_legacy_checkpoint(path, trust_pickle=trust_pickle)
     state = {
@@ -178,16 +177,18 @@ def load_legacy_model(
             f"{source}: 'annotation' names {len(cell_types)} cell types but the head has "
             f"{state['to_out.fc3.bias'].shape[0]} outputs."
         )
-    model = cls.__new__(cls)
-    BaseModelClass.__init__(model, None, registry=_placeholder_registry(cls, cell_types, len(panel)))
-    model._build(genes=panel, cell_types=cell_types, arch={**DEFAULT_ARCH, **arch}, trainable_blocks=[-2], seed=0)
+    model = cls._restored(
+        registry=_placeholder_registry(cls, cell_types, len(panel)),
+        state={"stage_": stage if stage is not None else _stage_from_path(Path(path))},
+        genes=panel,
+        cell_types=cell_types,
+        arch={**DEFAULT_ARCH, **arch},
+        trainable_blocks=[-2],
+        seed=0,
+    )
     load_weights(model.module.network, state, source=source)
     model.module.eval()
-    model.stage_ = stage if stage is not None else _stage_from_path(Path(path))
     model.example_bank_ = legacy_bank(content.get("example_bank"), panel, cell_types, source=source)
-    model.is_trained_ = True
-    model.init_params_ = {"kwargs": {"genes": model.genes_, "seed": model.seed_, **model.arch_}}
-    model._update_summary()
     return model
 
 

@@ -11,8 +11,10 @@ import torch.nn.functional as F
 from scvi import REGISTRY_KEYS
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 
-from scanpy_canal.nn import CANALHead, PerformerLM, frozen_prefix, set_trainable, tokenize
+from scanpy_canal.nn import SCBERT_CONFIG, CANALHead, PerformerLM, frozen_prefix, set_trainable, tokenize
 
+#: The encoder architecture when none is given: scBERT's (the sequence length follows the gene panel).
+DEFAULT_ARCH = {key: value for key, value in SCBERT_CONFIG.items() if key != "max_seq_len"}
 #: Registry key of the row index of each training cell, which looks up the per-stage caches.
 ROW_KEY = "row"
 #: Activation elements per cell batch on a CPU, for batches whose widest activations stay within about 64 MB.
@@ -47,6 +49,12 @@ class CANALModule(BaseModuleClass):
     def head(self) -> CANALHead:
         """The classification head."""
         return self.network.to_out
+
+    def load_encoder(self, encoder: PerformerLM) -> None:
+        """Take every weight of a pretrained `encoder` on the same panel but its output head."""
+        state = self.network.state_dict()
+        state.update({k: v for k, v in encoder.state_dict().items() if not k.startswith("to_out.")})
+        self.network.load_state_dict(state)
 
     def train(self, mode: bool = True) -> CANALModule:
         """Set training mode; the teacher always stays in eval mode so its random features never change."""

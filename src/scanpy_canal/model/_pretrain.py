@@ -21,17 +21,17 @@ from scanpy_canal.nn import PerformerLM, mask_tokens, masked_accuracy_counts, ma
 from scanpy_canal.nn._pretrained import check_destination, staged_directory, write_pretrained
 from scanpy_canal.pp import align_genes
 
+from . import _results
 from ._data import check_expression
-from ._model import DEFAULT_ARCH
+from ._module import DEFAULT_ARCH
 from ._schedule import cosine_warm_restarts
 from ._training_plan import MIN_LR
 
 logger = logging.getLogger("scanpy_canal")
 
 HISTORY_FILE = "history.csv"
-#: The ``trainer.callback_metrics`` entry holding the per-epoch table. A spawning strategy (``ddp_spawn``) returns
-#: only the weights and the callback metrics to the main process.
-HISTORY_METRIC = "canal_pretraining/history"
+#: The name under which the per-epoch table is returned to the main process (see :mod:`._results`).
+HISTORY_RESULT = "pretraining_history"
 HISTORY_COLUMNS = [
     "epoch",
     "lr",
@@ -155,7 +155,7 @@ class PretrainingPlan(pl.LightningModule):
         table = [
             [self.records[epoch].get(column, np.nan) for column in HISTORY_COLUMNS] for epoch in sorted(self.records)
         ]
-        self.trainer.callback_metrics[HISTORY_METRIC] = torch.tensor(table, dtype=torch.float64)
+        _results.send(self.trainer, HISTORY_RESULT, table)
 
     def configure_optimizers(self):
         """Adam over the trainable parameters (the gene table stays frozen), per epoch scheduled if asked."""
@@ -171,8 +171,8 @@ class PretrainingPlan(pl.LightningModule):
 
 def pretraining_history(callback_metrics: dict[str, torch.Tensor]) -> pd.DataFrame:
     """One row per epoch: ``epoch``, ``lr``, ``loss_train``, ``masked_accuracy_train`` and the validation pair."""
-    table = callback_metrics.get(HISTORY_METRIC, torch.zeros(0, len(HISTORY_COLUMNS)))
-    frame = pd.DataFrame(table.cpu().numpy(), columns=HISTORY_COLUMNS).astype({"epoch": int})
+    table = _results.received(callback_metrics).get(HISTORY_RESULT, torch.zeros(0, len(HISTORY_COLUMNS)))
+    frame = pd.DataFrame(table.numpy(), columns=HISTORY_COLUMNS).astype({"epoch": int})
     return frame.dropna(axis=1, how="all")
 
 

@@ -10,22 +10,22 @@ import pandas as pd
 import torch
 from scvi.train import TrainingPlan
 
+from . import _results
 from ._schedule import cosine_warm_restarts
 
 MIN_LR = 1e-6
-#: Prefix of the ``trainer.callback_metrics`` that carry a stage's outcome. A spawning strategy (``ddp_spawn``) returns
-#: only the weights and these metrics to the main process; everything else stays in the workers.
-STAGE_PREFIX = "canal_stage/"
-HISTORY_PREFIX = "canal_history/"
+_SUMMARY = ("epochs", "best_epoch", "best_score")
+_HISTORY = "history/"
 
 
 def stage_outcome(callback_metrics: dict) -> tuple[dict[str, float], pd.DataFrame]:
     """The stage's summary (``epochs``, ``best_epoch``, ``best_score``) and per-epoch metrics (rows: epochs from 0)."""
-    summary = {k[len(STAGE_PREFIX) :]: float(v) for k, v in callback_metrics.items() if k.startswith(STAGE_PREFIX)}
+    results = _results.received(callback_metrics)
+    summary = {name: float(results[name]) for name in _SUMMARY if name in results}
     columns = {
-        key[len(HISTORY_PREFIX) :]: pd.Series(value[:, 1].numpy(), index=value[:, 0].numpy().astype(int))
-        for key, value in callback_metrics.items()
-        if key.startswith(HISTORY_PREFIX)
+        name[len(_HISTORY) :]: pd.Series(value[:, 1].numpy(), index=value[:, 0].numpy().astype(int))
+        for name, value in results.items()
+        if name.startswith(_HISTORY)
     }
     return summary, pd.DataFrame(columns).sort_index()
 
@@ -74,7 +74,7 @@ class CANALTrainingPlan(TrainingPlan):
         for name, frame in (getattr(self.trainer.logger, "history", None) or {}).items():
             if isinstance(frame, pd.DataFrame) and not frame.empty:
                 epochs_and_values = np.column_stack([frame.index.to_numpy(), frame.iloc[:, 0].to_numpy()])
-                self.trainer.callback_metrics[HISTORY_PREFIX + name] = torch.as_tensor(epochs_and_values.astype(float))
+                _results.send(self.trainer, _HISTORY + name, epochs_and_values.astype(float))
 
     def configure_optimizers(self):
         """Adam (AMSGrad) over the trainable parameters, with the LR set per epoch by the warm-restart schedule."""
@@ -144,7 +144,6 @@ class BestEpochEarlyStopping(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.best_state is not None:
             pl_module.module.network.load_state_dict(self.best_state)
-        outcome = {"epochs": trainer.current_epoch, "best_epoch": -1 if self.best_epoch is None else self.best_epoch}
-        outcome["best_score"] = self.best_score
-        for name, value in outcome.items():
-            trainer.callback_metrics[STAGE_PREFIX + name] = torch.tensor(float(value))
+        best_epoch = -1 if self.best_epoch is None else self.best_epoch
+        for name, value in zip(_SUMMARY, (trainer.current_epoch, best_epoch, self.best_score), strict=True):
+            _results.send(trainer, name, value)

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from scanpy_canal._version import __version__
+
 from ._checkpoint import CheckpointError, infer_config, load_weights, read_state_dict, select_gene_rows
 from ._masking import MASK_TOKEN
 from ._performer import PerformerLM
@@ -74,8 +76,6 @@ def write_pretrained(
     directory: Path, encoder: PerformerLM, genes: Sequence[str], *, info: dict[str, Any] | None = None
 ) -> None:
     """Write the three files of a pretrained encoder into an existing `directory`."""
-    from scanpy_canal import __version__
-
     genes = check_vocabulary(genes)
     if len(genes) != encoder.max_seq_len - 1:
         raise ValueError(

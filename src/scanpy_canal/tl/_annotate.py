@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from mudata import MuData
 
     from scanpy_canal.model import CANAL
+    from scanpy_canal.model._options import PredictOptions
 
 
 def annotate(
@@ -85,24 +86,25 @@ def annotate(
     >>> sc.tl.umap(query)  # doctest: +SKIP
     >>> sc.pl.umap(query, color=["canal_prediction", "canal_uncertainty"])  # doctest: +SKIP
     """
+    from scanpy_canal.model._options import PredictOptions, from_arguments
+
     data = data.copy() if copy else data
+    write_annotation(data, model, from_arguments(PredictOptions, locals()), key_added=key_added, mod=mod)
+    return data if copy else None
+
+
+def write_annotation(
+    data: AnnData | MuData, model: CANAL, options: PredictOptions, *, key_added: str = "canal", mod: str = "rna"
+) -> None:
+    """Predict `data` with `options` and write the keys :func:`annotate` documents, in place."""
     adata = data if isinstance(data, AnnData) else _modality(data, mod)
-    outputs = model._predict_outputs(
-        adata,
-        novel=novel,
-        temperature=temperature,
-        threshold=threshold,
-        batch_size=batch_size,
-        seed=seed,
-        precision=precision,
-        chunk_size=chunk_size,
-    )
-    categories = model.cell_types + (["Unassigned"] if novel else [])
+    outputs = model._predict_outputs(adata, options)
+    categories = model.cell_types + (["Unassigned"] if options.novel else [])
     columns = {
         f"{key_added}_prediction": pd.Categorical(outputs.labels, categories=categories),
         f"{key_added}_confidence": outputs.probabilities.to_numpy().max(axis=1).astype(np.float32),
     }
-    if novel:
+    if options.novel:
         columns[f"{key_added}_uncertainty"] = outputs.uncertainty.astype(np.float32)
     for name, values in columns.items():
         adata.obs[name] = values
@@ -111,12 +113,11 @@ def annotate(
     adata.obsm[f"{key_added}_probabilities"] = outputs.probabilities.to_numpy().astype(np.float32)
     adata.obsm[f"X_{key_added}"] = outputs.embedding.astype(np.float32)
     adata.uns[key_added] = {
-        "params": {"novel": novel, "temperature": temperature, "threshold": threshold, "seed": seed},
+        "params": {name: getattr(options, name) for name in ("novel", "temperature", "threshold", "seed")},
         "stage": model.stage,
         "cell_types": list(model.cell_types),
         "threshold": outputs.threshold,
     }
-    return data if copy else None
 
 
 def _modality(data: MuData, mod: str) -> AnnData:

@@ -1,0 +1,72 @@
+"""The gene panel of a new model, and the pretrained weights that start its encoder."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from scanpy_canal.nn import PerformerLM, load_pretrained, read_vocabulary
+from scanpy_canal.nn._pretrained import GENES_FILE
+
+from ._data import h5ad_var_names, highly_variable_genes
+
+Vocabulary = Sequence[str] | str | os.PathLike
+
+
+def initial_panel(
+    x,
+    var_names: pd.Index,
+    *,
+    genes: Sequence[str] | None,
+    n_top_genes: int | None,
+    pretrained: str | os.PathLike | None,
+    pretrained_genes: Vocabulary | None,
+) -> tuple[list[str], PerformerLM | None]:
+    """The panel of a new model on stage-1 values `x`, and the pretrained encoder on it (`None` without one).
+
+    See :class:`~scanpy_canal.CANAL` for the arguments. With pretrained weights and no fixed `genes`, the highly
+    variable genes are chosen among those the weights know, so the panel keeps the size asked for; genes of the
+    panel the weights lack are left out, with a warning.
+    """
+    vocabulary = pretrained_genes
+    if isinstance(vocabulary, str | os.PathLike) and str(vocabulary).endswith(".h5ad"):
+        vocabulary = h5ad_var_names(vocabulary)
+    candidates = None if pretrained is None or genes is not None else _vocabulary(pretrained, vocabulary)
+    panel = choose_panel(x, var_names, genes, n_top_genes, candidates=candidates)
+    if pretrained is None:
+        return panel, None
+    encoder, panel = load_pretrained(pretrained, vocabulary=vocabulary, genes=panel)
+    return panel, encoder
+
+
+def choose_panel(
+    x, var_names: pd.Index, genes: Sequence[str] | None, n_top_genes: int | None, *, candidates: list[str] | None
+) -> list[str]:
+    """`genes`, or the `n_top_genes` most variable (or all) genes of the data among the `candidates`."""
+    if genes is not None and n_top_genes is not None:
+        raise ValueError("Give either `genes` or `n_top_genes`, not both.")
+    if genes is not None:
+        return [str(g) for g in genes]
+    names = pd.Index(var_names.astype(str))
+    usable = ~names.duplicated()  # a duplicated name counts once, with its first column, as in `align_genes`
+    if candidates is not None:  # choose among the genes the pretrained weights know, so the panel keeps its size
+        usable &= names.isin(candidates)
+        if not usable.any():
+            raise ValueError("None of the data's genes is in the pretrained weights' vocabulary.")
+    if not usable.all():
+        x, names = x[:, usable], names[usable]
+    if n_top_genes is not None:
+        return highly_variable_genes(x, names, n_top_genes)
+    return list(names)
+
+
+def _vocabulary(path: str | os.PathLike, vocabulary: Vocabulary | None) -> list[str] | None:
+    """The gene vocabulary of pretrained weights: a directory's own, or the one given (names or a text file)."""
+    if Path(path).is_dir() and (Path(path) / GENES_FILE).is_file():
+        return read_vocabulary(Path(path) / GENES_FILE)
+    if vocabulary is None:
+        return None  # loading the weights says what is missing
+    return read_vocabulary(vocabulary)

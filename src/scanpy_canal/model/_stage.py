@@ -1,0 +1,270 @@
+"""One continual-learning stage, the procedure behind :meth:`~scanpy_canal.CANAL.train`.
+
+Assemble the stage's cells and the example bank, fit, refresh the bank and the calibration cells, record the stage.
+:meth:`StageTrainingMixin._train_stage` is the whole procedure, step by step; :meth:`~scanpy_canal.CANAL.train` only
+gathers its settings into a :class:`StageSettings`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import signal
+import warnings
+from dataclasses import dataclass
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+from scipy import sparse
+from scvi import REGISTRY_KEYS
+from scvi.data import AnnDataManager
+from scvi.data.fields import LayerField, NumericalObsField
+from scvi.dataloaders import DataSplitter
+from scvi.model._utils import use_distributed_sampler
+from scvi.train import TrainRunner
+
+from scanpy_canal.pp import align_genes
+
+from ._bank import update_bank
+from ._data import check_expression, read_labels, setup_args, stratified_split
+from ._module import ROW_KEY
+from ._options import StageSettings
+from ._schedule import cosine_warm_restarts
+from ._training_plan import MIN_LR, BestEpochEarlyStopping, stage_outcome
+
+logger = logging.getLogger("scanpy_canal")
+
+#: Held-out cells kept per stage to calibrate the novel-cell threshold.
+N_CALIBRATION_CELLS = 2000
+#: Largest frozen-prefix cache that ``cache_frozen=None`` keeps (hidden states of every training cell).
+PREFIX_CACHE_BUDGET = 4 * 2**30
+_LIGHTNING_PRECISION = {"32": "32-true", "bf16": "bf16-mixed"}
+_LABEL_COLUMN = "_canal_label"
+_ROW_COLUMN = "_canal_row"
+
+
+@dataclass(frozen=True)
+class _StageCells:
+    """The cells one stage trains on: the stage's own, then the replayed bank, in the model's panel."""
+
+    data: ad.AnnData  # the stage's own cells
+    labels: np.ndarray  # their cell types
+    training: ad.AnnData  # the stage's cells, then the bank's; obs: label codes in `cell_types` order, row numbers
+    cell_types: list[str]  # the known types, then the stage's new ones
+    new_types: list[str]
+
+
+@dataclass(frozen=True)
+class _Fit:
+    """What fitting a stage gave besides the weights."""
+
+    validation: np.ndarray  # rows of the training cells held out for validation
+    distill_weight: float
+    summary: dict[str, float]  # epochs, best_epoch (from 0; -1 for none), best_score
+    epochs: pd.DataFrame  # per-epoch metrics
+
+
+class StageTrainingMixin:
+    """The stage procedure of :class:`~scanpy_canal.CANAL`.
+
+    Reads and updates the model's ``module``, ``cell_types_``, ``example_bank_``, ``calibration_``, ``stage_``,
+    ``stage_history_`` and ``training_log_``.
+    """
+
+    def _train_stage(self, adata: ad.AnnData | None, *, stage: int | None, settings: StageSettings) -> None:
+        """Train the next stage on `adata`; if anything fails (Ctrl+C included), the model is left as it was."""
+        number = self._next_stage(adata, stage)
+        data, labels = self._stage_data(adata, number)
+        snapshot = copy.deepcopy((self.module.network, self.cell_types_, self.example_bank_, self.calibration_))
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed_ + number)
+                cells = self._assemble(data, labels)
+                fit = self._fit(cells, number, settings)
+            self.cell_types_, self.stage_ = cells.cell_types, number
+            self._refresh_bank(cells, number, settings.rehearsal_size)
+            self._refresh_calibration(cells, fit, number)
+        except BaseException as error:
+            self.module.network, self.cell_types_, self.example_bank_, self.calibration_ = snapshot
+            self.stage_ = number - 1
+            self.module.finish_stage()
+            self.module.eval()
+            if isinstance(error, SystemExit) and isinstance(error.__context__, KeyboardInterrupt):
+                # Lightning answers Ctrl+C with exit(1) and ignores SIGINT from then on; give the user theirs back.
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt from error
+            raise
+        self._record(cells, fit, number, settings)
+        self._update_summary()
+
+    # ------------------------------------------------------------------------------------------------- inputs
+    def _next_stage(self, adata: ad.AnnData | None, stage: int | None) -> int:
+        next_stage = self.stage_ + 1
+        if stage is not None and stage != next_stage:
+            raise ValueError(
+                f"The model has completed {self.stage_} stage(s); the next stage is {next_stage}, not {stage}."
+            )
+        if adata is None and (self.stage_ > 0 or self.adata is None):
+            raise ValueError(f"Stage {next_stage} needs new labelled data: `model.train(adata)`.")
+        return next_stage
+
+    def _stage_data(self, adata: ad.AnnData | None, stage: int) -> tuple[ad.AnnData, np.ndarray]:
+        """The stage's cells in the gene panel (a new AnnData, values checked) and their cell types."""
+        adata = self.adata if adata is None else adata
+        labels_key, layer = setup_args(type(self), adata)
+        if labels_key is None:
+            raise ValueError("Register the stage's data first: `CANAL.setup_anndata(adata, labels_key=...)`.")
+        labels = read_labels(adata, labels_key)
+        data = align_genes(adata, self.genes_, layer=layer)
+        check_expression(data.X, what=f"the stage-{stage} data")
+        if len(set(self.cell_types_) | set(labels)) == 1:
+            logger.warning(
+                "The model knows a single cell type, %r: it predicts it for every cell until a stage adds others.",
+                labels[0],
+            )
+        return data, labels
+
+    def _assemble(self, data: ad.AnnData, labels: np.ndarray) -> _StageCells:
+        """The stage's cells plus the replayed bank, with label codes over the known and the new cell types."""
+        new_types = sorted(set(labels) - set(self.cell_types_))
+        cell_types = self.cell_types_ + new_types
+        matrices, names = [data.X], [labels]
+        if self.example_bank_ is not None and self.example_bank_.n_obs > 0:
+            matrices.append(sparse.csr_matrix(self.example_bank_.X))
+            names.append(self.example_bank_.obs["cell_type"].astype(str).to_numpy())
+        codes = pd.Categorical(np.concatenate(names), categories=cell_types).codes
+        obs = pd.DataFrame(
+            {_LABEL_COLUMN: codes.astype(np.float32), _ROW_COLUMN: np.arange(len(codes), dtype=np.float32)},
+            index=pd.RangeIndex(len(codes)).astype(str),
+        )
+        training = ad.AnnData(sparse.vstack(matrices, format="csr", dtype=np.float32), obs=obs)
+        return _StageCells(data, labels, training, cell_types, new_types)
+
+    # ------------------------------------------------------------------------------------------------- fitting
+    def _fit(self, cells: _StageCells, stage: int, settings: StageSettings) -> _Fit:
+        """Grow the head for the new types and train the network in place (the best validation epoch is kept)."""
+        n_old = len(self.cell_types_)
+        self.module.head.add_classes(len(cells.new_types))
+        codes = cells.training.obs[_LABEL_COLUMN].to_numpy().astype(np.int64)
+        rng = np.random.default_rng(self.seed_ + stage)
+        train_idx, val_idx = stratified_split(codes, settings.validation_size, rng)
+        distill_weight = settings.distill_weight * n_old / len(cells.cell_types) if stage > 1 else 0.0
+        if distill_weight > 0:
+            self.module.attach_teacher()
+        manager = AnnDataManager(
+            fields=[
+                LayerField(REGISTRY_KEYS.X_KEY, None, is_count_data=False),
+                NumericalObsField(REGISTRY_KEYS.LABELS_KEY, _LABEL_COLUMN),
+                NumericalObsField(ROW_KEY, _ROW_COLUMN),
+            ]
+        )
+        manager.register_fields(cells.training)
+        plan = self._training_plan_cls(
+            self.module,
+            cells=cells.training.X,
+            cache_prefix=self._use_prefix_cache(settings.cache_frozen, cells.training.n_obs),
+            lr=settings.lr,
+            label_smoothing=settings.label_smoothing,
+            distill_weight=distill_weight,
+        )
+        trainer_kwargs = dict(settings.trainer_kwargs)
+        splitter = DataSplitter(
+            manager,
+            external_indexing=[train_idx, val_idx, np.zeros(0, np.int64)],
+            batch_size=settings.batch_size,
+            distributed_sampler=use_distributed_sampler(trainer_kwargs.get("strategy")),
+        )
+        callbacks = [
+            *trainer_kwargs.pop("callbacks", []),
+            BestEpochEarlyStopping(patience=settings.early_stopping_patience),
+        ]
+        runner = TrainRunner(
+            self,
+            training_plan=plan,
+            data_splitter=splitter,
+            max_epochs=settings.max_epochs,
+            accelerator=settings.accelerator,
+            devices=settings.devices,
+            precision=_LIGHTNING_PRECISION[settings.precision],
+            check_val_every_n_epoch=1,
+            callbacks=callbacks,
+            **trainer_kwargs,
+        )
+        self.module.train()
+        with warnings.catch_warnings():
+            # The teacher is in eval mode on purpose; Lightning would warn about it at every stage.
+            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
+            runner()
+        self.module.finish_stage()
+        self.module.eval()
+        summary, epochs = stage_outcome(runner.trainer.callback_metrics)
+        return _Fit(val_idx, distill_weight, summary, epochs)
+
+    def _use_prefix_cache(self, cache_frozen: bool | None, n_cells: int) -> bool:
+        if cache_frozen is not None:
+            return cache_frozen
+        config = self.module.network.config
+        size = n_cells * config["max_seq_len"] * config["dim"] * 4
+        if size > PREFIX_CACHE_BUDGET:
+            logger.info(
+                "Recomputing the frozen blocks at every step: caching them for %d cells would take %.1f GiB.",
+                n_cells,
+                size / 2**30,
+            )
+        return size <= PREFIX_CACHE_BUDGET
+
+    # ------------------------------------------------------------------------------------------ after fitting
+    def _refresh_bank(self, cells: _StageCells, stage: int, rehearsal_size: int) -> None:
+        """Merge into the bank the stage's cells closest to their type's prototype (no bank when the size is 0)."""
+        if rehearsal_size == 0:
+            self.example_bank_ = None
+            return
+        data = cells.data
+        embedding = self._forward(data.X)["embedding"].numpy()
+        prototypes = self.module.head.fc3.weight.detach().cpu().numpy()
+        panel = ad.AnnData(data.X, obs=pd.DataFrame(index=data.obs_names), var=pd.DataFrame(index=data.var_names))
+        self.example_bank_ = update_bank(
+            self.example_bank_,
+            panel,
+            cells.labels,
+            embedding,
+            prototypes,
+            self.cell_types_,
+            stage=stage,
+            size=rehearsal_size,
+        )
+
+    def _refresh_calibration(self, cells: _StageCells, fit: _Fit, stage: int) -> None:
+        """Keep the manifold vectors of up to :data:`N_CALIBRATION_CELLS` of the stage's validation cells."""
+        held_out = fit.validation if len(fit.validation) > 0 else np.arange(cells.training.n_obs)
+        rng = np.random.default_rng(self.seed_ + stage)
+        held_out = np.sort(rng.permutation(held_out)[:N_CALIBRATION_CELLS])
+        self.calibration_ = self._forward(cells.training.X[held_out])["manifold"]
+
+    def _record(self, cells: _StageCells, fit: _Fit, stage: int, settings: StageSettings) -> None:
+        """Append the stage to ``stage_history_`` and its epochs to ``training_log_``."""
+        best_epoch = None if fit.summary["best_epoch"] < 0 else int(fit.summary["best_epoch"])
+        if not fit.epochs.empty:
+            log = fit.epochs.reset_index(drop=True)
+            log.insert(0, "epoch", np.arange(1, len(log) + 1))
+            log.insert(0, "stage", stage)
+            log["lr"] = [
+                cosine_warm_restarts(e, max_lr=settings.lr, min_lr=min(MIN_LR, settings.lr)) for e in range(len(log))
+            ]
+            log["best"] = log["epoch"] == (-1 if best_epoch is None else best_epoch + 1)
+            self.training_log_ = pd.concat([self.training_log_, log], ignore_index=True)
+        self.stage_history_.append(
+            {
+                "stage": stage,
+                "n_cells": int(cells.data.n_obs),
+                "n_replayed": int(cells.training.n_obs - cells.data.n_obs),
+                "new_cell_types": cells.new_types,
+                "epochs": int(fit.summary["epochs"]),
+                "best_epoch": None if best_epoch is None else best_epoch + 1,
+                "best_validation_accuracy": None if best_epoch is None else fit.summary["best_score"],
+                "distill_weight": fit.distill_weight,
+                "rehearsal_size": settings.rehearsal_size,
+            }
+        )

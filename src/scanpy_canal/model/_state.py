@@ -1,0 +1,66 @@
+"""What a CANAL model holds between stages, and how that state is made new or restored from a file."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anndata as ad
+import pandas as pd
+import torch
+from scvi.model.base import BaseModelClass
+
+
+class ModelStateMixin:
+    """The state of :class:`~scanpy_canal.CANAL`; every attribute ending in ``_`` is saved by scvi-tools' conventions.
+
+    ``genes_`` (the panel), ``cell_types_`` (output-row order), ``arch_``, ``trainable_blocks_``, ``seed_``,
+    ``stage_`` (completed stages), ``stage_history_`` (one record per stage), ``example_bank_``, ``calibration_``
+    (manifold vectors of held-out cells) and ``training_log_`` (per-epoch metrics), besides ``module``.
+    """
+
+    def _build(
+        self, *, genes: Sequence[str], cell_types: Sequence[str], arch: dict, trainable_blocks: Sequence[int], seed: int
+    ) -> None:
+        """Start the state of an untrained model and build its module, with initial weights drawn from `seed`."""
+        if len(set(genes)) != len(genes):
+            raise ValueError("The gene panel has duplicated names.")
+        self.genes_ = list(genes)
+        self.cell_types_ = list(cell_types)
+        self.arch_ = dict(arch)
+        self.trainable_blocks_ = list(trainable_blocks)
+        self.seed_ = seed
+        self.stage_ = 0
+        self.stage_history_: list[dict] = []
+        self.example_bank_: ad.AnnData | None = None
+        self.calibration_: torch.Tensor | None = None
+        self.training_log_ = pd.DataFrame()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.module = self._module_cls(
+                n_genes=len(genes), n_classes=len(cell_types), arch=self.arch_, trainable_blocks=trainable_blocks
+            )
+        self._update_summary()
+
+    @classmethod
+    def _restored(cls, *, registry: dict, state: dict, **build):
+        """A model of this class, without data, from a saved `registry`, its `state` attributes and `_build`'s `build`.
+
+        The caller loads the module's weights; `state` may set ``stage_``, ``stage_history_``, ``example_bank_``,
+        ``calibration_`` and ``training_log_``.
+        """
+        model = cls.__new__(cls)
+        BaseModelClass.__init__(model, None, registry=registry)
+        model._build(**build)
+        for name, value in state.items():
+            setattr(model, name, value)
+        model.is_trained_ = model.stage_ > 0
+        model.init_params_ = {"kwargs": {"genes": model.genes_, "seed": model.seed_, **model.arch_}}
+        model._update_summary()
+        return model
+
+    def _update_summary(self) -> None:
+        """Refresh the one-line description that scvi-tools prints for the model."""
+        self._model_summary_string = (
+            f"CANAL model: {len(self.genes_)} genes, {len(self.cell_types_)} cell types, stage {self.stage_}, "
+            f"encoder dim {self.arch_['dim']} depth {self.arch_['depth']}"
+        )
