@@ -1,0 +1,83 @@
+"""What the commands share: argument types, the encoder options and reading ``.h5ad`` files."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+#: Encoder options of ``train`` and ``pretrain`` (scBERT's architecture by default).
+ARCH_OPTIONS = ("dim", "depth", "heads", "dim_head")
+
+
+def add_arch_options(group: argparse._ActionsContainer) -> None:
+    """Add ``--dim``, ``--depth``, ``--heads`` and ``--dim-head`` to `group`."""
+    for name in ARCH_OPTIONS:
+        flag = name.replace("_", "-")
+        group.add_argument(f"--{flag}", type=positive(int), default=None, help=f"encoder {flag} (default: scBERT's)")
+
+
+def arch_arguments(args: argparse.Namespace) -> dict[str, int]:
+    """The encoder options given on the command line."""
+    return {name: getattr(args, name) for name in ARCH_OPTIONS if getattr(args, name) is not None}
+
+
+def read_h5ad(path: Path, *, backed: bool = False) -> AnnData:
+    """Read an ``.h5ad`` file (with `backed`, X stays on disk), with errors that name it."""
+    import anndata as ad
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist or is not a file.")
+    try:
+        return ad.read_h5ad(path, backed="r" if backed else None)
+    except OSError as error:
+        raise ValueError(f"cannot read {str(path)!r} as an .h5ad file ({error}).") from error
+
+
+def positive(kind: type) -> Callable[[str], int | float]:
+    """An argparse type: a positive `kind`."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+
+    return parse
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+def devices(text: str) -> int | list[int] | str:
+    """An argparse type: Lightning's devices (``auto``, a count, ``-1`` for all, or indices like ``0,1``)."""
+    try:
+        return "auto" if text == "auto" else [int(i) for i in text.split(",")] if "," in text else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, a number or indices like 0,1, got {text!r}") from None
+
+
+def add_lightning_options(parser: argparse.ArgumentParser, *, strategy_example: str) -> None:
+    """Add ``--accelerator``, ``--devices`` and ``--strategy`` (Lightning's) to `parser`."""
+    parser.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu (default: auto)")
+    parser.add_argument(
+        "--devices", type=devices, default="auto", help="Lightning devices: auto, a count, -1 for all, or 0,1"
+    )
+    parser.add_argument(
+        "--strategy", default="auto", help=f"Lightning strategy, e.g. {strategy_example} (default: auto)"
+    )

@@ -1,0 +1,88 @@
+"""``scanpy-canal predict``: annotate cells with a saved model, into an ``.h5ad`` or a ``.csv`` table."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ._common import positive, read_h5ad
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from anndata import AnnData
+
+    from scanpy_canal.model import CANAL
+
+_SCVI_REGISTRATION_KEYS = ("_scvi_uuid", "_scvi_manager_uuid")
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Add the ``predict`` command to `commands`."""
+    predict = commands.add_parser(
+        "predict",
+        help="annotate cells (.h5ad) with a saved model",
+        description="Predicts the cell type of every cell. An .h5ad output is the input with the keys of "
+        "canal.tl.annotate added (obs <key>_prediction, <key>_confidence, <key>_uncertainty; obsm X_<key>, "
+        "<key>_probabilities; uns <key>); a .csv output has one row per cell: obs_names, prediction, confidence and, "
+        "with --novel, uncertainty. Cells are read, aligned to the model's genes and predicted --chunk-size at a time; "
+        "for a .csv output the input's X is read from disk chunk by chunk, so memory stays bounded.",
+    )
+    predict.add_argument("data", type=Path, help="cells to annotate (.h5ad), log2(1 + counts per 10k) values")
+    predict.add_argument("--model-dir", type=Path, required=True, help="directory of a saved model")
+    predict.add_argument("--output", type=Path, required=True, help="output file, .h5ad or .csv")
+    predict.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    predict.add_argument("--novel", action="store_true", help='call cells of never-seen types "Unassigned"')
+    predict.add_argument("--layer", default=None, help="layer to read instead of X")
+    predict.add_argument("--key-added", default="canal", help="prefix of the keys written (default: canal)")
+    predict.add_argument(
+        "--batch-size", type=positive(int), default=None, help="cells per forward pass (default: sized by the model)"
+    )
+    predict.add_argument(
+        "--chunk-size", type=positive(int), default=10_000, help="cells read and predicted at a time (default: 10000)"
+    )
+    predict.add_argument(
+        "--precision", choices=["32", "bf16"], default="32", help="float32, or bfloat16 autocast (default: 32)"
+    )
+    predict.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Annotate the cells and write them, or their table of predictions."""
+    from scanpy_canal.model import CANAL
+
+    if args.output.suffix not in {".h5ad", ".csv"}:
+        raise ValueError(f"--output must end in .h5ad or .csv, got {str(args.output)!r}.")
+    if args.output.exists() and not args.overwrite:
+        raise FileExistsError(f"{str(args.output)!r} already exists; add --overwrite to replace it.")
+    model = CANAL.load(args.model_dir)
+    adata = read_h5ad(args.data, backed=args.output.suffix == ".csv")  # a table needs no copy of X in memory
+    _annotate(adata, model, args)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    if args.output.suffix == ".csv":
+        _prediction_table(adata, args.key_added).to_csv(args.output, index_label="obs_names")
+    else:
+        adata.write_h5ad(args.output)
+    predictions = adata.obs[f"{args.key_added}_prediction"]
+    unassigned = f", {int((predictions == 'Unassigned').sum())} Unassigned" if args.novel else ""
+    print(f"annotated {adata.n_obs} cells with the stage-{model.stage} model{unassigned}; wrote {args.output}")
+
+
+def _annotate(adata: AnnData, model: CANAL, args: argparse.Namespace) -> None:
+    """Annotate as `tl.annotate` does, reading `--layer`, and leave no scvi-tools registration in ``adata.uns``."""
+    from scanpy_canal.model._options import PredictOptions, from_arguments
+    from scanpy_canal.tl._annotate import write_annotation
+
+    kept = {key: adata.uns[key] for key in _SCVI_REGISTRATION_KEYS if key in adata.uns}
+    if args.layer is not None:
+        type(model).setup_anndata(adata, layer=args.layer)
+    write_annotation(adata, model, from_arguments(PredictOptions, vars(args)), key_added=args.key_added)
+    for key in _SCVI_REGISTRATION_KEYS:
+        adata.uns.pop(key, None)
+    adata.uns.update(kept)
+
+
+def _prediction_table(adata: AnnData, key: str) -> pd.DataFrame:
+    """Prediction, confidence and (with novel-cell detection) uncertainty of each cell."""
+    columns = {f"{key}_{name}": name for name in ("prediction", "confidence", "uncertainty")}
+    return adata.obs[[column for column in columns if column in adata.obs]].rename(columns=columns)

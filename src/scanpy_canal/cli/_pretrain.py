@@ -1,0 +1,108 @@
+"""``scanpy-canal pretrain``: masked-bin pretraining of an encoder on unlabelled cells."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ._common import add_arch_options, add_lightning_options, arch_arguments, fraction, positive, read_h5ad
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Add the ``pretrain`` command to `commands`."""
+    pretrain = commands.add_parser(
+        "pretrain",
+        help="pretrain the encoder on unlabelled cells (.h5ad) by masked-bin prediction",
+        description="Self-supervised pretraining as scBERT did it: in every cell 15% of the non-zero expression "
+        "bins are hidden (90% of them behind the mask token) and the encoder learns to recover them. Writes a "
+        "directory (config.json, genes.txt, weights.pt, history.csv) that `train --pretrained` and "
+        "canal.CANAL(adata, pretrained=...) read; genes are matched by name. Many GPUs: --accelerator gpu "
+        "--devices -1 --strategy ddp (and --num-nodes).",
+    )
+    pretrain.add_argument("data", type=Path, help="unlabelled cells (.h5ad), log2(1 + counts per 10k) values")
+    pretrain.add_argument("output", type=Path, help="directory to write")
+    pretrain.add_argument(
+        "--normalize",
+        action="store_true",
+        help="first bring counts or log1p values to log2(1 + counts per 10k) (canal.pp.normalize)",
+    )
+    pretrain.add_argument("--layer", default=None, help="layer to read instead of X")
+    pretrain.add_argument(
+        "--genes-file",
+        type=Path,
+        default=None,
+        help="text file, one gene per line: the vocabulary in positional order (default: the data's var_names)",
+    )
+    pretrain.add_argument("--epochs", type=positive(int), default=20, help="passes over the cells (default: 20)")
+    pretrain.add_argument(
+        "--batch-size", type=positive(int), default=16, help="cells per batch and device (default: 16)"
+    )
+    pretrain.add_argument(
+        "--accumulate-grad-batches",
+        type=positive(int),
+        default=1,
+        help="batches per optimiser step (default: 1; scBERT: 60 batches of 3)",
+    )
+    pretrain.add_argument("--lr", type=positive(float), default=1e-4, help="Adam learning rate (default: 1e-4)")
+    pretrain.add_argument(
+        "--lr-schedule",
+        choices=["constant", "warm_restarts"],
+        default="constant",
+        help="constant, or scBERT's per-epoch cosine warm restarts, for long runs (default: constant)",
+    )
+    pretrain.add_argument(
+        "--mask-prob", type=fraction, default=0.15, help="fraction of non-zero bins to predict (default: 0.15)"
+    )
+    pretrain.add_argument(
+        "--validation-size",
+        type=fraction,
+        default=0.05,
+        help="fraction of cells held out to score masked-token accuracy (default: 0.05)",
+    )
+    pretrain.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    add_lightning_options(pretrain, strategy_example="ddp")
+    pretrain.add_argument("--num-nodes", type=positive(int), default=1, help="machines (default: 1)")
+    add_arch_options(pretrain)
+    pretrain.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
+    pretrain.add_argument("--quiet", action="store_true", help="no progress bar")
+    pretrain.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Pretrain and write the encoder directory."""
+    from scanpy_canal._demo import final_masked_accuracy
+    from scanpy_canal.model import pretrain
+    from scanpy_canal.nn import read_vocabulary
+    from scanpy_canal.nn._pretrained import check_destination
+    from scanpy_canal.pp import normalize
+
+    check_destination(args.output, overwrite=args.overwrite)  # before hours of training, not after
+    genes = None if args.genes_file is None else read_vocabulary(args.genes_file)
+    adata = read_h5ad(args.data)
+    if args.normalize:
+        normalize(adata, layer=args.layer)
+    history = pretrain(
+        adata,
+        args.output,
+        genes=genes,
+        layer=None if args.normalize else args.layer,
+        max_epochs=args.epochs,
+        batch_size=args.batch_size,
+        accumulate_grad_batches=args.accumulate_grad_batches,
+        lr=args.lr,
+        lr_schedule=args.lr_schedule,
+        mask_prob=args.mask_prob,
+        validation_size=args.validation_size,
+        seed=args.seed,
+        accelerator=args.accelerator,
+        devices=args.devices,
+        strategy=args.strategy,
+        num_nodes=args.num_nodes,
+        overwrite=args.overwrite,
+        trainer_kwargs={"enable_progress_bar": not args.quiet, "enable_model_summary": False},
+        **arch_arguments(args),
+    )
+    print(
+        f"pretrained on {adata.n_obs} cells for {len(history)} epochs, masked-token accuracy "
+        f"{final_masked_accuracy(history):.3f}; wrote {args.output}"
+    )

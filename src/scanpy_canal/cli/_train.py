@@ -1,0 +1,135 @@
+"""``scanpy-canal train``: one stage of a model on labelled cells, saved to its directory."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ._common import ARCH_OPTIONS, add_arch_options, add_lightning_options, arch_arguments, positive, read_h5ad
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from scanpy_canal.model import CANAL
+
+_NEW_MODEL_OPTIONS = ("genes", "pretrained", "pretrained_genes", "seed", *ARCH_OPTIONS)
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Add the ``train`` command to `commands`."""
+    train = commands.add_parser(
+        "train",
+        help="train one stage of a model on labelled cells (.h5ad) and save it",
+        description="Trains one stage. If --model-dir does not exist (or is empty), a new model is built from the "
+        "data and trained as stage 1; if it holds a saved model, that model trains its next stage (new cell types, "
+        "replay, distillation). Either way the model is then saved to --model-dir, replacing the one it was loaded "
+        "from. --new insists on a new model: it is an error if --model-dir holds one, unless --overwrite is given "
+        "too. A directory that is not a saved model is never replaced. Values must be log2(1 + counts per 10k) "
+        "(see canal.pp.normalize).",
+    )
+    train.add_argument("data", type=Path, help="labelled cells (.h5ad)")
+    train.add_argument("--model-dir", type=Path, required=True, help="directory of the model to continue or create")
+    train.add_argument("--labels-key", required=True, help="column of obs holding the cell types")
+    train.add_argument("--layer", default=None, help="layer to read instead of X")
+    train.add_argument(
+        "--new", action="store_true", help="build a new model; an error if --model-dir holds one, unless --overwrite"
+    )
+    train.add_argument("--overwrite", action="store_true", help="with --new: replace the model in --model-dir")
+    train.add_argument("--stage", type=int, default=None, help="the stage expected, as a guard (default: the next)")
+    train.add_argument("--epochs", type=positive(int), default=100, help="maximum epochs (default: 100)")
+    train.add_argument("--lr", type=positive(float), default=2e-4, help="peak learning rate (default: 2e-4)")
+    add_lightning_options(train, strategy_example="ddp_find_unused_parameters_true")
+    train.add_argument("--batch-size", type=positive(int), default=16, help="cells per minibatch (default: 16)")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    new = train.add_argument_group("new model", "Only when a new model is built.")
+    new.add_argument(
+        "--genes", type=positive(int), default=None, help="panel of this many highly variable genes (default: all)"
+    )
+    new.add_argument("--pretrained", type=Path, default=None, help="scBERT .pth checkpoint or pretrained directory")
+    new.add_argument("--pretrained-genes", type=Path, default=None, help="gene list of a .pth checkpoint")
+    new.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
+    add_arch_options(new)
+    train.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Load or build the model, train its next stage and save it back."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from scanpy_canal.model import CANAL
+
+    holds_model = _holds_model(args.model_dir)
+    if holds_model and args.new and not args.overwrite:
+        raise FileExistsError(
+            f"--model-dir {str(args.model_dir)!r} already holds a model: drop --new to train its next stage, "
+            "or add --overwrite to replace it with a new model."
+        )
+    model = _existing_model(args) if holds_model and not args.new else None
+    adata = read_h5ad(args.data)
+    CANAL.setup_anndata(adata, labels_key=args.labels_key, layer=args.layer)
+    model = _new_model(adata, args) if model is None else model
+    try:
+        model.train(
+            adata,
+            stage=args.stage,
+            max_epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            accelerator=args.accelerator,
+            devices=args.devices,
+            strategy=args.strategy,
+            enable_progress_bar=not args.quiet,
+            enable_model_summary=False,
+        )
+    except MisconfigurationException as error:  # e.g. --accelerator gpu without a GPU
+        settings = f"--accelerator {args.accelerator} --devices {args.devices} --strategy {args.strategy}"
+        raise ValueError(f"Lightning cannot train with {settings}: {error}") from error
+    model.save(args.model_dir, overwrite=True)
+    print(f"{_stage_summary(model)}; model saved to {args.model_dir}")
+
+
+def _holds_model(directory: Path) -> bool:
+    """Whether `directory` is a saved model; an error if it is anything else but missing or empty."""
+    from scanpy_canal.model._io import METADATA
+
+    if (directory / METADATA).is_file():
+        return True
+    if directory.exists() and not (directory.is_dir() and not any(directory.iterdir())):
+        raise FileExistsError(f"--model-dir {str(directory)!r} exists and is not a saved CANAL model.")
+    return False
+
+
+def _new_model(adata: AnnData, args: argparse.Namespace) -> CANAL:
+    from scanpy_canal.model import CANAL
+
+    return CANAL(
+        adata,
+        n_top_genes=args.genes,
+        pretrained=None if args.pretrained is None else str(args.pretrained),
+        pretrained_genes=None if args.pretrained_genes is None else str(args.pretrained_genes),
+        seed=0 if args.seed is None else args.seed,
+        **arch_arguments(args),
+    )
+
+
+def _existing_model(args: argparse.Namespace) -> CANAL:
+    from scanpy_canal.model import CANAL
+
+    given = [f"--{name.replace('_', '-')}" for name in _NEW_MODEL_OPTIONS if getattr(args, name) is not None]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)}: options of a new model, but --model-dir {str(args.model_dir)!r} already holds one; "
+            "drop them to train its next stage, or add --new --overwrite to replace it."
+        )
+    return CANAL.load(args.model_dir)
+
+
+def _stage_summary(model: CANAL) -> str:
+    stage = model.stage_history_[-1]
+    accuracy = stage["best_validation_accuracy"]
+    return (
+        f"stage {model.stage} trained on {stage['n_cells']} cells (new cell types: "
+        f"{', '.join(stage['new_cell_types']) or 'none'}; best validation accuracy "
+        f"{'n/a' if accuracy is None else f'{accuracy:.3f}'} at epoch {stage['best_epoch']})"
+    )
