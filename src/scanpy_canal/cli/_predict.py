@@ -23,16 +23,29 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "predict",
         help="annotate cells (.h5ad) with a saved model",
         description="Predicts the cell type of every cell. An .h5ad output is the input with the keys of "
-        "canal.tl.annotate added (obs <key>_prediction, <key>_confidence, <key>_uncertainty; obsm X_<key>, "
-        "<key>_probabilities; uns <key>); a .csv output has one row per cell: obs_names, prediction, confidence and, "
-        "with --novel, uncertainty. Cells are read, aligned to the model's genes and predicted --chunk-size at a time; "
-        "for a .csv output the input's X is read from disk chunk by chunk, so memory stays bounded.",
+        "canal.tl.annotate added (obs <key>_prediction, <key>_confidence, <key>_uncertainty, <key>_novelty_pvalue; "
+        "obsm X_<key>, <key>_probabilities; uns <key>); a .csv output has one row per cell: obs_names, prediction, "
+        "confidence and, with --novel, uncertainty and novelty_pvalue. Cells are read, aligned to the model's genes "
+        "and predicted --chunk-size at a time; for a .csv output the input's X is read from disk chunk by chunk, so memory stays bounded.",
     )
     predict.add_argument("data", type=Path, help="cells to annotate (.h5ad), log2(1 + counts per 10k) values")
     predict.add_argument("--model-dir", type=Path, required=True, help="directory of a saved model")
     predict.add_argument("--output", type=Path, required=True, help="output file, .h5ad or .csv")
     predict.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     predict.add_argument("--novel", action="store_true", help='call cells of never-seen types "Unassigned"')
+    predict.add_argument(
+        "--alpha",
+        type=float,
+        default=0.05,
+        help="with --novel: the largest fraction of known cells to unassign; a cell is unassigned when its conformal "
+        "p-value is at most this (default: 0.05)",
+    )
+    predict.add_argument(
+        "--score",
+        choices=["mix", "energy", "max_probability", "knn", "mahalanobis"],
+        default="mix",
+        help="with --novel: the novelty score (default: mix)",
+    )
     predict.add_argument("--layer", default=None, help="layer to read instead of X")
     predict.add_argument("--key-added", default="canal", help="prefix of the keys written (default: canal)")
     predict.add_argument(
@@ -83,6 +96,6 @@ def _annotate(adata: AnnData, model: CANAL, args: argparse.Namespace) -> None:
 
 
 def _prediction_table(adata: AnnData, key: str) -> pd.DataFrame:
-    """Prediction, confidence and (with novel-cell detection) uncertainty of each cell."""
-    columns = {f"{key}_{name}": name for name in ("prediction", "confidence", "uncertainty")}
+    """Prediction, confidence and (with novel-cell detection) uncertainty and p-value of each cell."""
+    columns = {f"{key}_{name}": name for name in ("prediction", "confidence", "uncertainty", "novelty_pvalue")}
     return adata.obs[[column for column in columns if column in adata.obs]].rename(columns=columns)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anndata as ad
 import numpy as np
@@ -14,22 +14,32 @@ from scipy import sparse
 from scanpy_canal.nn import PerformerLM, tokenize
 from scanpy_canal.pp._align import panel_columns, scatter_columns
 
+from ._conformal import conformal_pvalues, score_thresholds
 from ._data import check_expression, layer_matrix, setup_args
-from ._novelty import NoveltyReference, calibrated_reference, mixup_reference
+from ._novelty import calibrated_reference, mixup_reference
 from ._options import Precision, PredictOptions, check_precision
+from ._scores import BANK_SCORES, ScoreReference
 
 UNASSIGNED = "Unassigned"
 
 
 @dataclass
 class Outputs:
-    """Everything one forward pass over a query gives (see :meth:`~scanpy_canal.CANAL.predict`)."""
+    """Everything one forward pass over a query gives (see :meth:`~scanpy_canal.CANAL.predict`).
+
+    With novel-cell detection also: each cell's novelty score (`uncertainty`) and, except with the query-relative
+    ``"canal"`` rule, its conformal p-value; the score above which a cell is unassigned (`threshold`; for the
+    conformal rule the pooled one, with those of types that have calibration cells of their own in
+    `type_thresholds`).
+    """
 
     labels: np.ndarray
     probabilities: pd.DataFrame
     embedding: np.ndarray
     uncertainty: np.ndarray | None = None
+    pvalue: np.ndarray | None = None
     threshold: float | None = None
+    type_thresholds: dict[str, float] = field(default_factory=dict)
 
 
 @torch.inference_mode()
@@ -54,7 +64,7 @@ def forward_in_batches(
 class InferenceMixin:
     """Forward passes of a CANAL model over a query and novel-cell calls; for :class:`~scanpy_canal.CANAL`.
 
-    Reads the model's ``module``, ``genes_``, ``cell_types_`` and ``calibration_``.
+    Reads the model's ``module``, ``genes_``, ``cell_types_``, ``example_bank_`` and ``calibration_cells_``.
     """
 
     def _forward(
@@ -97,26 +107,75 @@ class InferenceMixin:
         )
         if options.novel:
             with torch.inference_mode():
-                reference = self._novelty_reference(forward["manifold"], forward["logits"], options)
-            uncertainty = reference.uncertainty(forward["logits"], options.temperature).numpy()
-            outputs.labels = np.where(uncertainty > reference.threshold, UNASSIGNED, labels).astype(object)
-            outputs.uncertainty, outputs.threshold = uncertainty, reference.threshold
+                self._call_novel(outputs, forward, options)
         return outputs
 
-    def _novelty_reference(
-        self, manifold: torch.Tensor, logits: torch.Tensor, options: PredictOptions
-    ) -> NoveltyReference:
-        """The energy range and uncertainty threshold that ``options.threshold`` asks for."""
-        generator = torch.Generator().manual_seed(options.seed)
-        classify = lambda m: self.module.head.classify(m.to(self.device))[1]
+    def _call_novel(self, outputs: Outputs, forward: dict[str, torch.Tensor], options: PredictOptions) -> None:
+        """Score every cell's novelty and unassign those the threshold rule rejects, in `outputs`."""
+        logits, temperature = forward["logits"], options.temperature
         if options.threshold == "canal":
-            return mixup_reference(manifold, logits, classify, temperature=options.temperature, generator=generator)
-        if self.calibration_ is None:
-            raise ValueError("The model has no calibration cells yet: train a stage first, or use threshold='canal'.")
-        calibration_logits = classify(self.calibration_).float().cpu()
-        reference = calibrated_reference(
-            self.calibration_, calibration_logits, classify, temperature=options.temperature, generator=generator
+            generator = torch.Generator().manual_seed(options.seed)
+            rule = mixup_reference(
+                forward["manifold"], logits, self._classify, temperature=temperature, generator=generator
+            )
+            scores, outputs.threshold = rule.uncertainty(logits, temperature), rule.threshold
+            unassigned = scores > rule.threshold
+        else:
+            calibration = self._calibration_outputs()
+            bank = self._bank_outputs() if options.score in BANK_SCORES else (None, None)
+            reference = ScoreReference.build(calibration["logits"], temperature, *bank)
+            score = lambda cells: reference.score(options.score, cells["logits"], cells["embedding"], temperature)
+            scores, calibration_scores = score(forward), score(calibration)
+            calibration_predicted = calibration["logits"].argmax(dim=-1)
+            pvalues = conformal_pvalues(scores, logits.argmax(dim=-1), calibration_scores, calibration_predicted)
+            outputs.pvalue = pvalues.numpy()
+            if options.threshold == "conformal":
+                unassigned = pvalues <= options.alpha
+                outputs.threshold, per_type = score_thresholds(calibration_scores, calibration_predicted, options.alpha)
+                outputs.type_thresholds = {self.cell_types_[code]: value for code, value in per_type.items()}
+            else:
+                outputs.threshold = self._fixed_threshold(calibration, options)
+                unassigned = scores > outputs.threshold
+        outputs.uncertainty = scores.numpy()
+        outputs.labels = np.where(unassigned.numpy(), UNASSIGNED, outputs.labels).astype(object)
+
+    def _fixed_threshold(self, calibration: dict[str, torch.Tensor], options: PredictOptions) -> float:
+        """The threshold of the ``"calibrated"`` rule, or the number given."""
+        if options.threshold != "calibrated":
+            return float(options.threshold)
+        generator = torch.Generator().manual_seed(options.seed)
+        rule = calibrated_reference(
+            calibration["manifold"],
+            calibration["logits"],
+            self._classify,
+            temperature=options.temperature,
+            generator=generator,
         )
-        if options.threshold == "calibrated":
-            return reference
-        return NoveltyReference(reference.energy_min, reference.energy_max, float(options.threshold))
+        return rule.threshold
+
+    def _classify(self, manifold: torch.Tensor) -> torch.Tensor:
+        """Logits of manifold vectors (the head's last layers)."""
+        return self.module.head.classify(manifold.to(self.device))[1].float().cpu()
+
+    def _calibration_outputs(self) -> dict[str, torch.Tensor]:
+        """Manifold vectors, embeddings and logits of the calibration cells under the current network."""
+        if self.calibration_cells_ is None:
+            raise ValueError(
+                "The model has no calibration cells for novel-cell detection: train a stage first (with "
+                "calibration_size > 0), or use threshold='canal'."
+            )
+        manifold = torch.as_tensor(self.calibration_cells_.obsm["manifold"])
+        embedding, logits = self.module.head.classify(manifold.to(self.device))
+        return {"manifold": manifold, "embedding": embedding.float().cpu(), "logits": logits.float().cpu()}
+
+    def _bank_outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings and type codes of the example bank's cells (manifold vectors computed once if missing)."""
+        bank = self.example_bank_
+        if bank is None or bank.n_obs == 0:
+            raise ValueError("The 'knn' and 'mahalanobis' novelty scores need an example bank; this model keeps none.")
+        if "manifold" not in bank.obsm:  # e.g. a bank imported from the original tool
+            bank.obsm["manifold"] = self._forward(bank.X)["manifold"].numpy()
+        manifold = torch.as_tensor(bank.obsm["manifold"])
+        embedding = self.module.head.classify(manifold.to(self.device))[0].float().cpu()
+        codes = pd.Categorical(bank.obs["cell_type"].astype(str), categories=self.cell_types_).codes
+        return embedding, torch.as_tensor(codes, dtype=torch.long)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import anndata as ad
 import numpy as np
@@ -18,13 +19,16 @@ from scanpy_canal._version import __version__
 from scanpy_canal.nn import CheckpointError
 from scanpy_canal.nn._pretrained import read_json, staged_directory
 
-FORMAT_VERSION = 1
+#: 2: the calibration cells of every stage in their own file (1: the last stage's manifold vectors in weights.pt).
+FORMAT_VERSION = 2
 METADATA = "model.json"
 WEIGHTS = "weights.pt"
 BANK = "example_bank.h5ad"
+CALIBRATION = "calibration_cells.h5ad"
 HISTORY = "history.csv"
 #: The model class being loaded (:class:`~scanpy_canal.CANAL`), which the caller passes in.
 Model = TypeVar("Model", bound=BaseModelClass)
+logger = logging.getLogger("scanpy_canal")
 _METADATA_KEYS = ("arch", "trainable_blocks", "seed", "stage", "genes", "cell_types", "stage_history", "registry")
 
 
@@ -55,14 +59,12 @@ def save_model(model: BaseModelClass, dir_path: str | os.PathLike, *, overwrite:
         "stage_history": model.stage_history_,
         "registry": model.registry_,
     }
-    tensors = {"network": model.module.network.state_dict()}
-    if model.calibration_ is not None:
-        tensors["calibration"] = model.calibration_
     with staged_directory(target, overwrite=True) as staging:
         (staging / METADATA).write_text(json.dumps(_jsonable(metadata), indent=1))
-        torch.save(tensors, staging / WEIGHTS)
-        if model.example_bank_ is not None:
-            model.example_bank_.write_h5ad(staging / BANK)
+        torch.save({"network": model.module.network.state_dict()}, staging / WEIGHTS)
+        for cells, name in ((model.example_bank_, BANK), (model.calibration_cells_, CALIBRATION)):
+            if cells is not None:
+                cells.write_h5ad(staging / name)
         model.history.to_csv(staging / HISTORY, index=False)
 
 
@@ -123,14 +125,15 @@ def _damaged(path: Path, error: Exception) -> CheckpointError:
     return CheckpointError(f"Could not read {str(path)!r}: it is truncated or damaged ({detail}).")
 
 
-def _read_bank(path: Path, genes: list[str]) -> ad.AnnData:
+def _read_cells(path: Path, genes: list[str]) -> ad.AnnData:
+    """The example bank or the calibration cells, checked against the model's panel."""
     try:
-        bank = ad.read_h5ad(path)
+        cells = ad.read_h5ad(path)
     except Exception as error:  # h5py and anndata raise many types for a damaged file
         raise _damaged(path, error) from error
-    if bank.var_names.tolist() != genes or "cell_type" not in bank.obs:
+    if cells.var_names.tolist() != genes or "cell_type" not in cells.obs:
         raise CheckpointError(f"{str(path)!r} does not match the gene panel of its model.json, or has no cell types.")
-    return bank
+    return cells
 
 
 def load_model(cls: type[Model], dir_path: str | os.PathLike, *, adata: ad.AnnData | None = None) -> Model:
@@ -138,15 +141,10 @@ def load_model(cls: type[Model], dir_path: str | os.PathLike, *, adata: ad.AnnDa
     directory = Path(dir_path)
     metadata = _read_metadata(directory)
     tensors = _read_tensors(directory)
-    state = {
-        "stage_": metadata["stage"],
-        "stage_history_": metadata["stage_history"],
-        "calibration_": tensors.get("calibration"),
-    }
     try:
         model = cls._restored(
             registry=metadata["registry"],
-            state=state,
+            state={"stage_": metadata["stage"], "stage_history_": metadata["stage_history"]},
             genes=metadata["genes"],
             cell_types=metadata["cell_types"],
             arch=metadata["arch"],
@@ -164,8 +162,35 @@ def load_model(cls: type[Model], dir_path: str | os.PathLike, *, adata: ad.AnnDa
         raise CheckpointError(f"The weights in {str(directory)!r} do not match its model.json: {error}") from error
     model.module.eval()
     if (directory / BANK).is_file():
-        model.example_bank_ = _read_bank(directory / BANK, model.genes_)
+        model.example_bank_ = _read_cells(directory / BANK, model.genes_)
+    if (directory / CALIBRATION).is_file():
+        model.calibration_cells_ = _read_cells(directory / CALIBRATION, model.genes_)
+    elif metadata["format_version"] < 2 and model.stage_ > 0:
+        logger.warning(
+            "%r was saved by an earlier scanpy-canal without calibration cells: novel-cell detection needs "
+            "threshold='canal' until the model has trained another stage.",
+            str(directory),
+        )
     if (directory / HISTORY).is_file() and (directory / HISTORY).stat().st_size > 1:
         model.training_log_ = pd.read_csv(directory / HISTORY)
     model._adata = adata
     return model
+
+
+class SaveLoadMixin:
+    """``save`` and ``load`` of :class:`~scanpy_canal.CANAL`, without pickle (replaces scvi-tools' own)."""
+
+    def save(self, dir_path: str | os.PathLike, overwrite: bool = False, **kwargs: Any) -> None:
+        """Save to a directory of weights, metadata, example bank, calibration cells and training history.
+
+        The files are ``weights.pt``, ``model.json``, ``example_bank.h5ad``, ``calibration_cells.h5ad`` and
+        ``history.csv``; nothing is pickled. The directory is written next to its destination and renamed into place, so an
+        interrupted save never damages an earlier model at the same path. An existing `dir_path` is an error unless
+        `overwrite`, and even then only a saved model or an empty directory is replaced, never other files.
+        """
+        save_model(self, dir_path, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, dir_path: str | os.PathLike, adata: ad.AnnData | None = None, **kwargs: Any) -> Self:
+        """Load a model written by :meth:`save`; `adata` becomes the default data of :meth:`predict`."""
+        return load_model(cls, dir_path, adata=adata)

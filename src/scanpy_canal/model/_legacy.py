@@ -9,7 +9,7 @@ import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import anndata as ad
 import numpy as np
@@ -196,3 +196,50 @@ def _stage_from_path(path: Path) -> int:
     """The stage of the original layout ``{ckpt_dir}{experiment}/stage_{t}/...``, else 1."""
     match = _STAGE_DIRECTORY.fullmatch(path.parent.name)
     return int(match.group(1)) if match else 1
+
+
+class LegacyCheckpointMixin:
+    """Importing stage checkpoints of the original CANAL tool into :class:`~scanpy_canal.CANAL`."""
+
+    @classmethod
+    def from_legacy_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        genes: Sequence[str] | str | os.PathLike,
+        *,
+        trust_pickle: bool = False,
+        stage: int | None = None,
+    ) -> Self:
+        """Build a trained model from a stage checkpoint (``..._CANAL.pth``) of the original CANAL tool.
+
+        The model predicts right away and can train further stages; novel-cell detection needs ``threshold="canal"``
+        until it has trained a stage here (the file holds no calibration cells).
+
+        Parameters
+        ----------
+        path
+            The checkpoint.
+        genes
+            Names of the checkpoint's gene positions (a sequence, a text file with one per line, or an ``.h5ad`` file's
+            ``var_names``): the panel in sequence order, or the whole gene list the original run aligned its data to
+            (e.g. the 16906 genes of ``panglao_10000.h5ad``), from which the file's ``highly_variable_idx`` picks it.
+        trust_pickle
+            Unpickle the file's Python objects (its example bank, a pickled AnnData). Unpickling can run arbitrary
+            code, so without this only tensors and numpy arrays are read; set it only for a file you trust.
+        stage
+            Number of stages the checkpoint has completed (default: ``t`` of its ``stage_{t}`` directory, else 1).
+
+        Returns
+        -------
+        The model, in eval mode.
+
+        Examples
+        --------
+        >>> model = canal.CANAL.from_legacy_checkpoint(
+        ...     "ckpt/pancreas/stage_2/pancreas_finetune_dataset_Enge_CANAL.pth",
+        ...     genes="panglao_genes.txt",
+        ...     trust_pickle=True,
+        ... )  # doctest: +SKIP
+        >>> labels = model.predict(query)  # doctest: +SKIP
+        """
+        return load_legacy_model(cls, path, genes, trust_pickle=trust_pickle, stage=stage)

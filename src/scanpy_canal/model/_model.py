@@ -14,17 +14,18 @@ from scvi.model.base import BaseModelClass
 
 from ._data import check_expression, layer_matrix, read_labels, refuse_view, registration_fields, setup_args
 from ._inference import InferenceMixin
-from ._io import load_model, save_model
-from ._legacy import load_legacy_model
+from ._io import SaveLoadMixin
+from ._legacy import LegacyCheckpointMixin
 from ._module import DEFAULT_ARCH, CANALModule
 from ._options import Precision, PredictOptions, StageSettings, Threshold, from_arguments
 from ._panel import initial_panel
+from ._scores import Score
 from ._stage import StageTrainingMixin
 from ._state import ModelStateMixin
 from ._training_plan import CANALTrainingPlan
 
 
-class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, BaseModelClass):
+class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, LegacyCheckpointMixin, BaseModelClass):
     """Continual cell-type annotation with a pretrained Performer (scBERT) language model.
 
     Each call of :meth:`train` is one stage: stage 1 fine-tunes on the data given here; later stages take new labelled
@@ -184,6 +185,7 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, BaseModelClass)
         label_smoothing: float = 0.1,
         early_stopping_patience: int | None = 10,
         validation_size: float = 0.2,
+        calibration_size: int = 2000,
         cache_frozen: bool | None = None,
         precision: Precision = "32",
         accelerator: str = "auto",
@@ -223,8 +225,12 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, BaseModelClass)
         early_stopping_patience
             Stop after more than this many epochs without a better validation accuracy (`None`: never).
         validation_size
-            Fraction of each cell type held out for validation, early stopping and threshold calibration, in
-            ``(0, 1)``; every type keeps at least one cell to train on.
+            Fraction of each cell type held out for validation and early stopping, in ``(0, 1)``; every type keeps at
+            least one cell to train on. The stage's own held-out cells become calibration cells.
+        calibration_size
+            Capacity of the calibration cells behind novel-cell p-values: held-out cells of every stage, never trained
+            on nor replayed, at most ``calibration_size // C`` per type (spread over the stages); 0 keeps none. Their
+            memory cost is in :attr:`stage_history_` (``calibration_bytes``).
         cache_frozen
             Compute the hidden states of the frozen blocks before the first trainable one once per cell and stage,
             instead of at every step (their random features are then not redrawn during the stage). `None` (default):
@@ -250,7 +256,9 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, BaseModelClass)
         soft: bool = False,
         batch_size: int | None = None,
         seed: int = 0,
-        threshold: Threshold = "calibrated",
+        threshold: Threshold = "conformal",
+        alpha: float = 0.05,
+        score: Score = "mix",
         precision: Precision = "32",
         chunk_size: int = 10_000,
     ) -> np.ndarray | pd.DataFrame:
@@ -263,7 +271,7 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, BaseModelClass)
         adata
             Cells with ``log2(1 + counts per 10k)`` values (a registered layer is used); default: the stage-1 data.
         novel
-            Flag cells whose uncertainty ``(normalised energy + 1 - confidence) / 2`` exceeds the threshold.
+            Call ``"Unassigned"`` the cells whose novelty `score` the `threshold` rule rejects.
         temperature
             Energy temperature.
         soft
@@ -271,12 +279,21 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, BaseModelClass)
         batch_size
             Cells per forward pass.
         seed
-            Seed of the mixup partners and weights behind the threshold.
+            Seed of the mixup partners and weights of the ``"calibrated"`` and ``"canal"`` rules.
         threshold
-            ``"calibrated"`` (default): energy range and threshold from held-out training cells of the last stage,
-            the threshold best separating them from virtual cells mixed between two types; every cell gets the same
-            answer whatever else is in the query. ``"canal"``: the original rule, relative to this query (needs at
-            least 2 cells). Or a number in ``[0, 1]`` used as the threshold itself.
+            ``"conformal"`` (default): unassign the cells whose conformal p-value is at most `alpha`, so that a cell
+            of a known type is unassigned with probability at most `alpha`. The p-value compares the cell's score
+            with those of held-out cells of every stage predicted as the same type (with at least 50 of them), or of
+            all of them; every cell gets the same answer whatever else is in the query. ``"calibrated"``: the
+            ``"mix"`` score above the cut that best separates the held-out cells from virtual cells mixed between two
+            types. ``"canal"``: the original rule, relative to this query (needs at least 2 cells). Or a number: the
+            score above which a cell is unassigned.
+        alpha
+            Largest fraction of known cells the ``"conformal"`` rule may unassign, in ``(0, 1)``.
+        score
+            ``"mix"``: CANAL's ``(normalised energy + 1 - confidence) / 2``; ``"energy"``; ``"max_probability"``
+            (one minus it); ``"knn"``: distance to the 10th nearest example-bank cell in the embedding;
+            ``"mahalanobis"``: to the nearest known type's bank cells. See :doc:`/method`.
         precision
             ``"32"`` (float32) or ``"bf16"`` (bfloat16 autocast: faster on GPUs and on CPUs with bfloat16 instructions,
             with slightly different probabilities; see the performance benchmarks).
@@ -306,60 +323,30 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, BaseModelClass)
         """
         return self._predict_outputs(adata, from_arguments(PredictOptions, locals())).embedding
 
-    # ----------------------------------------------------------------------------------------------- save/load
-    def save(self, dir_path: str, overwrite: bool = False, **kwargs: Any) -> None:
-        """Save to a directory: weights (``weights.pt``), metadata (``model.json``) and the bank (``.h5ad``).
-
-        Nothing is pickled. The directory is written next to its destination and renamed into place, so an
-        interrupted save never damages an earlier model at the same path. An existing `dir_path` is an error unless
-        `overwrite`, and even then only a saved model or an empty directory is replaced, never other files.
-        """
-        save_model(self, dir_path, overwrite=overwrite)
-
-    @classmethod
-    def load(cls, dir_path: str, adata: ad.AnnData | None = None, **kwargs: Any) -> CANAL:
-        """Load a model written by :meth:`save`; `adata` becomes the default data of :meth:`predict`."""
-        return load_model(cls, dir_path, adata=adata)
-
-    @classmethod
-    def from_legacy_checkpoint(
-        cls,
-        path: str | os.PathLike,
-        genes: Sequence[str] | str | os.PathLike,
+    def get_novelty(
+        self,
+        adata: ad.AnnData | None = None,
         *,
-        trust_pickle: bool = False,
-        stage: int | None = None,
-    ) -> CANAL:
-        """Build a trained model from a stage checkpoint (``..._CANAL.pth``) of the original CANAL tool.
+        score: Score = "mix",
+        temperature: float = 0.8,
+        batch_size: int | None = None,
+        precision: Precision = "32",
+        chunk_size: int = 10_000,
+    ) -> pd.DataFrame:
+        """Each cell's closed-set prediction, novelty score and conformal p-value, to unassign at any `alpha` later.
 
-        The model predicts right away and can train further stages; novel-cell detection needs ``threshold="canal"``
-        until it has trained a stage here (the file holds no calibration cells).
-
-        Parameters
-        ----------
-        path
-            The checkpoint.
-        genes
-            Names of the checkpoint's gene positions (a sequence, a text file with one per line, or an ``.h5ad`` file's
-            ``var_names``): the panel in sequence order, or the whole gene list the original run aligned its data to
-            (e.g. the 16906 genes of ``panglao_10000.h5ad``), from which the file's ``highly_variable_idx`` picks it.
-        trust_pickle
-            Unpickle the file's Python objects (its example bank, a pickled AnnData). Unpickling can run arbitrary
-            code, so without this only tensors and numpy arrays are read; set it only for a file you trust.
-        stage
-            Number of stages the checkpoint has completed (default: ``t`` of its ``stage_{t}`` directory, else 1).
+        A known cell's p-value is at most `alpha` with probability at most `alpha`; ``predict(novel=True, alpha=a)``
+        unassigns the cells whose p-value is at most ``a``. The options are those of :meth:`predict`.
 
         Returns
         -------
-        The model, in eval mode.
+        A DataFrame indexed by ``obs_names``: ``prediction`` (the most probable type), ``score`` and ``pvalue``.
 
         Examples
         --------
-        >>> model = canal.CANAL.from_legacy_checkpoint(
-        ...     "ckpt/pancreas/stage_2/pancreas_finetune_dataset_Enge_CANAL.pth",
-        ...     genes="panglao_genes.txt",
-        ...     trust_pickle=True,
-        ... )  # doctest: +SKIP
-        >>> labels = model.predict(query)  # doctest: +SKIP
+        >>> novelty = model.get_novelty(query)  # doctest: +SKIP
+        >>> labels = novelty["prediction"].where(novelty["pvalue"] > 0.01, "Unassigned")  # doctest: +SKIP
         """
-        return load_legacy_model(cls, path, genes, trust_pickle=trust_pickle, stage=stage)
+        outputs = self._predict_outputs(adata, from_arguments(PredictOptions, {**locals(), "novel": True}))
+        columns = {"prediction": outputs.probabilities.idxmax(axis=1), "score": outputs.uncertainty}
+        return pd.DataFrame({**columns, "pvalue": outputs.pvalue}, index=outputs.probabilities.index)

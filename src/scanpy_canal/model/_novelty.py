@@ -1,4 +1,4 @@
-"""Novel-cell detection: energy and confidence scores against a mixup-derived threshold (CANAL, spec section 5).
+"""The mixup thresholds of CANAL's ``"mix"`` score (spec section 5); the default, conformal one is in ``_conformal``.
 
 A cell's uncertainty is ``(normalised energy + 1 - confidence) / 2``; above a threshold, it is unassigned. Virtual
 cells made by mixing the 128-d manifold vectors of pairs of cells stand in for cells of unknown types.
@@ -19,17 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ._scores import confidence, energy, mix_score
+
 N_MIXES = 128
-
-
-def energy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Free energy ``-T log sum_c exp(z_c / T)``; higher means less familiar."""
-    return -temperature * torch.logsumexp(logits / temperature, dim=-1)
-
-
-def confidence(logits: torch.Tensor) -> torch.Tensor:
-    """Largest softmax probability."""
-    return logits.softmax(dim=-1).amax(dim=-1)
 
 
 @dataclass(frozen=True)
@@ -42,9 +34,7 @@ class NoveltyReference:
 
     def uncertainty(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
         """Per-cell uncertainty in ``[0, 1]``; a cell is unassigned when it exceeds :attr:`threshold`."""
-        span = max(self.energy_max - self.energy_min, torch.finfo(torch.float32).eps)
-        normalised = ((energy(logits, temperature) - self.energy_min) / span).clamp(0, 1)
-        return (normalised + 1 - confidence(logits)) / 2
+        return mix_score(logits, temperature, self.energy_min, self.energy_max)
 
 
 def mixup_reference(

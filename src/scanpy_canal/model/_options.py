@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from numbers import Real
 from typing import Any, Literal, TypeVar
 
-Threshold = Literal["calibrated", "canal"] | float
+from ._scores import SCORES, Score
+
+Threshold = Literal["conformal", "calibrated", "canal"] | float
 Precision = Literal["32", "bf16"]
 _Options = TypeVar("_Options")
 
@@ -36,6 +40,7 @@ class StageSettings:
     label_smoothing: float
     early_stopping_patience: int | None
     validation_size: float
+    calibration_size: int
     cache_frozen: bool | None
     precision: Precision
     accelerator: str
@@ -44,6 +49,8 @@ class StageSettings:
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
+        if not isinstance(self.calibration_size, int) or self.calibration_size < 0:
+            raise ValueError(f"calibration_size must be a number of cells, 0 or more; got {self.calibration_size!r}.")
 
 
 @dataclass(frozen=True)
@@ -56,7 +63,9 @@ class PredictOptions:
 
     novel: bool = False
     temperature: float = 0.8
-    threshold: Threshold = "calibrated"
+    threshold: Threshold = "conformal"
+    alpha: float = 0.05
+    score: Score = "mix"
     batch_size: int | None = None
     seed: int = 0
     precision: Precision = "32"
@@ -66,6 +75,22 @@ class PredictOptions:
         check_precision(self.precision)
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of cells, got {self.chunk_size}.")
-        number = isinstance(self.threshold, int | float) and not isinstance(self.threshold, bool)
-        if not (self.threshold in ("calibrated", "canal") or (number and 0 <= self.threshold <= 1)):
-            raise ValueError(f"threshold must be 'calibrated', 'canal' or a number in [0, 1], got {self.threshold!r}.")
+        if not (_is_number(self.alpha) and 0 < self.alpha < 1):
+            raise ValueError(f"alpha must be a number strictly between 0 and 1, got {self.alpha!r}.")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {', '.join(map(repr, SCORES))}; got {self.score!r}.")
+        if _is_number(self.threshold):
+            if not math.isfinite(self.threshold) or (self.score == "mix" and not 0 <= self.threshold <= 1):
+                raise ValueError(
+                    f"threshold must be a finite number, in [0, 1] for the 'mix' score; got {self.threshold!r}."
+                )
+        elif self.threshold not in ("conformal", "calibrated", "canal"):
+            raise ValueError(
+                f"threshold must be 'conformal', 'calibrated', 'canal' or a number, got {self.threshold!r}."
+            )
+        elif self.threshold in ("calibrated", "canal") and self.score != "mix":
+            raise ValueError(f"threshold={self.threshold!r} is a rule of the 'mix' score, not of {self.score!r}.")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)

@@ -28,6 +28,7 @@ from scvi.train import TrainRunner
 from scanpy_canal.pp import align_genes
 
 from ._bank import update_bank
+from ._conformal import update_calibration_cells
 from ._data import check_expression, read_labels, setup_args, stratified_split
 from ._module import ROW_KEY
 from ._options import StageSettings
@@ -36,8 +37,6 @@ from ._training_plan import MIN_LR, BestEpochEarlyStopping, stage_outcome
 
 logger = logging.getLogger("scanpy_canal")
 
-#: Held-out cells kept per stage to calibrate the novel-cell threshold.
-N_CALIBRATION_CELLS = 2000
 #: Largest frozen-prefix cache that ``cache_frozen=None`` keeps (hidden states of every training cell).
 PREFIX_CACHE_BUDGET = 4 * 2**30
 _LIGHTNING_PRECISION = {"32": "32-true", "bf16": "bf16-mixed"}
@@ -69,25 +68,27 @@ class _Fit:
 class StageTrainingMixin:
     """The stage procedure of :class:`~scanpy_canal.CANAL`.
 
-    Reads and updates the model's ``module``, ``cell_types_``, ``example_bank_``, ``calibration_``, ``stage_``,
-    ``stage_history_`` and ``training_log_``.
+    Reads and updates the model's ``module``, ``cell_types_``, ``example_bank_``, ``calibration_cells_``, ``stage_``,
+    ``stage_history_`` and ``training_log_``; runs the network through ``_forward`` (:class:`InferenceMixin`).
     """
 
     def _train_stage(self, adata: ad.AnnData | None, *, stage: int | None, settings: StageSettings) -> None:
         """Train the next stage on `adata`; if anything fails (Ctrl+C included), the model is left as it was."""
         number = self._next_stage(adata, stage)
         data, labels = self._stage_data(adata, number)
-        snapshot = copy.deepcopy((self.module.network, self.cell_types_, self.example_bank_, self.calibration_))
+        state = ("cell_types_", "example_bank_", "calibration_cells_")
+        snapshot = copy.deepcopy((self.module.network, *(getattr(self, name) for name in state)))
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed_ + number)
                 cells = self._assemble(data, labels)
                 fit = self._fit(cells, number, settings)
             self.cell_types_, self.stage_ = cells.cell_types, number
-            self._refresh_bank(cells, number, settings.rehearsal_size)
-            self._refresh_calibration(cells, fit, number)
+            self._refresh_bank_and_calibration(cells, fit, number, settings)
         except BaseException as error:
-            self.module.network, self.cell_types_, self.example_bank_, self.calibration_ = snapshot
+            self.module.network = snapshot[0]
+            for name, value in zip(state, snapshot[1:], strict=True):
+                setattr(self, name, value)
             self.stage_ = number - 1
             self.module.finish_stage()
             self.module.eval()
@@ -216,32 +217,46 @@ class StageTrainingMixin:
         return size <= PREFIX_CACHE_BUDGET
 
     # ------------------------------------------------------------------------------------------ after fitting
-    def _refresh_bank(self, cells: _StageCells, stage: int, rehearsal_size: int) -> None:
-        """Merge into the bank the stage's cells closest to their type's prototype (no bank when the size is 0)."""
-        if rehearsal_size == 0:
+    def _refresh_bank_and_calibration(self, cells: _StageCells, fit: _Fit, stage: int, settings: StageSettings) -> None:
+        """Choose the bank and the calibration cells anew, each with its cells' manifold vectors from the new network.
+
+        The stage's validation cells become calibration cells and never join the bank; the bank takes, per type, the
+        stage's training cells closest to the type's prototype, as the original does.
+        """
+        calibration = self.calibration_cells_
+        n_cells, n_training = cells.data.n_obs, cells.training.n_obs
+        matrices = [cells.training.X] + ([] if calibration is None else [calibration.X])
+        forward = self._forward(sparse.vstack(matrices, format="csr"))
+        manifold = forward["manifold"].numpy()
+        stage_cells = ad.AnnData(cells.data.X, obs=pd.DataFrame(index=cells.data.obs_names), var=cells.data.var)
+        stage_cells.obsm["manifold"] = manifold[:n_cells]
+        held_out = np.isin(np.arange(n_cells), fit.validation)
+        if self.example_bank_ is not None:
+            self.example_bank_.obsm["manifold"] = manifold[n_cells:n_training]
+        if calibration is not None:
+            calibration.obsm["manifold"] = manifold[n_training:]
+        if settings.rehearsal_size == 0:
             self.example_bank_ = None
-            return
-        data = cells.data
-        embedding = self._forward(data.X)["embedding"].numpy()
-        prototypes = self.module.head.fc3.weight.detach().cpu().numpy()
-        panel = ad.AnnData(data.X, obs=pd.DataFrame(index=data.obs_names), var=pd.DataFrame(index=data.var_names))
-        self.example_bank_ = update_bank(
-            self.example_bank_,
-            panel,
-            cells.labels,
-            embedding,
-            prototypes,
+        else:
+            self.example_bank_ = update_bank(
+                self.example_bank_,
+                stage_cells[~held_out],
+                cells.labels[~held_out],
+                forward["embedding"].numpy()[:n_cells][~held_out],
+                self.module.head.fc3.weight.detach().cpu().numpy(),
+                self.cell_types_,
+                stage=stage,
+                size=settings.rehearsal_size,
+            )
+        self.calibration_cells_ = update_calibration_cells(
+            calibration,
+            stage_cells[held_out],
+            cells.labels[held_out],
             self.cell_types_,
             stage=stage,
-            size=rehearsal_size,
+            size=settings.calibration_size,
+            seed=self.seed_ + stage,
         )
-
-    def _refresh_calibration(self, cells: _StageCells, fit: _Fit, stage: int) -> None:
-        """Keep the manifold vectors of up to :data:`N_CALIBRATION_CELLS` of the stage's validation cells."""
-        held_out = fit.validation if len(fit.validation) > 0 else np.arange(cells.training.n_obs)
-        rng = np.random.default_rng(self.seed_ + stage)
-        held_out = np.sort(rng.permutation(held_out)[:N_CALIBRATION_CELLS])
-        self.calibration_ = self._forward(cells.training.X[held_out])["manifold"]
 
     def _record(self, cells: _StageCells, fit: _Fit, stage: int, settings: StageSettings) -> None:
         """Append the stage to ``stage_history_`` and its epochs to ``training_log_``."""
@@ -255,6 +270,13 @@ class StageTrainingMixin:
             ]
             log["best"] = log["epoch"] == (-1 if best_epoch is None else best_epoch + 1)
             self.training_log_ = pd.concat([self.training_log_, log], ignore_index=True)
+        footprint = _calibration_footprint(self.calibration_cells_)
+        logger.info(
+            "Stage %d: %d calibration cells kept for novel-cell p-values (%.1f MB).",
+            stage,
+            footprint["calibration_cells"],
+            footprint["calibration_bytes"] / 1e6,
+        )
         self.stage_history_.append(
             {
                 "stage": stage,
@@ -266,5 +288,15 @@ class StageTrainingMixin:
                 "best_validation_accuracy": None if best_epoch is None else fit.summary["best_score"],
                 "distill_weight": fit.distill_weight,
                 "rehearsal_size": settings.rehearsal_size,
+                **footprint,
             }
         )
+
+
+def _calibration_footprint(cells: ad.AnnData | None) -> dict[str, int]:
+    """How many calibration cells the model keeps and the bytes they take (expression and manifold vectors)."""
+    if cells is None:
+        return {"calibration_cells": 0, "calibration_bytes": 0}
+    x = sparse.csr_matrix(cells.X)
+    size = x.data.nbytes + x.indices.nbytes + x.indptr.nbytes + cells.obsm["manifold"].nbytes
+    return {"calibration_cells": int(cells.n_obs), "calibration_bytes": int(size)}

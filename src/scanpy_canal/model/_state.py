@@ -14,8 +14,10 @@ class ModelStateMixin:
     """The state of :class:`~scanpy_canal.CANAL`; every attribute ending in ``_`` is saved by scvi-tools' conventions.
 
     ``genes_`` (the panel), ``cell_types_`` (output-row order), ``arch_``, ``trainable_blocks_``, ``seed_``,
-    ``stage_`` (completed stages), ``stage_history_`` (one record per stage), ``example_bank_``, ``calibration_``
-    (manifold vectors of held-out cells) and ``training_log_`` (per-epoch metrics), besides ``module``.
+    ``stage_`` (completed stages), ``stage_history_`` (one record per stage), ``example_bank_``,
+    ``calibration_cells_`` (held-out cells of every stage, for novel-cell p-values) and ``training_log_`` (per-epoch
+    metrics), besides ``module``. The bank and the calibration cells carry their manifold vectors under the current
+    network in ``obsm["manifold"]``.
     """
 
     def _build(
@@ -32,7 +34,7 @@ class ModelStateMixin:
         self.stage_ = 0
         self.stage_history_: list[dict] = []
         self.example_bank_: ad.AnnData | None = None
-        self.calibration_: torch.Tensor | None = None
+        self.calibration_cells_: ad.AnnData | None = None
         self.training_log_ = pd.DataFrame()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -46,7 +48,7 @@ class ModelStateMixin:
         """A model of this class, without data, from a saved `registry`, its `state` attributes and `_build`'s `build`.
 
         The caller loads the module's weights; `state` may set ``stage_``, ``stage_history_``, ``example_bank_``,
-        ``calibration_`` and ``training_log_``.
+        ``calibration_cells_`` and ``training_log_``.
         """
         model = cls.__new__(cls)
         BaseModelClass.__init__(model, None, registry=registry)

@@ -15,6 +15,9 @@ if TYPE_CHECKING:
     from scanpy_canal.model._options import PredictOptions
 
 
+_NOVELTY_PARAMS = ("novel", "temperature", "threshold", "alpha", "score", "seed")
+
+
 def annotate(
     data: AnnData | MuData,
     model: CANAL,
@@ -24,7 +27,9 @@ def annotate(
     mod: str = "rna",
     batch_size: int | None = None,
     temperature: float = 0.8,
-    threshold: Literal["calibrated", "canal"] | float = "calibrated",
+    threshold: Literal["conformal", "calibrated", "canal"] | float = "conformal",
+    alpha: float = 0.05,
+    score: Literal["mix", "energy", "max_probability", "knn", "mahalanobis"] = "mix",
     seed: int = 0,
     precision: Literal["32", "bf16"] = "32",
     chunk_size: int = 10_000,
@@ -42,15 +47,16 @@ def annotate(
     model
         A trained :class:`~scanpy_canal.CANAL`.
     novel
-        Call cells of never-seen types ``"Unassigned"`` and write their uncertainty.
+        Call cells of never-seen types ``"Unassigned"`` and write their novelty score and p-value.
     key_added
         Prefix of every key written.
     mod
         Modality of a MuData to annotate.
     batch_size
         Cells per forward pass.
-    temperature, threshold, seed
-        Novel-cell detection settings, see :meth:`~scanpy_canal.CANAL.predict`.
+    temperature, threshold, alpha, score, seed
+        Novel-cell detection settings, see :meth:`~scanpy_canal.CANAL.predict`: by default a cell is unassigned when
+        its conformal p-value is at most `alpha`, so at most that fraction of known cells is (in expectation).
     precision
         ``"32"`` or ``"bf16"`` (bfloat16 autocast), see :meth:`~scanpy_canal.CANAL.predict`.
     chunk_size
@@ -68,13 +74,20 @@ def annotate(
     ``.obs[f"{key}_confidence"]``
         Largest class probability.
     ``.obs[f"{key}_uncertainty"]``
-        Novel-cell score in ``[0, 1]`` (only when `novel`); above ``.uns[key]["threshold"]`` means unassigned.
+        The novelty score, higher for cells less like any known type (only when `novel`; in ``[0, 1]`` for the
+        ``"mix"`` score). Above ``.uns[key]["threshold"]`` (for the conformal rule: above the cell's type's threshold
+        in ``.uns[key]["type_thresholds"]`` if it has one) means unassigned.
+    ``.obs[f"{key}_novelty_pvalue"]``
+        The conformal p-value of that score (only when `novel`, except with the query-relative ``"canal"`` rule):
+        a known cell's is at most ``a`` with probability at most ``a``, so :func:`unassign` can apply another
+        `alpha` without running the model again. No other annotation tool we know of gives one.
     ``.obsm[f"{key}_probabilities"]``
         Class probabilities, columns in the order of ``.uns[key]["cell_types"]``.
     ``.obsm[f"X_{key}"]``
         The 64-d embedding, for ``sc.pp.neighbors(adata, use_rep=f"X_{key}")``.
     ``.uns[key]``
-        ``params``, ``stage``, ``cell_types`` and ``threshold``.
+        ``params``, ``stage``, ``cell_types``, ``threshold`` and ``type_thresholds`` (per cell type, NaN for the types
+        judged by the pooled `threshold`).
 
     For a MuData these go into ``data.mod[mod]``, and the obs columns also into ``data.obs`` as ``f"{mod}:{name}"``.
 
@@ -106,6 +119,8 @@ def write_annotation(
     }
     if options.novel:
         columns[f"{key_added}_uncertainty"] = outputs.uncertainty.astype(np.float32)
+        if outputs.pvalue is not None:
+            columns[f"{key_added}_novelty_pvalue"] = outputs.pvalue.astype(np.float32)
     for name, values in columns.items():
         adata.obs[name] = values
         if adata is not data:
@@ -113,11 +128,49 @@ def write_annotation(
     adata.obsm[f"{key_added}_probabilities"] = outputs.probabilities.to_numpy().astype(np.float32)
     adata.obsm[f"X_{key_added}"] = outputs.embedding.astype(np.float32)
     adata.uns[key_added] = {
-        "params": {name: getattr(options, name) for name in ("novel", "temperature", "threshold", "seed")},
+        "params": {name: getattr(options, name) for name in _NOVELTY_PARAMS},
         "stage": model.stage,
         "cell_types": list(model.cell_types),
         "threshold": outputs.threshold,
+        "type_thresholds": np.array([outputs.type_thresholds.get(t, np.nan) for t in model.cell_types]),
     }
+
+
+def unassign(adata: AnnData, *, alpha: float, key: str = "canal") -> None:
+    """Call ``"Unassigned"`` again, at another `alpha`, from the p-values :func:`annotate` wrote.
+
+    Every cell gets its most probable type from ``.obsm[f"{key}_probabilities"]``, or ``"Unassigned"`` when its
+    ``.obs[f"{key}_novelty_pvalue"]`` is at most `alpha`; no model is needed.
+
+    Parameters
+    ----------
+    adata
+        Cells annotated by :func:`annotate` with ``novel=True``.
+    alpha
+        Largest fraction of known cells to unassign, in ``(0, 1)``.
+    key
+        The `key_added` of :func:`annotate`.
+
+    Returns
+    -------
+    `None`; rewrites ``.obs[f"{key}_prediction"]`` and ``.uns[key]["params"]["alpha"]``.
+
+    Examples
+    --------
+    >>> canal.tl.annotate(query, model, novel=True)  # doctest: +SKIP
+    >>> canal.tl.unassign(query, alpha=0.01)  # doctest: +SKIP
+    """
+    from scanpy_canal.model._options import PredictOptions
+
+    PredictOptions(alpha=alpha)  # checks it
+    pvalue = f"{key}_novelty_pvalue"
+    if pvalue not in adata.obs or key not in adata.uns:
+        raise ValueError(f"adata.obs has no {pvalue!r}: run `canal.tl.annotate(adata, model, novel=True)` first.")
+    cell_types = list(adata.uns[key]["cell_types"])
+    best = np.asarray(cell_types, dtype=object)[np.asarray(adata.obsm[f"{key}_probabilities"]).argmax(axis=1)]
+    labels = np.where(adata.obs[pvalue].to_numpy() <= alpha, "Unassigned", best)
+    adata.obs[f"{key}_prediction"] = pd.Categorical(labels, categories=[*cell_types, "Unassigned"])
+    adata.uns[key]["params"]["alpha"] = alpha
 
 
 def _modality(data: MuData, mod: str) -> AnnData:

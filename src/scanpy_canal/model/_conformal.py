@@ -1,0 +1,137 @@
+"""Split-conformal novelty p-values, and the calibration cells they are computed from.
+
+The calibration cells are held-out cells of known types from every stage: never trained on, never replayed. A known
+query cell's novelty score is exchangeable with theirs, so its p-value ``(1 + #{i: s_i >= s}) / (n + 1)`` is at most
+`alpha` with probability at most `alpha`: unassigning the cells whose p-value is at most `alpha` unassigns a known
+cell with probability at most `alpha`, whatever the query holds. The scores compared are those of the calibration
+cells predicted as the same type as the query cell, when at least :data:`MONDRIAN_MIN_CELLS` are ("Mondrian", class
+conditional: a hard or rare type is judged by its own cells), and of all calibration cells otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+
+#: Calibration cells a predicted type needs for its own p-values (the smallest p-value is 1 / (n + 1)).
+MONDRIAN_MIN_CELLS = 50
+
+
+def conformal_pvalues(
+    scores: torch.Tensor,
+    predicted: torch.Tensor,
+    calibration_scores: torch.Tensor,
+    calibration_predicted: torch.Tensor,
+) -> torch.Tensor:
+    """The p-value of each cell's novelty score (higher scores: more novel) among the calibration cells' scores.
+
+    Parameters
+    ----------
+    scores, predicted
+        The cells' scores and predicted type codes.
+    calibration_scores, calibration_predicted
+        The same for the calibration cells.
+    """
+    pvalues = _pvalues(scores, calibration_scores)
+    for code, group in _mondrian_groups(calibration_predicted).items():
+        rows = predicted == code
+        pvalues[rows] = _pvalues(scores[rows], calibration_scores[group])
+    return pvalues
+
+
+def score_thresholds(
+    calibration_scores: torch.Tensor, calibration_predicted: torch.Tensor, alpha: float
+) -> tuple[float, dict[int, float]]:
+    """The scores above which a cell is unassigned at `alpha`: pooled, and per type with its own calibration.
+
+    A cell scoring above the ``m``-th largest of ``n`` reference scores, ``m = floor(alpha (n + 1))``, has a p-value of
+    at most `alpha`; with ``m = 0`` no cell is unassigned (threshold infinity).
+    """
+    per_type = {
+        code: _threshold(calibration_scores[group], alpha)
+        for code, group in _mondrian_groups(calibration_predicted).items()
+    }
+    return _threshold(calibration_scores, alpha), per_type
+
+
+def _mondrian_groups(predicted: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Rows of each predicted type with enough calibration cells for p-values of its own."""
+    codes, counts = torch.unique(predicted, return_counts=True)
+    return {int(c): predicted == c for c, n in zip(codes, counts, strict=True) if n >= MONDRIAN_MIN_CELLS}
+
+
+def _pvalues(scores: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    at_least = reference.numel() - torch.searchsorted(reference.sort().values, scores.contiguous(), right=False)
+    return (1 + at_least).double() / (reference.numel() + 1)
+
+
+def _threshold(reference: torch.Tensor, alpha: float) -> float:
+    rank = int(np.floor(alpha * (reference.numel() + 1)))
+    return float("inf") if rank < 1 else reference.sort(descending=True).values[rank - 1].item()
+
+
+def update_calibration_cells(
+    cells: ad.AnnData | None,
+    new: ad.AnnData,
+    labels: Sequence[str],
+    cell_types: Sequence[str],
+    *,
+    stage: int,
+    size: int,
+    seed: int,
+) -> ad.AnnData | None:
+    """Add a stage's held-out cells to the calibration cells and keep at most ``size // len(cell_types)`` per type.
+
+    A type over its quota keeps cells of every stage in turn (in a seeded random order within each stage), so the
+    cells of early stages are not crowded out by later ones.
+
+    Parameters
+    ----------
+    cells
+        The calibration cells so far (obs ``cell_type``, ``stage``), or `None`.
+    new
+        The stage's held-out cells, in the model's gene panel.
+    labels
+        Their cell types.
+    cell_types
+        Every known type, in output-row order.
+    stage
+        The stage number, recorded in ``obs["stage"]``.
+    size
+        Capacity of the calibration set (0: none).
+    seed
+        Seed of the choice.
+
+    Returns
+    -------
+    The calibration cells (X in the gene panel), or `None` when `size` is 0 or there are none.
+    """
+    if size == 0:
+        return None
+    new = new.copy()
+    new.obs = pd.DataFrame({"cell_type": np.asarray(labels, dtype=str), "stage": stage}, index=new.obs_names)
+    parts = [part for part in (cells, new) if part is not None and part.n_obs > 0]
+    if not parts:
+        return None
+    merged = ad.concat(parts, merge="first") if len(parts) > 1 else parts[0].copy()
+    merged.obs_names_make_unique()
+    merged.obs["cell_type"] = merged.obs["cell_type"].astype(str)
+    merged.obs["stage"] = merged.obs["stage"].astype(np.int64)
+    turn = pd.Series(_turns(merged.obs, np.random.default_rng(seed)))
+    rank_in_type = turn.groupby(merged.obs["cell_type"].to_numpy()).rank(method="first").to_numpy()
+    kept = merged[rank_in_type <= size // len(cell_types)].copy()
+    kept.obs["cell_type"] = pd.Categorical(kept.obs["cell_type"], categories=list(cell_types))
+    return kept
+
+
+def _turns(obs: pd.DataFrame, rng: np.random.Generator) -> np.ndarray:
+    """Each cell's turn within its type: its place in a random order within its (type, stage) group, ties at random."""
+    shuffled = rng.permutation(len(obs))
+    within = obs.iloc[shuffled].groupby(["cell_type", "stage"], observed=True).cumcount().to_numpy()
+    turn = np.empty(len(obs))
+    turn[shuffled] = within + rng.random(len(obs))
+    return turn
