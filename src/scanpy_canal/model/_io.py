@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 from scvi.model.base import BaseModelClass
 
+from scanpy_canal._directories import check_checksums, file_checksums, readable_directory, writer_lock
 from scanpy_canal.nn import CheckpointError
 from scanpy_canal.nn._pretrained import read_json, staged_directory
 
@@ -39,10 +40,17 @@ def _jsonable(value: Any) -> Any:
 
 
 def save_model(model: CANAL, dir_path: str | os.PathLike, *, overwrite: bool = False) -> None:
-    """Write `model` to `dir_path` through a temporary sibling directory and an atomic rename."""
+    """Write `model` to `dir_path` through a sibling directory swapped into place in one step, under the writer lock.
+
+    ``model.json`` is written last and records the SHA-256 digest of each other file.
+    """
+    with writer_lock(dir_path):
+        _save_model(model, Path(dir_path), overwrite=overwrite)
+
+
+def _save_model(model: CANAL, target: Path, *, overwrite: bool) -> None:
     from scanpy_canal import __version__
 
-    target = Path(dir_path)
     if target.exists():
         _check_replaceable(target, overwrite=overwrite)
     metadata = {
@@ -61,11 +69,12 @@ def save_model(model: CANAL, dir_path: str | os.PathLike, *, overwrite: bool = F
     if model.calibration_ is not None:
         tensors["calibration"] = model.calibration_
     with staged_directory(target, overwrite=True) as staging:
-        (staging / METADATA).write_text(json.dumps(_jsonable(metadata), indent=1))
         torch.save(tensors, staging / WEIGHTS)
         if model.example_bank_ is not None:
             model.example_bank_.write_h5ad(staging / BANK)
         model.history.to_csv(staging / HISTORY, index=False)
+        metadata["sha256"] = file_checksums(staging, exclude=METADATA)
+        (staging / METADATA).write_text(json.dumps(_jsonable(metadata), indent=1))
 
 
 def _check_replaceable(target: Path, *, overwrite: bool) -> None:
@@ -136,8 +145,8 @@ def _read_bank(path: Path, genes: list[str]) -> ad.AnnData:
 
 
 def load_model(cls: type[CANAL], dir_path: str | os.PathLike, *, adata: ad.AnnData | None = None) -> CANAL:
-    """Rebuild a model saved by :func:`save_model`."""
-    directory = Path(dir_path)
+    """Rebuild a model saved by :func:`save_model`; the checksums of its files (if recorded) are verified."""
+    directory = readable_directory(dir_path)
     metadata = _read_metadata(directory)
     tensors = _read_tensors(directory)
     model = cls.__new__(cls)
@@ -168,6 +177,8 @@ def load_model(cls: type[CANAL], dir_path: str | os.PathLike, *, adata: ad.AnnDa
         model.example_bank_ = _read_bank(directory / BANK, model.genes_)
     if (directory / HISTORY).is_file() and (directory / HISTORY).stat().st_size > 1:
         model.training_log_ = pd.read_csv(directory / HISTORY)
+    # Last, after the checks that say more about a damaged file (e.g. a pickle in weights.pt).
+    check_checksums(directory, metadata.get("sha256"), source=directory / METADATA, error=CheckpointError)
     model.init_params_ = {"kwargs": {"genes": model.genes_, "seed": model.seed_, **model.arch_}}
     model._adata = adata
     model._update_summary()
