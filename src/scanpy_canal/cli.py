@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Callable
@@ -102,7 +103,26 @@ def _existing_model(args: argparse.Namespace) -> CANAL:
     return CANAL.load(args.model_dir)
 
 
+def _first_process() -> bool:
+    """Whether this process writes the output: Lightning starts its other DDP processes by running the command again."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return rank_zero_only.rank == 0
+
+
+def _writer_lock(directory: Path, *, wait: bool) -> contextlib.AbstractContextManager:
+    """The writer lock of `directory`, which the first process alone holds."""
+    from scanpy_canal._directories import writer_lock
+
+    return writer_lock(directory, wait=wait) if _first_process() else contextlib.nullcontext()
+
+
 def _train(args: argparse.Namespace) -> None:
+    with _writer_lock(args.model_dir, wait=args.wait):  # from loading to saving, so no other run's stage is lost
+        _train_next_stage(args)
+
+
+def _train_next_stage(args: argparse.Namespace) -> None:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     from scanpy_canal.model import CANAL
@@ -133,7 +153,8 @@ def _train(args: argparse.Namespace) -> None:
     except MisconfigurationException as error:  # e.g. --accelerator gpu without a GPU
         settings = f"--accelerator {args.accelerator} --devices {args.devices} --strategy {args.strategy}"
         raise ValueError(f"Lightning cannot train with {settings}: {error}") from error
-    model.save(args.model_dir, overwrite=True)
+    if _first_process():
+        model.save(args.model_dir, overwrite=True)
     print(f"{_stage_summary(model)}; model saved to {args.model_dir}")
 
 
@@ -286,6 +307,12 @@ def _add_train_parser(commands) -> None:
     )
     train.add_argument("--batch-size", type=_positive(int), default=16, help="cells per minibatch (default: 16)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.add_argument(
+        "--wait",
+        action="store_true",
+        help="if another run is writing --model-dir, wait for it to finish, then train the next stage (default: stop "
+        "with an error)",
+    )
     new = train.add_argument_group("new model", "Only when a new model is built.")
     new.add_argument(
         "--genes", type=_positive(int), default=None, help="panel of this many highly variable genes (default: all)"
@@ -329,6 +356,11 @@ def _add_predict_parser(commands) -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> None:
+    with _writer_lock(args.output, wait=args.wait):  # a busy output is refused before the training, not after
+        _pretrain_unlocked(args)
+
+
+def _pretrain_unlocked(args: argparse.Namespace) -> None:
     from scanpy_canal._demo import final_masked_accuracy
     from scanpy_canal.model import pretrain
     from scanpy_canal.nn import read_vocabulary
@@ -442,6 +474,11 @@ def _add_pretrain_parser(commands) -> None:
         )
     pretrain.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
     pretrain.add_argument("--quiet", action="store_true", help="no progress bar")
+    pretrain.add_argument(
+        "--wait",
+        action="store_true",
+        help="if another run is writing the output, wait for it to finish (default: stop with an error)",
+    )
     pretrain.set_defaults(run=_pretrain)
 
 
