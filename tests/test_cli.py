@@ -119,7 +119,8 @@ def test_predict_writes_h5ad_and_csv(files, stage1_dir, tmp_path, capsys):
     assert "Unassigned" in capsys.readouterr().out
     table = pd.read_csv(out_csv, index_col=0)
     assert table.index.name == "obs_names" and table.index.equals(query.obs_names)
-    assert list(table.columns) == ["prediction", "confidence", "uncertainty"]
+    assert list(table.columns) == ["prediction", "confidence", "uncertainty", "novelty_pvalue"]
+    assert table["novelty_pvalue"].between(0, 1).all()
     model = CANAL.load(stage1_dir)
     np.testing.assert_array_equal(table["prediction"], model.predict(query, novel=True))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -81,3 +82,17 @@ def add_lightning_options(parser: argparse.ArgumentParser, *, strategy_example: 
     parser.add_argument(
         "--strategy", default="auto", help=f"Lightning strategy, e.g. {strategy_example} (default: auto)"
     )
+
+
+def first_process() -> bool:
+    """Whether this process writes the output: Lightning starts its other DDP processes by running the command again."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return rank_zero_only.rank == 0
+
+
+def writer_lock(directory: Path, *, wait: bool) -> contextlib.AbstractContextManager:
+    """The writer lock of `directory`, which the first process alone holds."""
+    from scanpy_canal._directories import writer_lock
+
+    return writer_lock(directory, wait=wait) if first_process() else contextlib.nullcontext()

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import add_arch_options, add_lightning_options, arch_arguments, fraction, positive, read_h5ad
+from ._common import (
+    add_arch_options,
+    add_lightning_options,
+    arch_arguments,
+    fraction,
+    positive,
+    read_h5ad,
+    writer_lock,
+)
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -65,11 +73,21 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     add_arch_options(pretrain)
     pretrain.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
     pretrain.add_argument("--quiet", action="store_true", help="no progress bar")
+    pretrain.add_argument(
+        "--wait",
+        action="store_true",
+        help="if another run is writing the output, wait for it to finish (default: stop with an error)",
+    )
     pretrain.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    """Pretrain and write the encoder directory."""
+    """Pretrain and write the encoder directory, holding its writer lock."""
+    with writer_lock(args.output, wait=args.wait):  # a busy output is refused before the training, not after
+        _pretrain_unlocked(args)
+
+
+def _pretrain_unlocked(args: argparse.Namespace) -> None:
     from scanpy_canal._demo import final_masked_accuracy
     from scanpy_canal.model import pretrain
     from scanpy_canal.nn import read_vocabulary

@@ -6,7 +6,16 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._common import ARCH_OPTIONS, add_arch_options, add_lightning_options, arch_arguments, positive, read_h5ad
+from ._common import (
+    ARCH_OPTIONS,
+    add_arch_options,
+    add_lightning_options,
+    arch_arguments,
+    first_process,
+    positive,
+    read_h5ad,
+    writer_lock,
+)
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -42,6 +51,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     add_lightning_options(train, strategy_example="ddp_find_unused_parameters_true")
     train.add_argument("--batch-size", type=positive(int), default=16, help="cells per minibatch (default: 16)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.add_argument(
+        "--wait",
+        action="store_true",
+        help="if another run is writing --model-dir, wait for it to finish, then train the next stage (default: stop "
+        "with an error)",
+    )
     new = train.add_argument_group("new model", "Only when a new model is built.")
     new.add_argument(
         "--genes", type=positive(int), default=None, help="panel of this many highly variable genes (default: all)"
@@ -54,7 +69,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Load or build the model, train its next stage and save it back."""
+    """Load or build the model, train its next stage and save it back, holding the directory's writer lock."""
+    with writer_lock(args.model_dir, wait=args.wait):  # from loading to saving, so no other run's stage is lost
+        _train_next_stage(args)
+
+
+def _train_next_stage(args: argparse.Namespace) -> None:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     from scanpy_canal.model import CANAL
@@ -85,7 +105,8 @@ def run(args: argparse.Namespace) -> None:
     except MisconfigurationException as error:  # e.g. --accelerator gpu without a GPU
         settings = f"--accelerator {args.accelerator} --devices {args.devices} --strategy {args.strategy}"
         raise ValueError(f"Lightning cannot train with {settings}: {error}") from error
-    model.save(args.model_dir, overwrite=True)
+    if first_process():
+        model.save(args.model_dir, overwrite=True)
     print(f"{_stage_summary(model)}; model saved to {args.model_dir}")
 
 

@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 from scvi.model.base import BaseModelClass
 
+from scanpy_canal._directories import check_checksums, file_checksums, readable_directory, writer_lock
 from scanpy_canal._version import __version__
 from scanpy_canal.nn import CheckpointError
 from scanpy_canal.nn._pretrained import read_json, staged_directory
@@ -43,8 +44,15 @@ def _jsonable(value: Any) -> Any:
 
 
 def save_model(model: BaseModelClass, dir_path: str | os.PathLike, *, overwrite: bool = False) -> None:
-    """Write `model` to `dir_path` through a temporary sibling directory and an atomic rename."""
-    target = Path(dir_path)
+    """Write `model` to `dir_path` through a sibling directory swapped into place in one step, under the writer lock.
+
+    ``model.json`` is written last and records the SHA-256 digest of each other file.
+    """
+    with writer_lock(dir_path):
+        _save_model(model, Path(dir_path), overwrite=overwrite)
+
+
+def _save_model(model: BaseModelClass, target: Path, *, overwrite: bool) -> None:
     if target.exists():
         _check_replaceable(target, overwrite=overwrite)
     metadata = {
@@ -60,12 +68,13 @@ def save_model(model: BaseModelClass, dir_path: str | os.PathLike, *, overwrite:
         "registry": model.registry_,
     }
     with staged_directory(target, overwrite=True) as staging:
-        (staging / METADATA).write_text(json.dumps(_jsonable(metadata), indent=1))
         torch.save({"network": model.module.network.state_dict()}, staging / WEIGHTS)
         for cells, name in ((model.example_bank_, BANK), (model.calibration_cells_, CALIBRATION)):
             if cells is not None:
                 cells.write_h5ad(staging / name)
         model.history.to_csv(staging / HISTORY, index=False)
+        metadata["sha256"] = file_checksums(staging, exclude=METADATA)
+        (staging / METADATA).write_text(json.dumps(_jsonable(metadata), indent=1))
 
 
 def _check_replaceable(target: Path, *, overwrite: bool) -> None:
@@ -137,8 +146,8 @@ def _read_cells(path: Path, genes: list[str]) -> ad.AnnData:
 
 
 def load_model(cls: type[Model], dir_path: str | os.PathLike, *, adata: ad.AnnData | None = None) -> Model:
-    """Rebuild a model of class `cls` saved by :func:`save_model`."""
-    directory = Path(dir_path)
+    """Rebuild a model of class `cls` saved by :func:`save_model`; its files' checksums (if recorded) are verified."""
+    directory = readable_directory(dir_path)
     metadata = _read_metadata(directory)
     tensors = _read_tensors(directory)
     try:
@@ -173,6 +182,8 @@ def load_model(cls: type[Model], dir_path: str | os.PathLike, *, adata: ad.AnnDa
         )
     if (directory / HISTORY).is_file() and (directory / HISTORY).stat().st_size > 1:
         model.training_log_ = pd.read_csv(directory / HISTORY)
+    # Last, after the checks that say more about a damaged file (e.g. a pickle in weights.pt).
+    check_checksums(directory, metadata.get("sha256"), source=directory / METADATA, error=CheckpointError)
     model._adata = adata
     return model
 
@@ -184,9 +195,11 @@ class SaveLoadMixin:
         """Save to a directory of weights, metadata, example bank, calibration cells and training history.
 
         The files are ``weights.pt``, ``model.json``, ``example_bank.h5ad``, ``calibration_cells.h5ad`` and
-        ``history.csv``; nothing is pickled. The directory is written next to its destination and renamed into place, so an
-        interrupted save never damages an earlier model at the same path. An existing `dir_path` is an error unless
-        `overwrite`, and even then only a saved model or an empty directory is replaced, never other files.
+        ``history.csv``; nothing is pickled. The directory is written beside its destination, flushed to disk and
+        swapped into place in one step, so the path always holds a whole model, the old or the new (see
+        :doc:`/reproducibility`). An existing `dir_path` is an error unless `overwrite`, and even then only a saved
+        model or an empty directory is replaced, never other files. A second process saving to the same path is
+        refused while this one writes.
         """
         save_model(self, dir_path, overwrite=overwrite)
 

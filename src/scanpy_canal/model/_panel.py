@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import pandas as pd
 
+from scanpy_canal._directories import readable_directory
 from scanpy_canal.nn import PerformerLM, load_pretrained, read_vocabulary
 from scanpy_canal.nn._pretrained import GENES_FILE
 
@@ -65,8 +65,9 @@ def choose_panel(
 
 def _vocabulary(path: str | os.PathLike, vocabulary: Vocabulary | None) -> list[str] | None:
     """The gene vocabulary of pretrained weights: a directory's own, or the one given (names or a text file)."""
-    if Path(path).is_dir() and (Path(path) / GENES_FILE).is_file():
-        return read_vocabulary(Path(path) / GENES_FILE)
+    directory = readable_directory(path)  # a pretrained directory may be where an interrupted save retired it
+    if directory.is_dir() and (directory / GENES_FILE).is_file():
+        return read_vocabulary(directory / GENES_FILE)
     if vocabulary is None:
         return None  # loading the weights says what is missing
     return read_vocabulary(vocabulary)

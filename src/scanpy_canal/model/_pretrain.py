@@ -242,7 +242,8 @@ def pretrain(
     The directory written to `save_path` is what ``CANAL(adata, pretrained=save_path)`` and
     :func:`scanpy_canal.nn.load_pretrained` read: ``config.json``, ``genes.txt``, ``weights.pt`` (see
     :func:`scanpy_canal.nn.save_pretrained`) and ``history.csv`` (the returned table). It is written by the first
-    process only, next to `save_path`, and renamed into place when training has finished.
+    process only, next to `save_path`, and swapped into place in one step when training has finished (see
+    :func:`scanpy_canal.nn.save_pretrained`); if another process is writing `save_path` then, it waits for it.
 
     Parameters
     ----------
@@ -344,8 +345,10 @@ def pretrain(
             trainer.fit(plan, _loader(x[train_idx], batch_size, shuffle=True), validation)
     history = pretraining_history(trainer.callback_metrics)
     if trainer.is_global_zero:
-        with staged_directory(save_path, overwrite=overwrite) as staging:
-            write_pretrained(staging, encoder.cpu().eval(), genes, info={"pretraining": settings})
+        # Waits for another writer of save_path rather than discard the training; config.json (written last by
+        # write_pretrained) records the checksum of history.csv too.
+        with staged_directory(save_path, overwrite=overwrite, wait=True) as staging:
             history.to_csv(staging / HISTORY_FILE, index=False)
+            write_pretrained(staging, encoder.cpu().eval(), genes, info={"pretraining": settings})
         logger.info("Pretrained encoder written to %s.", save_path)
     return history

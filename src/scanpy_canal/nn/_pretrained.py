@@ -6,14 +6,19 @@ import contextlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from scanpy_canal._directories import (
+    check_checksums,
+    file_checksums,
+    readable_directory,
+    replace_directory,
+    writer_lock,
+)
 from scanpy_canal._version import __version__
 
 from ._checkpoint import CheckpointError, infer_config, load_weights, read_state_dict, select_gene_rows
@@ -40,27 +45,16 @@ _N_EXAMPLES = 5
 
 
 @contextlib.contextmanager
-def staged_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of `path` to write into; it replaces `path` only if the block succeeds.
+def staged_directory(path: str | os.PathLike, *, overwrite: bool = False, wait: bool = False) -> Iterator[Path]:
+    """Yield an empty directory to write into; it replaces `path` atomically only if the block succeeds.
 
-    An existing `path` is refused unless `overwrite`, and is removed only once the new directory is in place.
+    The writer lock of `path` is held throughout (`wait`: wait for another writer instead of raising), and an
+    existing `path` is refused unless `overwrite` (see :mod:`scanpy_canal._directories`).
     """
-    target = Path(path)
-    check_destination(target, overwrite=overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        yield staging
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            target.rename(retired / target.name)
-            staging.rename(target)
-            shutil.rmtree(retired)
-        else:
-            staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with writer_lock(path, wait=wait):
+        check_destination(path, overwrite=overwrite)
+        with replace_directory(path) as staging:
+            yield staging
 
 
 def check_destination(path: str | os.PathLike, *, overwrite: bool) -> None:
@@ -75,7 +69,10 @@ def check_destination(path: str | os.PathLike, *, overwrite: bool) -> None:
 def write_pretrained(
     directory: Path, encoder: PerformerLM, genes: Sequence[str], *, info: dict[str, Any] | None = None
 ) -> None:
-    """Write the three files of a pretrained encoder into an existing `directory`."""
+    """Write the three files of a pretrained encoder into an existing `directory`.
+
+    ``config.json``, written last, records the SHA-256 digest of every other file then in `directory`.
+    """
     genes = check_vocabulary(genes)
     if len(genes) != encoder.max_seq_len - 1:
         raise ValueError(
@@ -91,10 +88,11 @@ def write_pretrained(
         "tokens": TOKENS,
         **({"info": info} if info else {}),
     }
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=1))
     (directory / GENES_FILE).write_text("".join(f"{gene}\n" for gene in genes))
     state = {key: value.detach().cpu() for key, value in encoder.state_dict().items()}
     torch.save({"model_state_dict": state}, directory / WEIGHTS_FILE)
+    config["sha256"] = file_checksums(directory, exclude=CONFIG_FILE)
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=1))
 
 
 def save_pretrained(
@@ -109,8 +107,10 @@ def save_pretrained(
 
     The directory holds ``config.json`` (the architecture, the token scheme and a format version),
     ``genes.txt`` (one gene per line, in positional order) and ``weights.pt`` (the state dict in scBERT's checkpoint
-    layout, ``{"model_state_dict": ...}``, readable with ``torch.load(weights_only=True)``). It is written next to
-    `path` and renamed into place, so an interrupted save leaves no partial directory.
+    layout, ``{"model_state_dict": ...}``, readable with ``torch.load(weights_only=True)``); ``config.json`` also
+    records a checksum of each other file, which loading verifies. It is written next to `path`, flushed to disk
+    and swapped into place in one step, so that `path` holds the complete previous or new encoder whenever the
+    process is interrupted; another process writing `path` at the same time makes this an error (OSError).
 
     Parameters
     ----------
@@ -272,7 +272,7 @@ def load_pretrained(
     >>> kept, encoder.max_seq_len  # doctest: +SKIP
     (['CD3E', 'MS4A1'], 3)
     """
-    path = Path(path)
+    path = readable_directory(path)
     if not path.exists():
         raise FileNotFoundError(f"Pretrained weights {str(path)!r} do not exist.")
     source = f"pretrained weights {str(path)!r}"
@@ -290,4 +290,7 @@ def load_pretrained(
         select_gene_rows(state, positions, source=source)
     encoder = PerformerLM(**{**arch, "max_seq_len": len(kept) + 1})
     load_weights(encoder, state, source=source[0].upper() + source[1:])
+    if path.is_dir():  # after the checks that say more about a damaged file
+        config = path / CONFIG_FILE
+        check_checksums(path, _read_config(path).get("sha256"), source=config, error=CheckpointError)
     return encoder.eval(), kept
