@@ -217,6 +217,18 @@ def test_uncertainty_rings_unassigned_cells(annotated, tmp_path):
     assert isinstance(uncertainty(annotated, show=False, return_fig=True), Figure)
 
 
+def test_uncertainty_shows_the_pvalues_and_the_threshold(annotated):
+    ax = uncertainty(annotated, value="pvalue", show=False)
+    assert ax.get_title() == "canal novelty p-value (unassigned at p ≤ 0.05)"
+    colorbar = ax.figure.axes[1]
+    assert [line.get_ydata()[0] for line in colorbar.get_lines()] == [0.05]
+    ax = uncertainty(annotated, show=False)
+    threshold = annotated.uns["canal"]["threshold"]
+    assert [line.get_ydata()[0] for line in ax.figure.axes[1].get_lines()] == [threshold]
+    with pytest.raises(ValueError, match="value must be"):
+        uncertainty(annotated, value="score", show=False)
+
+
 def test_uncertainty_errors(annotated):
     with pytest.raises(ValueError, match="no 'tsne'"):
         uncertainty(annotated, basis="tsne", show=False)

@@ -178,4 +178,4 @@ class InferenceMixin:
         manifold = torch.as_tensor(bank.obsm["manifold"])
         embedding = self.module.head.classify(manifold.to(self.device))[0].float().cpu()
         codes = pd.Categorical(bank.obs["cell_type"].astype(str), categories=self.cell_types_).codes
-        return embedding, torch.as_tensor(codes, dtype=torch.long)
+        return embedding, torch.tensor(codes, dtype=torch.long)

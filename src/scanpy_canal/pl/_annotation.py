@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -127,6 +127,7 @@ def uncertainty(
     *,
     basis: str = "umap",
     key: str = "canal",
+    value: Literal["uncertainty", "pvalue"] = "uncertainty",
     ring_color: str = "black",
     ring_size: float | None = None,
     ax: Axes | None = None,
@@ -135,10 +136,13 @@ def uncertainty(
     return_fig: bool = False,
     **kwargs: Any,
 ) -> Axes | Figure | None:
-    """Plot CANAL's novel-cell uncertainty on an embedding, with the unassigned cells ringed.
+    """Plot CANAL's novel-cell scores on an embedding, with the unassigned cells ringed and the threshold marked.
 
-    The cells are coloured by ``adata.obs[f"{key}_uncertainty"]`` through :func:`scanpy.pl.embedding`; those predicted
-    ``"Unassigned"`` in ``adata.obs[f"{key}_prediction"]`` get a ring (at the first two components of the basis).
+    The cells are coloured by ``adata.obs[f"{key}_uncertainty"]`` (or with ``value="pvalue"`` by their conformal
+    ``adata.obs[f"{key}_novelty_pvalue"]``) through :func:`scanpy.pl.embedding`; those predicted ``"Unassigned"`` in
+    ``adata.obs[f"{key}_prediction"]`` get a ring (at the first two components of the basis). A line on the colour bar
+    marks the threshold: the score above which a cell is unassigned (for the conformal rule the pooled one; a type
+    with calibration cells of its own has its own), or the p-value `alpha` at or below which it is.
 
     Parameters
     ----------
@@ -148,6 +152,8 @@ def uncertainty(
         Embedding in ``adata.obsm`` (``"umap"`` reads ``X_umap``).
     key
         The `key_added` of :func:`~scanpy_canal.tl.annotate`.
+    value
+        Colour by the novelty score (``"uncertainty"``) or by its p-value (``"pvalue"``).
     ring_color
         Edge colour of the rings around the unassigned cells.
     ring_size
@@ -170,12 +176,15 @@ def uncertainty(
     """
     import scanpy as sc
 
-    color, prediction = f"{key}_uncertainty", f"{key}_prediction"
+    if value not in ("uncertainty", "pvalue"):
+        raise ValueError(f"value must be 'uncertainty' or 'pvalue', got {value!r}.")
+    color = f"{key}_uncertainty" if value == "uncertainty" else f"{key}_novelty_pvalue"
+    prediction = f"{key}_prediction"
     for column in (color, prediction):
         if column not in adata.obs:
             raise ValueError(
                 f"adata.obs has no {column!r}: run `canal.tl.annotate(adata, model, novel=True, key_added={key!r})` "
-                "first."
+                "first (p-values need a rule other than threshold='canal')."
             )
     obsm_key = basis if basis in adata.obsm else f"X_{basis}"
     if obsm_key not in adata.obsm:
@@ -184,11 +193,15 @@ def uncertainty(
             f'`sc.pp.neighbors(adata, use_rep="X_{key}")` and `sc.tl.umap(adata)`.'
         )
     ax = new_axes(ax, (4.5, 4.0))
-    params = adata.uns.get(key)
-    threshold = params.get("threshold") if isinstance(params, Mapping) else None
-    if "title" not in kwargs and threshold is not None:
-        kwargs["title"] = f"{key} uncertainty (threshold {float(threshold):.2f})"
+    line, title = _threshold_mark(adata.uns.get(key), key, value)
+    if "title" not in kwargs and title is not None:
+        kwargs["title"] = title
+    if value == "pvalue":
+        kwargs.setdefault("cmap", "viridis_r")  # the cells most likely novel stand out
     sc.pl.embedding(adata, basis=basis, color=color, show=False, ax=ax, **kwargs)
+    colorbars = [other for other in ax.figure.axes if other is not ax and other.get_label() == "<colorbar>"]
+    if line is not None and colorbars and np.isfinite(line):
+        colorbars[-1].axhline(line, color=ring_color, linewidth=1.5)
 
     unassigned = (adata.obs[prediction] == UNASSIGNED).to_numpy(dtype=bool)
     coordinates = np.asarray(adata.obsm[obsm_key])[unassigned, :2]
@@ -208,3 +221,16 @@ def uncertainty(
     handle = Line2D([], [], linestyle="none", marker="o", markerfacecolor="none", markeredgecolor=ring_color)
     ax.legend(handles=[handle], labels=[label], loc="best", fontsize="small", frameon=False)
     return finish(ax, show=show, save=save, return_fig=return_fig)
+
+
+def _threshold_mark(params: Any, key: str, value: str) -> tuple[float | None, str | None]:
+    """Where the colour bar gets its threshold line, and the title that says it."""
+    if not isinstance(params, Mapping):
+        return None, None
+    alpha = params.get("params", {}).get("alpha")
+    if value == "pvalue":
+        return alpha, None if alpha is None else f"{key} novelty p-value (unassigned at p ≤ {alpha:g})"
+    threshold = params.get("threshold")
+    if threshold is None:
+        return None, None
+    return float(threshold), f"{key} uncertainty (threshold {float(threshold):.2f})"

@@ -1,0 +1,182 @@
+"""Novel-cell detection: conformal p-values, the calibration cells behind them, and the novelty scores."""
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import QUIET, make_model, register
+from scipy import sparse, stats
+
+import scanpy_canal as canal
+from scanpy_canal.model._conformal import (
+    MONDRIAN_MIN_CELLS,
+    conformal_pvalues,
+    score_thresholds,
+    update_calibration_cells,
+)
+from scanpy_canal.model._scores import SCORES, ScoreReference
+
+
+def test_conformal_rejection_of_known_cells_is_at_most_alpha():
+    """Known cells exchangeable with the calibration cells are rejected at rate alpha or less, per type too.
+
+    Repeated over fresh calibration sets, the rejection rate's spread is that of the binomial draw of the known cells
+    plus that of the calibration set's own quantile.
+    """
+    rng = np.random.default_rng(0)
+    n_repeats, n_calibration, n_known, alpha = 100, 600, 600, 0.05
+
+    def cells(n):  # a common type 0, a "hard" type 1 with high scores, a rare type 2 (judged by the pooled cells)
+        predicted = rng.choice(3, size=n, p=[0.55, 0.4, 0.05])
+        return torch.as_tensor(rng.normal(size=n) + 3 * (predicted == 1)), torch.as_tensor(predicted)
+
+    rejected, hard = [], []
+    for _ in range(n_repeats):
+        calibration, (scores, predicted) = cells(n_calibration), cells(n_known)
+        unassigned = (conformal_pvalues(scores, predicted, *calibration) <= alpha).numpy()
+        pooled, per_type = score_thresholds(*calibration, alpha)
+        threshold = torch.tensor([per_type.get(int(c), pooled) for c in predicted])
+        np.testing.assert_array_equal(unassigned, (scores > threshold).numpy())
+        rejected.append(unassigned)
+        hard.append(unassigned[predicted.numpy() == 1])
+    assert set(per_type) == {0, 1} and per_type[1] > per_type[0] + 2  # the hard type has its own threshold
+    smallest_group = 0.4 * n_calibration
+    spread = np.sqrt(alpha * (1 - alpha) * (1 / (n_repeats * n_known) + 1 / (n_repeats * smallest_group)))
+    rate = np.concatenate(rejected).mean()
+    assert alpha - 0.01 <= rate <= alpha + 3 * spread
+    assert np.concatenate(hard).mean() <= alpha + 3 * spread / np.sqrt(0.4)  # not rejected wholesale
+
+
+def test_pvalues_are_uniform_on_calibration_like_cells_and_in_unit_interval():
+    rng = np.random.default_rng(1)
+    calibration = torch.as_tensor(rng.gamma(2.0, size=MONDRIAN_MIN_CELLS * 20))
+    fresh = torch.as_tensor(rng.gamma(2.0, size=5000))
+    pvalues = conformal_pvalues(fresh, torch.zeros(5000), calibration, torch.zeros(len(calibration))).numpy()
+    assert pvalues.min() > 0 and pvalues.max() <= 1
+    assert stats.kstest(pvalues, "uniform").pvalue > 0.001
+    novel = conformal_pvalues(fresh + 10, torch.zeros(5000), calibration, torch.zeros(len(calibration))).numpy()
+    assert np.allclose(novel, 1 / (len(calibration) + 1))
+
+
+def test_calibration_cells_are_class_balanced_across_stages():
+    genes = [f"g{i}" for i in range(3)]
+    make = lambda n, stage: ad.AnnData(
+        sparse.csr_matrix(np.full((n, 3), stage, dtype=np.float32)),
+        obs=pd.DataFrame(index=[f"s{stage}_{i}" for i in range(n)]),
+        var=pd.DataFrame(index=genes),
+    )
+    first = update_calibration_cells(None, make(30, 1), ["a"] * 20 + ["b"] * 10, ["a", "b"], stage=1, size=40, seed=0)
+    assert first.obs["cell_type"].value_counts().to_dict() == {"a": 20, "b": 10}
+    second = update_calibration_cells(
+        first, make(30, 2), ["a"] * 30, ["a", "b", "c"], stage=2, size=30, seed=0
+    )  # quota 10 per type
+    counts = second.obs.groupby(["cell_type", "stage"], observed=True).size().to_dict()
+    assert counts == {("a", 1): 5, ("a", 2): 5, ("b", 1): 10}
+    assert list(second.obs["cell_type"].cat.categories) == ["a", "b", "c"]
+    assert update_calibration_cells(first, make(3, 2), ["a"] * 3, ["a", "b"], stage=2, size=0, seed=0) is None
+
+
+@pytest.mark.parametrize("kind", SCORES)
+def test_every_score_ranks_shifted_cells_as_more_novel(kind):
+    generator = torch.Generator().manual_seed(0)
+    bank = torch.rand(200, 8, generator=generator) + torch.arange(2).repeat(100)[:, None] * 3
+    codes = torch.arange(2).repeat(100)
+    logits = torch.randn(50, 2, generator=generator) * 0.1 + torch.tensor([6.0, 0.0])
+    reference = ScoreReference.build(logits, 0.8, bank, codes)
+    known = reference.score(kind, logits, bank[:100:2], 0.8)
+    elsewhere = torch.zeros(50, 8)
+    elsewhere[:, 0] = 5.0  # a direction no bank cell has
+    unsure = reference.score(kind, logits * 0.05, elsewhere, 0.8)
+    assert known.shape == (50,) and unsure.shape == (50,) and torch.isfinite(known).all()
+    assert unsure.mean() > known.mean()
+
+
+def test_stage_keeps_calibration_cells_apart_from_training_and_bank(two_stage_model, small_stream):
+    calibration, bank = two_stage_model.calibration_cells_, two_stage_model.example_bank
+    assert calibration is not None and calibration.var_names.tolist() == two_stage_model.genes
+    assert not set(calibration.obs_names) & set(bank.obs_names)
+    assert sorted(calibration.obs["stage"].unique()) == [1, 2]  # every stage, not only the last
+    assert set(calibration.obs["cell_type"].astype(str)) == set(two_stage_model.cell_types)
+    assert calibration.obsm["manifold"].shape == (calibration.n_obs, 128)
+    record = two_stage_model.stage_history_[-1]
+    assert record["calibration_cells"] == calibration.n_obs and record["calibration_bytes"] > 0
+
+
+def test_calibration_cells_are_never_trained_on(small_stream):
+    model = make_model(small_stream)
+    model.train(max_epochs=2, **QUIET)
+    stage_cells = small_stream.train[0].obs_names
+    held_out = stage_cells[model.validation_indices[model.validation_indices < len(stage_cells)]]
+    assert set(model.calibration_cells_.obs_names) <= set(held_out)
+    model.train(register(small_stream.train[1]), max_epochs=2, **QUIET)
+    n_stage = small_stream.train[1].n_obs
+    trained = [small_stream.train[1].obs_names[i] for i in model.train_indices if i < n_stage]
+    assert not set(model.calibration_cells_.obs_names) & set(trained)
+    manifold = model._forward(model.calibration_cells_.X)["manifold"].numpy()
+    np.testing.assert_allclose(model.calibration_cells_.obsm["manifold"], manifold, atol=1e-5)  # current network
+
+
+def test_conformal_predictions_and_pvalues(two_stage_model, small_stream):
+    known = ad.concat(small_stream.test)
+    query = ad.concat([known, small_stream.novel])
+    novelty = two_stage_model.get_novelty(query)
+    assert list(novelty.columns) == ["prediction", "score", "pvalue"] and novelty.index.equals(query.obs_names)
+    assert novelty["pvalue"].between(0, 1).all()
+    for alpha in (0.05, 0.2):
+        labels = two_stage_model.predict(query, novel=True, alpha=alpha)
+        np.testing.assert_array_equal(labels == "Unassigned", novelty["pvalue"].to_numpy() <= alpha)
+    is_novel = query.obs["cell_type"].isin(small_stream.novel_types).to_numpy()
+    assert novelty["pvalue"][is_novel].median() < novelty["pvalue"][~is_novel].median()
+    alone = np.concatenate([two_stage_model.predict(query[i : i + 1], novel=True) for i in range(0, query.n_obs, 9)])
+    np.testing.assert_array_equal(alone, two_stage_model.predict(query, novel=True)[::9])
+
+
+def test_every_score_and_rule_runs(two_stage_model, small_stream):
+    query = ad.concat([*small_stream.test, small_stream.novel])
+    for score in SCORES:
+        labels = two_stage_model.predict(query, novel=True, score=score)
+        assert set(labels) <= {*two_stage_model.cell_types, "Unassigned"}
+    for threshold in ("calibrated", "canal", 0.5):
+        assert len(two_stage_model.predict(query, novel=True, threshold=threshold)) == query.n_obs
+    with pytest.raises(ValueError, match="rule of the 'mix' score"):
+        two_stage_model.predict(query, novel=True, threshold="calibrated", score="knn")
+    with pytest.raises(ValueError, match="score must be one of"):
+        two_stage_model.predict(query, novel=True, score="entropy")
+
+
+@pytest.mark.parametrize("alpha", [0, 1, -0.1, 1.5, "0.05", True, float("nan"), None])
+def test_bad_alpha_is_a_clear_error(two_stage_model, small_stream, alpha):
+    with pytest.raises(ValueError, match="alpha must be a number strictly between 0 and 1"):
+        two_stage_model.predict(small_stream.test[0], novel=True, alpha=alpha)
+
+
+def test_annotate_writes_pvalues_and_unassign_applies_another_alpha(two_stage_model, small_stream, tmp_path):
+    query = ad.concat([*small_stream.test, small_stream.novel])
+    canal.tl.annotate(query, two_stage_model, novel=True)
+    pvalues = query.obs["canal_novelty_pvalue"].to_numpy()
+    assert ((pvalues > 0) & (pvalues <= 1)).all()
+    assert query.uns["canal"]["params"]["alpha"] == 0.05 and len(query.uns["canal"]["type_thresholds"]) == len(
+        two_stage_model.cell_types
+    )
+    query.write_h5ad(tmp_path / "annotated.h5ad")  # every key written is storable (type names with slashes too)
+    canal.tl.unassign(query, alpha=0.2)
+    np.testing.assert_array_equal(query.obs["canal_prediction"].to_numpy() == "Unassigned", pvalues <= 0.2)
+    np.testing.assert_array_equal(
+        query.obs["canal_prediction"].astype(str), two_stage_model.predict(query, novel=True, alpha=0.2)
+    )
+    with pytest.raises(ValueError, match="alpha must be"):
+        canal.tl.unassign(query, alpha=1.0)
+
+
+def test_calibration_cells_survive_save_and_load(two_stage_model, small_stream, tmp_path):
+    two_stage_model.save(tmp_path / "model")
+    loaded = canal.CANAL.load(tmp_path / "model")
+    original = two_stage_model.calibration_cells_
+    assert loaded.calibration_cells_.obs.equals(original.obs)
+    assert (loaded.calibration_cells_.X != original.X).nnz == 0
+    np.testing.assert_array_equal(loaded.calibration_cells_.obsm["manifold"], original.obsm["manifold"])
+    query = ad.concat([*small_stream.test, small_stream.novel])
+    np.testing.assert_array_equal(
+        loaded.get_novelty(query, score="knn")["pvalue"], two_stage_model.get_novelty(query, score="knn")["pvalue"]
+    )
