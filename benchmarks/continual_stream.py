@@ -76,6 +76,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import peers
+import torch
 from continual_stream_report import print_tables
 from encoder_throughput import machine_info, write_report
 from zeisel import LEVELS, zeisel_stream
@@ -159,6 +160,10 @@ TARGETS = [
 ]
 
 Predictor = peers.Predictor
+THREADS_HELP = (
+    "threads of torch and numba; default 1: on a busy 2-core machine two threads wait on each other at every small "
+    "operation (measured: a pbmc68k epoch took 2.0 s with 2 threads and 0.75 s with 1, at a load average of 5)"
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -167,6 +172,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=30, help="maximum epochs per CANAL stage")
     parser.add_argument("--streams", nargs="+", choices=list(STREAMS), default=list(STREAMS))
     parser.add_argument("--methods", nargs="+", choices=METHODS, help="default: each stream's own list")
+    parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, short scANVI, output to a temp file")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -177,6 +183,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         Path(tempfile.gettempdir()) / "continual_stream_quick.json" if args.quick else RESULTS
     )
     return args
+
+
+def set_threads(n: int) -> None:
+    """Use `n` threads in numba (scanpy's) and in torch, in that order. Numba's OpenMP threading layer shares
+    torch's OpenMP runtime: with numba left at the number of cores, scanpy's numba code (gene selection in
+    ``CANAL(n_top_genes=...)``, once CellTypist is imported) raised torch's thread count back to 2 (measured)."""
+    import numba
+
+    numba.set_num_threads(n)
+    torch.set_num_threads(n)
 
 
 def canal_train_kwargs(epochs: int) -> dict:
@@ -309,6 +325,7 @@ def check_targets(results: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    set_threads(args.threads)
     report = {
         "machine": machine_info(),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
