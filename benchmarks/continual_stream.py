@@ -58,7 +58,8 @@ Every model is scored by :func:`evaluate_predictor`: accuracy and macro-F1 on ea
 :func:`scanpy_canal.tl.continual_metrics`), and macro-F1 and ARI on all held-out cells pooled. The joint methods'
 BWT is not forgetting (they see every cell again): it is how much adding types lowers the accuracy on earlier test
 sets, which no continual method can avoid; ``targets`` reports CANAL's BWT beyond it. The CANAL stream runs also
-report novel-cell detection (``h_score`` etc.) from ``run_stream``. Logistic regression (lbfgs) is deterministic, so
+report novel-cell detection (``h_score`` etc.) from ``run_stream``, and ``canal``'s final model is scored by every
+novelty score and threshold rule (``benchmarks/novelty.py``, which also writes ``results/novelty.json``). Logistic regression (lbfgs) is deterministic, so
 ``lr_joint`` and ``lr_sequential`` have no spread over seeds.
 """
 
@@ -73,6 +74,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import anndata as ad
+import novelty
 import numpy as np
 import pandas as pd
 import peers
@@ -85,10 +87,11 @@ import scanpy_canal as canal
 from scanpy_canal._demo import DEMO_ARCH, StreamResult, run_stream
 
 RESULTS = Path(__file__).resolve().parent / "results" / "continual_stream.json"
-#: Every CANAL run: the encoder and ``model.train``'s arguments (``max_epochs`` comes from ``--epochs``).
+#: Every CANAL run: the encoder and ``model.train``'s arguments beyond its defaults for a random start
+#: (``max_epochs`` comes from ``--epochs`` when given).
 CANAL_SETTINGS = {
     "arch": DEMO_ARCH,
-    "train": {"batch_size": 8, "lr": 1e-3, "accelerator": "cpu", "enable_progress_bar": False},
+    "train": {"accelerator": "cpu", "enable_progress_bar": False},
 }
 #: Settings of each CANAL stream run beyond :data:`CANAL_SETTINGS`: ``model.train``'s, and ``arch`` updates its
 #: encoder.
@@ -169,7 +172,9 @@ THREADS_HELP = (
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=30, help="maximum epochs per CANAL stage")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="maximum epochs per CANAL stage; default: train()'s for a random start"
+    )
     parser.add_argument("--streams", nargs="+", choices=list(STREAMS), default=list(STREAMS))
     parser.add_argument("--methods", nargs="+", choices=METHODS, help="default: each stream's own list")
     parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
@@ -195,8 +200,8 @@ def set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def canal_train_kwargs(epochs: int) -> dict:
-    """``model.train`` settings shared by every CANAL run."""
+def canal_train_kwargs(epochs: int | None) -> dict:
+    """``model.train`` settings shared by every CANAL run; `epochs` None keeps ``train()``'s default."""
     return {"max_epochs": epochs, **CANAL_SETTINGS["train"], "enable_model_summary": False}
 
 
@@ -262,7 +267,7 @@ def run_stages(stream: canal.datasets.Stream, stages: list[tuple[str, int, Calla
     return result
 
 
-def fit_canal(data: ad.AnnData, labels_key: str, seed: int, epochs: int, n_top_genes: int) -> Predictor:
+def fit_canal(data: ad.AnnData, labels_key: str, seed: int, epochs: int | None, n_top_genes: int) -> Predictor:
     """One CANAL stage on `data` (on its own `n_top_genes` HVGs); predicts closed-set labels."""
     data = data.copy()
     data.obs[labels_key] = data.obs[labels_key].astype(str).astype("category")
@@ -272,14 +277,20 @@ def fit_canal(data: ad.AnnData, labels_key: str, seed: int, epochs: int, n_top_g
     return lambda adata: model.predict(adata)
 
 
-def run_method(stream: canal.datasets.Stream, spec: StreamSpec, method: str, seed: int, epochs: int, log) -> dict:
-    """One method on one stream with one seed: the matrices, final metrics and seconds per stage."""
+def run_method(
+    stream: canal.datasets.Stream, spec: StreamSpec, method: str, seed: int, epochs: int | None, log
+) -> dict:
+    """One method on one stream with one seed: the matrices, final metrics and seconds per stage; for ``canal``
+    also every novelty score under every threshold rule (``novelty``, :func:`novelty.evaluate_model`)."""
     key, bank = stream.labels_key, spec.rehearsal_size
     if method in CANAL_VARIANTS:
         train_kwargs = {**canal_train_kwargs(epochs), "rehearsal_size": bank, **CANAL_VARIANTS[method]}
         arch = {**CANAL_SETTINGS["arch"], **train_kwargs.pop("arch", {})}
         result = run_stream(stream, arch=arch, n_top_genes=spec.n_top_genes, seed=seed, log=log, **train_kwargs)
-        return result.to_dict()
+        content = result.to_dict()
+        if method == "canal" and stream.novel is not None:
+            content["novelty"] = novelty.evaluate_model(result.model, stream)
+        return content
     if method == "scanvi_scarches":
         return run_stages(stream, peers.scanvi_rows(stream, seed))
     selection = spec.celltypist_feature_selection
@@ -364,6 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
     write_report(report, args.output)
     print_tables(report)
     print(f"\nwrote {args.output} ({report['seconds_total'] / 60:.1f} min)")
+    novelty.main(["--input", str(args.output), *(["--quick"] if args.quick else [])])
     return report
 
 
