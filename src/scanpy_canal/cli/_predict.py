@@ -43,8 +43,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     predict.add_argument(
         "--score",
         choices=["mix", "energy", "max_probability", "knn", "mahalanobis"],
-        default="mix",
-        help="with --novel: the novelty score (default: mix)",
+        default=None,
+        help="with --novel: the novelty score (default: energy for the conformal rule, mix for the others)",
     )
     predict.add_argument("--layer", default=None, help="layer to read instead of X")
     predict.add_argument("--key-added", default="canal", help="prefix of the keys written (default: canal)")
