@@ -20,7 +20,7 @@ validation split, batches, the random banks):
   a bank of 250 and 200 cells: at most a third of the training cells seen before each stage, so replay has to choose.
 
 The streams run in ``--jobs`` processes (2), one thread each; ``--resume`` reuses the methods an interrupted run
-completed. To keep the whole run within about 90 minutes on a 2-core machine, the ablations (``ABLATIONS``) and
+completed, and ``--assemble`` writes the report from the methods completed so far. To keep the whole run within about 90 minutes on a 2-core machine, the ablations (``ABLATIONS``) and
 naive fine-tuning on the Zeisel streams run with the first seed only (``StreamSpec.first_seed_only``), and joint
 CANAL runs on the small streams only.
 
@@ -195,6 +195,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     parser.add_argument("--jobs", type=int, default=2, help="streams run at once, in separate processes (default 2)")
     parser.add_argument("--resume", action="store_true", help="reuse the methods an interrupted run completed")
+    parser.add_argument(
+        "--assemble", action="store_true", help="write the report from the methods completed so far, training nothing"
+    )
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, short scANVI, output to a temp file")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -404,6 +407,10 @@ def main(argv: list[str] | None = None) -> dict:
     for method in report["skipped"]:
         print(f"[{method}] skipped: {report['skipped'][method]}")
     start_all = time.perf_counter()
+    if args.assemble:
+        report["results"] = {name: completed_methods(name, args.output) for name in args.streams}
+        report["targets"] = {name: check_targets(methods) for name, methods in report["results"].items()}
+        return finish(report, args, start_all)
     # The streams run in `--jobs` processes, the slowest (the most genes) first.
     names = sorted(args.streams, key=lambda name: -STREAMS[name].n_top_genes)
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -420,6 +427,17 @@ def main(argv: list[str] | None = None) -> dict:
         for name in args.streams:
             report["results"][name] = futures[name].result()
             report.setdefault("targets", {})[name] = check_targets(report["results"][name])
+    return finish(report, args, start_all)
+
+
+def completed_methods(stream_name: str, output: Path) -> dict:
+    """The runs kept by :func:`run_stream_methods` for a stream, in the order of :data:`METHODS`."""
+    paths = {path.stem: path for path in partial_path(output, stream_name, "").parent.glob("*.json")}
+    return {method: json.loads(paths[method].read_text()) for method in METHODS if method in paths}
+
+
+def finish(report: dict, args: argparse.Namespace, start_all: float) -> dict:
+    """Write the report, print its tables and summarise the novelty scores of its CANAL runs."""
     report["machine"]["load_average_end"] = list(os.getloadavg())
     report["seconds_total"] = time.perf_counter() - start_all
     write_report(report, args.output)
