@@ -61,3 +61,43 @@ def test_not_printed_twice_when_the_application_has_a_handler(capsys):
     with sc.settings.verbosity.override("info"):
         LOGGER.warning("once")
     assert "once" not in capsys.readouterr().err
+
+
+TRAIN_TWICE = """
+import sys
+
+import scanpy as sc
+import scanpy_canal as canal
+
+stream = canal.datasets.synthetic_stream(n_stages=1, n_genes=20, types_per_stage=2, cells_per_type=10, seed=0)
+arch = {"dim": 8, "depth": 2, "heads": 2, "dim_head": 4}
+for verbosity in ("warning", "debug"):
+    sc.settings.verbosity = verbosity
+    for stream_ in (sys.stdout, sys.stderr):
+        print(f"--- verbosity {verbosity}", file=stream_, flush=True)
+    canal.CANAL.setup_anndata(stream.train[0], labels_key="cell_type")
+    canal.CANAL(stream.train[0], **arch).train(max_epochs=2, accelerator="cpu")
+    canal.pretrain(stream.train[0], f"encoder_{verbosity}", max_epochs=2, accelerator="cpu", **arch)
+"""
+#: What Lightning and PyTorch print while training when nobody asks for it.
+CHATTER = ["litlogger", "GPU available", "TPU available", "LeafSpec", "`Trainer.fit` stopped", "━"]
+
+
+@pytest.mark.slow
+def test_training_is_quiet_at_default_verbosity(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", TRAIN_TWICE], cwd=tmp_path, capture_output=True, text=True, check=True, timeout=300
+    )
+    (quiet_out, debug_out), (quiet_err, debug_err) = (
+        text.split("--- verbosity debug") for text in (result.stdout, result.stderr)
+    )
+    for text in CHATTER:
+        assert text not in quiet_out + quiet_err, text
+    assert "GPU available" in debug_err and "LeafSpec" in debug_err  # back at verbosity "debug"
+    for bar in ("Stage 1: 100%", "Pretraining: 100%"):  # one progress-bar style, on stderr, for both kinds of run
+        assert result.stderr.count(bar) >= 2
+    assert "Training:" not in result.stdout  # scvi-tools' own bar is not used
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["encoder_debug", "encoder_warning"]  # no logs
