@@ -27,6 +27,27 @@ def arch_arguments(args: argparse.Namespace) -> dict[str, int]:
     return {name: getattr(args, name) for name in ARCH_OPTIONS if getattr(args, name) is not None}
 
 
+def add_normalize_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--normalize`` to `parser`."""
+    parser.add_argument(
+        "--normalize",
+        action="store_true",
+        help="first bring counts or ln/log2 log1p values (of X, or of --layer) to log2(1 + counts per 10k), as "
+        "canal.pp.normalize does",
+    )
+
+
+def read_values(args: argparse.Namespace) -> tuple[AnnData, str | None]:
+    """``args.data`` read into memory and, with ``--normalize``, normalised into X; and the layer that holds the values."""
+    adata = read_h5ad(args.data)
+    if not args.normalize:
+        return adata, args.layer
+    from scanpy_canal.pp import normalize
+
+    normalize(adata, layer=args.layer)
+    return adata, None
+
+
 def read_h5ad(path: Path, *, backed: bool = False) -> AnnData:
     """Read an ``.h5ad`` file (with `backed`, X stays on disk), with errors that name it."""
     import anndata as ad

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._common import positive, read_h5ad
+from ._common import add_normalize_option, positive, read_h5ad
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -26,7 +26,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "canal.tl.annotate added (obs <key>_prediction, <key>_confidence, <key>_uncertainty, <key>_novelty_pvalue; "
         "obsm X_<key>, <key>_probabilities; uns <key>); a .csv output has one row per cell: obs_names, prediction, "
         "confidence and, with --novel, uncertainty and novelty_pvalue. Cells are read, aligned to the model's genes "
-        "and predicted --chunk-size at a time; for a .csv output the input's X is read from disk chunk by chunk, so memory stays bounded.",
+        "and predicted --chunk-size at a time; for a .csv output the input's X is read from disk chunk by chunk, so "
+        "memory stays bounded (unless --normalize, which normalises a copy of the values in memory).",
     )
     predict.add_argument("data", type=Path, help="cells to annotate (.h5ad), log2(1 + counts per 10k) values")
     predict.add_argument("--model-dir", type=Path, required=True, help="directory of a saved model")
@@ -47,6 +48,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="with --novel: the novelty score (default: mix)",
     )
     predict.add_argument("--layer", default=None, help="layer to read instead of X")
+    add_normalize_option(predict)
     predict.add_argument("--key-added", default="canal", help="prefix of the keys written (default: canal)")
     predict.add_argument(
         "--batch-size", type=positive(int), default=None, help="cells per forward pass (default: sized by the model)"
@@ -69,7 +71,8 @@ def run(args: argparse.Namespace) -> None:
     if args.output.exists() and not args.overwrite:
         raise FileExistsError(f"{str(args.output)!r} already exists; add --overwrite to replace it.")
     model = CANAL.load(args.model_dir)
-    adata = read_h5ad(args.data, backed=args.output.suffix == ".csv")  # a table needs no copy of X in memory
+    # A table needs no copy of X in memory, unless the values are normalised first.
+    adata = read_h5ad(args.data, backed=args.output.suffix == ".csv" and not args.normalize)
     _annotate(adata, model, args)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     if args.output.suffix == ".csv":
@@ -82,17 +85,39 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _annotate(adata: AnnData, model: CANAL, args: argparse.Namespace) -> None:
-    """Annotate as `tl.annotate` does, reading `--layer`, and leave no scvi-tools registration in ``adata.uns``."""
+    """Annotate as `tl.annotate` does, reading `--layer`, and leave no scvi-tools registration in ``adata.uns``.
+
+    With ``--normalize``, the values are normalised in a copy: the output's X and layers stay those of the input.
+    """
     from scanpy_canal.model._options import PredictOptions, from_arguments
     from scanpy_canal.tl._annotate import write_annotation
 
-    kept = {key: adata.uns[key] for key in _SCVI_REGISTRATION_KEYS if key in adata.uns}
-    if args.layer is not None:
-        type(model).setup_anndata(adata, layer=args.layer)
-    write_annotation(adata, model, from_arguments(PredictOptions, vars(args)), key_added=args.key_added)
+    values, layer = (_normalized(adata, args.layer), None) if args.normalize else (adata, args.layer)
+    kept = {key: values.uns[key] for key in _SCVI_REGISTRATION_KEYS if key in values.uns}
+    if layer is not None:
+        type(model).setup_anndata(values, layer=layer)
+    write_annotation(values, model, from_arguments(PredictOptions, vars(args)), key_added=args.key_added)
     for key in _SCVI_REGISTRATION_KEYS:
-        adata.uns.pop(key, None)
-    adata.uns.update(kept)
+        values.uns.pop(key, None)
+    values.uns.update(kept)
+    if values is not adata:
+        adata.obs = values.obs
+        for key, value in values.obsm.items():
+            adata.obsm[key] = value
+        adata.uns[args.key_added] = values.uns[args.key_added]
+
+
+def _normalized(adata: AnnData, layer: str | None) -> AnnData:
+    """A new AnnData with the obs and var of `adata` and its values (of `layer`) normalised in X."""
+    import anndata as ad
+
+    from scanpy_canal.pp import normalize
+
+    if layer is not None and layer not in adata.layers:
+        raise KeyError(f"Layer {layer!r} not found; available layers: {list(adata.layers)}.")
+    values = ad.AnnData(adata.X if layer is None else adata.layers[layer], obs=adata.obs.copy(), var=adata.var.copy())
+    normalize(values)
+    return values
 
 
 def _prediction_table(adata: AnnData, key: str) -> pd.DataFrame:

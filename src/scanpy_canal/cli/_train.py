@@ -10,10 +10,11 @@ from ._common import (
     ARCH_OPTIONS,
     add_arch_options,
     add_lightning_options,
+    add_normalize_option,
     arch_arguments,
     first_process,
     positive,
-    read_h5ad,
+    read_values,
     writer_lock,
 )
 
@@ -35,12 +36,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "replay, distillation). Either way the model is then saved to --model-dir, replacing the one it was loaded "
         "from. --new insists on a new model: it is an error if --model-dir holds one, unless --overwrite is given "
         "too. A directory that is not a saved model is never replaced. Values must be log2(1 + counts per 10k) "
-        "(see canal.pp.normalize).",
+        "(see canal.pp.normalize), or --normalize gets them there.",
     )
     train.add_argument("data", type=Path, help="labelled cells (.h5ad)")
     train.add_argument("--model-dir", type=Path, required=True, help="directory of the model to continue or create")
     train.add_argument("--labels-key", required=True, help="column of obs holding the cell types")
     train.add_argument("--layer", default=None, help="layer to read instead of X")
+    add_normalize_option(train)
     train.add_argument(
         "--new", action="store_true", help="build a new model; an error if --model-dir holds one, unless --overwrite"
     )
@@ -86,8 +88,8 @@ def _train_next_stage(args: argparse.Namespace) -> None:
             "or add --overwrite to replace it with a new model."
         )
     model = _existing_model(args) if holds_model and not args.new else None
-    adata = read_h5ad(args.data)
-    CANAL.setup_anndata(adata, labels_key=args.labels_key, layer=args.layer)
+    adata, layer = read_values(args)
+    CANAL.setup_anndata(adata, labels_key=args.labels_key, layer=layer)
     model = _new_model(adata, args) if model is None else model
     try:
         model.train(
