@@ -37,6 +37,16 @@ def add_normalize_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_gene_symbols_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--gene-symbols`` to `parser`."""
+    parser.add_argument(
+        "--gene-symbols",
+        default=None,
+        metavar="COLUMN",
+        help="column of var holding the gene names to use, for when var_names are e.g. Ensembl IDs",
+    )
+
+
 def read_values(args: argparse.Namespace) -> tuple[AnnData, str | None]:
     """``args.data`` read into memory and, with ``--normalize``, normalised into X; and the layer that holds the values."""
     adata = read_h5ad(args.data)

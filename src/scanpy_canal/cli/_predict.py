@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._common import add_normalize_option, positive, read_h5ad
+from ._common import add_gene_symbols_option, add_normalize_option, positive, read_h5ad
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -25,7 +25,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         description="Predicts the cell type of every cell. An .h5ad output is the input with the keys of "
         "canal.tl.annotate added (obs <key>_prediction, <key>_confidence, <key>_uncertainty, <key>_novelty_pvalue; "
         "obsm X_<key>, <key>_probabilities; uns <key>); a .csv output has one row per cell: obs_names, prediction, "
-        "confidence and, with --novel, uncertainty and novelty_pvalue. Cells are read, aligned to the model's genes "
+        "confidence and, with --novel, uncertainty and novelty_pvalue (with --majority-voting also majority_voting and "
+        "over_clustering). Cells are read, aligned to the model's genes "
         "and predicted --chunk-size at a time; for a .csv output the input's X is read from disk chunk by chunk, so "
         "memory stays bounded (unless --normalize, which normalises a copy of the values in memory).",
     )
@@ -47,8 +48,28 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default="mix",
         help="with --novel: the novelty score (default: mix)",
     )
+    predict.add_argument(
+        "--majority-voting",
+        action="store_true",
+        help="also give every cell the prediction most cells of its cluster got, as CellTypist does (obs "
+        "<key>_majority_voting; clusters in <key>_over_clustering)",
+    )
+    predict.add_argument(
+        "--over-clustering",
+        default=None,
+        metavar="COLUMN",
+        help="with --majority-voting: the obs column of clusters to vote in (default: Leiden clusters of the CANAL "
+        "embedding)",
+    )
     predict.add_argument("--layer", default=None, help="layer to read instead of X")
     add_normalize_option(predict)
+    add_gene_symbols_option(predict)
+    predict.add_argument(
+        "--min-gene-overlap",
+        type=float,
+        default=0.1,
+        help="smallest fraction of the model's genes the data must have, else stop with an error (default: 0.1)",
+    )
     predict.add_argument("--key-added", default="canal", help="prefix of the keys written (default: canal)")
     predict.add_argument(
         "--batch-size", type=positive(int), default=None, help="cells per forward pass (default: sized by the model)"
@@ -96,7 +117,9 @@ def _annotate(adata: AnnData, model: CANAL, args: argparse.Namespace) -> None:
     kept = {key: values.uns[key] for key in _SCVI_REGISTRATION_KEYS if key in values.uns}
     if layer is not None:
         type(model).setup_anndata(values, layer=layer)
-    write_annotation(values, model, from_arguments(PredictOptions, vars(args)), key_added=args.key_added)
+    options = from_arguments(PredictOptions, vars(args))
+    voting = {"majority_voting": args.majority_voting, "over_clustering": args.over_clustering}
+    write_annotation(values, model, options, key_added=args.key_added, **voting)
     for key in _SCVI_REGISTRATION_KEYS:
         values.uns.pop(key, None)
     values.uns.update(kept)
@@ -121,6 +144,7 @@ def _normalized(adata: AnnData, layer: str | None) -> AnnData:
 
 
 def _prediction_table(adata: AnnData, key: str) -> pd.DataFrame:
-    """Prediction, confidence and (with novel-cell detection) uncertainty and p-value of each cell."""
-    columns = {f"{key}_{name}": name for name in ("prediction", "confidence", "uncertainty", "novelty_pvalue")}
+    """Prediction, confidence and, when computed, uncertainty, p-value, majority vote and cluster of each cell."""
+    names = ("prediction", "confidence", "uncertainty", "novelty_pvalue", "majority_voting", "over_clustering")
+    columns = {f"{key}_{name}": name for name in names}
     return adata.obs[[column for column in columns if column in adata.obs]].rename(columns=columns)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from ._common import (
     ARCH_OPTIONS,
     add_arch_options,
+    add_gene_symbols_option,
     add_lightning_options,
     add_normalize_option,
     arch_arguments,
@@ -43,6 +44,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--labels-key", required=True, help="column of obs holding the cell types")
     train.add_argument("--layer", default=None, help="layer to read instead of X")
     add_normalize_option(train)
+    add_gene_symbols_option(train)
     train.add_argument(
         "--new", action="store_true", help="build a new model; an error if --model-dir holds one, unless --overwrite"
     )
@@ -89,6 +91,8 @@ def _train_next_stage(args: argparse.Namespace) -> None:
         )
     model = _existing_model(args) if holds_model and not args.new else None
     adata, layer = read_values(args)
+    if args.gene_symbols is not None:
+        adata = _with_gene_symbols(adata, args.gene_symbols)
     CANAL.setup_anndata(adata, labels_key=args.labels_key, layer=layer)
     model = _new_model(adata, args) if model is None else model
     try:
@@ -121,6 +125,19 @@ def _holds_model(directory: Path) -> bool:
     if directory.exists() and not (directory.is_dir() and not any(directory.iterdir())):
         raise FileExistsError(f"--model-dir {str(directory)!r} exists and is not a saved CANAL model.")
     return False
+
+
+def _with_gene_symbols(adata: AnnData, column: str) -> AnnData:
+    """`adata` with the names in ``var[column]`` as var_names; genes without one are left out."""
+    import pandas as pd
+
+    if column not in adata.var.columns:
+        raise KeyError(f"--gene-symbols {column!r} is not a column of var; available: {list(adata.var.columns)}.")
+    symbols = adata.var[column]
+    named = (symbols.notna() & (symbols.astype(str).str.strip() != "")).to_numpy()
+    adata = adata if named.all() else adata[:, named].copy()
+    adata.var_names = pd.Index(symbols.to_numpy()[named].astype(str))
+    return adata
 
 
 def _new_model(adata: AnnData, args: argparse.Namespace) -> CANAL:

@@ -17,6 +17,7 @@ from scvi.data.fields import CategoricalObsField, LayerField
 from scanpy_canal.pp._normalize import is_natural_log1p
 
 if TYPE_CHECKING:
+    from mudata import MuData
     from scvi.model.base import BaseModelClass
 
 #: The largest possible ``log2(1 + counts per 10k)`` (one gene holding all counts), with float32 rounding room.
@@ -55,6 +56,19 @@ def registration_fields(adata: ad.AnnData, labels_key: str | None, layer: str | 
         read_labels(adata, labels_key)
         fields.append(CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key))
     return fields
+
+
+def modality(data: ad.AnnData | MuData | None, mod: str) -> ad.AnnData | None:
+    """`data` itself, or for a MuData its modality `mod`."""
+    if data is None or isinstance(data, ad.AnnData):
+        return data
+    from mudata import MuData
+
+    if not isinstance(data, MuData):
+        raise TypeError(f"Expected an AnnData or a MuData, got {type(data).__name__}.")
+    if mod not in data.mod:
+        raise KeyError(f"MuData has no modality {mod!r}; it has {list(data.mod)}. Choose one with mod=...")
+    return data.mod[mod]
 
 
 def layer_matrix(adata: ad.AnnData, layer: str | None):
