@@ -425,6 +425,7 @@ def test_pickled_payload_in_weights_is_refused(model_dir, tmp_path, capsys, how)
         torch.save(payload, directory / "weights.pt")
     with pytest.raises(ValueError, match="holds objects other than tensors"):
         canal.CANAL.load(directory)
+    (tmp_path / "query.h5ad").touch()  # the model is read after the paths are checked
     message = cli_error(capsys, *cli_predict(tmp_path / "query.h5ad", directory, tmp_path / "out.csv"))
     assert "holds objects other than tensors" in message
     assert not marker.exists()

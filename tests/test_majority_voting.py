@@ -90,3 +90,6 @@ def test_majority_voting_on_the_command_line(query, model_dir, tmp_path, capsys)
     assert main([*predict, "--output", str(tmp_path / "annotated.h5ad"), "--majority-voting", "--novel"]) == 0
     annotated = ad.read_h5ad(tmp_path / "annotated.h5ad")
     _assert_votes(annotated.obs, "canal_over_clustering")
+
+    assert main([*predict, "--output", str(table), "--over-clustering", "cell_type"]) == 1
+    assert "add --majority-voting" in capsys.readouterr().err

@@ -13,6 +13,9 @@ if TYPE_CHECKING:
 
 #: Encoder options of ``train`` and ``pretrain`` (scBERT's architecture by default).
 ARCH_OPTIONS = ("dim", "depth", "heads", "dim_head")
+#: The file that makes a directory a saved model (``model._io.METADATA``), named here so that checking a directory
+#: loads no model code.
+MODEL_FILE = "model.json"
 
 
 def add_arch_options(group: argparse._ActionsContainer) -> None:
@@ -62,12 +65,17 @@ def read_h5ad(path: Path, *, backed: bool = False) -> AnnData:
     """Read an ``.h5ad`` file (with `backed`, X stays on disk), with errors that name it."""
     import anndata as ad
 
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} does not exist or is not a file.")
+    existing_file(path)
     try:
         return ad.read_h5ad(path, backed="r" if backed else None)
     except OSError as error:
         raise ValueError(f"cannot read {str(path)!r} as an .h5ad file ({error}).") from error
+
+
+def existing_file(path: Path) -> None:
+    """Refuse a `path` that is not an existing file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist or is not a file.")
 
 
 def positive(kind: type) -> Callable[[str], int | float]:

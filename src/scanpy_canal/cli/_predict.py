@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._common import add_gene_symbols_option, add_normalize_option, positive, read_h5ad
+from ._common import add_gene_symbols_option, add_normalize_option, existing_file, positive, read_h5ad
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -85,12 +85,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Annotate the cells and write them, or their table of predictions."""
+    _check_arguments(args)  # a mistake is told at once, before torch and scvi-tools take seconds to load
     from scanpy_canal.model import CANAL
 
-    if args.output.suffix not in {".h5ad", ".csv"}:
-        raise ValueError(f"--output must end in .h5ad or .csv, got {str(args.output)!r}.")
-    if args.output.exists() and not args.overwrite:
-        raise FileExistsError(f"{str(args.output)!r} already exists; add --overwrite to replace it.")
     model = CANAL.load(args.model_dir)
     # A table needs no copy of X in memory, unless the values are normalised first.
     adata = read_h5ad(args.data, backed=args.output.suffix == ".csv" and not args.normalize)
@@ -103,6 +100,21 @@ def run(args: argparse.Namespace) -> None:
     predictions = adata.obs[f"{args.key_added}_prediction"]
     unassigned = f", {int((predictions == 'Unassigned').sum())} Unassigned" if args.novel else ""
     print(f"annotated {adata.n_obs} cells with the stage-{model.stage} model{unassigned}; wrote {args.output}")
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Refuse arguments that cannot work, looking only at them and at the file system."""
+    from scanpy_canal._directories import readable_directory
+
+    if args.output.suffix not in {".h5ad", ".csv"}:
+        raise ValueError(f"--output must end in .h5ad or .csv, got {str(args.output)!r}.")
+    if args.output.exists() and not args.overwrite:
+        raise FileExistsError(f"{str(args.output)!r} already exists; add --overwrite to replace it.")
+    if args.over_clustering is not None and not args.majority_voting:
+        raise ValueError("--over-clustering names the clusters of majority voting: add --majority-voting.")
+    existing_file(args.data)
+    if not readable_directory(args.model_dir).is_dir():
+        raise FileNotFoundError(f"--model-dir {str(args.model_dir)!r} does not exist or is not a directory.")
 
 
 def _annotate(adata: AnnData, model: CANAL, args: argparse.Namespace) -> None:

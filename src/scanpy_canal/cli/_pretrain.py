@@ -10,6 +10,7 @@ from ._common import (
     add_lightning_options,
     add_normalize_option,
     arch_arguments,
+    existing_file,
     fraction,
     positive,
     read_values,
@@ -80,6 +81,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Pretrain and write the encoder directory, holding its writer lock."""
+    # A mistake is told at once, before torch and scvi-tools take seconds to load.
+    existing_file(args.data)
+    if args.genes_file is not None:
+        existing_file(args.genes_file)
+    if args.output.exists() and not args.overwrite:
+        raise FileExistsError(f"{str(args.output)!r} already exists; add --overwrite to replace it.")
     with writer_lock(args.output, wait=args.wait):  # a busy output is refused before the training, not after
         _pretrain_unlocked(args)
 

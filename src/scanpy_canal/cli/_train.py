@@ -8,11 +8,13 @@ from typing import TYPE_CHECKING
 
 from ._common import (
     ARCH_OPTIONS,
+    MODEL_FILE,
     add_arch_options,
     add_gene_symbols_option,
     add_lightning_options,
     add_normalize_option,
     arch_arguments,
+    existing_file,
     first_process,
     positive,
     read_values,
@@ -74,8 +76,36 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Load or build the model, train its next stage and save it back, holding the directory's writer lock."""
+    _continues_a_model(args)  # a mistake is told at once, before torch and scvi-tools take seconds to load
     with writer_lock(args.model_dir, wait=args.wait):  # from loading to saving, so no other run's stage is lost
         _train_next_stage(args)
+
+
+def _continues_a_model(args: argparse.Namespace) -> bool:
+    """Whether the command trains the next stage of the model in --model-dir; an error for arguments that conflict.
+
+    Reads only the file system, so it answers at once; it is asked again once the directory is locked.
+    """
+    from scanpy_canal._directories import readable_directory
+
+    existing_file(args.data)
+    for option in ("pretrained", "pretrained_genes"):
+        path = getattr(args, option)
+        if path is not None and not readable_directory(path).exists():  # a pretrained directory may be retired
+            raise FileNotFoundError(f"--{option.replace('_', '-')} {str(path)!r} does not exist.")
+    holds_model = _holds_model(args.model_dir)
+    if holds_model and args.new and not args.overwrite:
+        raise FileExistsError(
+            f"--model-dir {str(args.model_dir)!r} already holds a model: drop --new to train its next stage, "
+            "or add --overwrite to replace it with a new model."
+        )
+    given = [f"--{name.replace('_', '-')}" for name in _NEW_MODEL_OPTIONS if getattr(args, name) is not None]
+    if holds_model and not args.new and given:
+        raise ValueError(
+            f"{', '.join(given)}: options of a new model, but --model-dir {str(args.model_dir)!r} already holds one; "
+            "drop them to train its next stage, or add --new --overwrite to replace it."
+        )
+    return holds_model and not args.new
 
 
 def _train_next_stage(args: argparse.Namespace) -> None:
@@ -83,13 +113,7 @@ def _train_next_stage(args: argparse.Namespace) -> None:
 
     from scanpy_canal.model import CANAL
 
-    holds_model = _holds_model(args.model_dir)
-    if holds_model and args.new and not args.overwrite:
-        raise FileExistsError(
-            f"--model-dir {str(args.model_dir)!r} already holds a model: drop --new to train its next stage, "
-            "or add --overwrite to replace it with a new model."
-        )
-    model = _existing_model(args) if holds_model and not args.new else None
+    model = CANAL.load(args.model_dir) if _continues_a_model(args) else None
     adata, layer = read_values(args)
     if args.gene_symbols is not None:
         adata = _with_gene_symbols(adata, args.gene_symbols)
@@ -118,9 +142,7 @@ def _train_next_stage(args: argparse.Namespace) -> None:
 
 def _holds_model(directory: Path) -> bool:
     """Whether `directory` is a saved model; an error if it is anything else but missing or empty."""
-    from scanpy_canal.model._io import METADATA
-
-    if (directory / METADATA).is_file():
+    if (directory / MODEL_FILE).is_file():
         return True
     if directory.exists() and not (directory.is_dir() and not any(directory.iterdir())):
         raise FileExistsError(f"--model-dir {str(directory)!r} exists and is not a saved CANAL model.")
@@ -151,18 +173,6 @@ def _new_model(adata: AnnData, args: argparse.Namespace) -> CANAL:
         seed=0 if args.seed is None else args.seed,
         **arch_arguments(args),
     )
-
-
-def _existing_model(args: argparse.Namespace) -> CANAL:
-    from scanpy_canal.model import CANAL
-
-    given = [f"--{name.replace('_', '-')}" for name in _NEW_MODEL_OPTIONS if getattr(args, name) is not None]
-    if given:
-        raise ValueError(
-            f"{', '.join(given)}: options of a new model, but --model-dir {str(args.model_dir)!r} already holds one; "
-            "drop them to train its next stage, or add --new --overwrite to replace it."
-        )
-    return CANAL.load(args.model_dir)
 
 
 def _stage_summary(model: CANAL) -> str:

@@ -287,7 +287,7 @@ class StageTrainingMixin:
                 "stage": stage,
                 "n_cells": int(cells.data.n_obs),
                 "n_replayed": int(cells.training.n_obs - cells.data.n_obs),
-                "new_cell_types": cells.new_types,
+                "new_cell_types": cells.new_types if stage > 1 else sorted(set(cells.labels)),  # stage 1: all
                 "epochs": int(fit.summary["epochs"]),
                 "best_epoch": None if best_epoch is None else best_epoch + 1,
                 "best_validation_accuracy": None if best_epoch is None else fit.summary["best_score"],
