@@ -18,6 +18,14 @@ def small_stream():
     return synthetic_stream(n_stages=2, n_genes=60, types_per_stage=2, cells_per_type=60, seed=0)
 
 
+@pytest.fixture
+def stream_query(small_stream):
+    """The held-out cells of both stages of `small_stream` and the cells of its never-trained type."""
+    import anndata as ad
+
+    return ad.concat([*small_stream.test, small_stream.novel])
+
+
 def make_model(stream, stage: int = 0, **kwargs):
     """A CANAL model on a copy of stage `stage`'s training data."""
     from scanpy_canal import CANAL
@@ -44,3 +52,16 @@ def two_stage_model(small_stream):
     model.train(**settings)
     model.train(register(small_stream.train[1]), **settings)
     return model
+
+
+def saved(model, tmp_path_factory):
+    """The directory `model` is saved to, in a new temporary folder."""
+    path = tmp_path_factory.mktemp("saved") / "model"
+    model.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def two_stage_model_dir(two_stage_model, tmp_path_factory):
+    """`two_stage_model`, saved (shared: do not modify)."""
+    return saved(two_stage_model, tmp_path_factory)

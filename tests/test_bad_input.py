@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import scanpy as sc
 import torch
-from conftest import QUIET, TINY_ARCH, make_model, register
+from conftest import QUIET, TINY_ARCH, make_model, register, saved
 from scipy import sparse
 
 import scanpy_canal as canal
@@ -41,9 +41,7 @@ def model(small_stream):
 
 @pytest.fixture(scope="module")
 def model_dir(model, tmp_path_factory):
-    path = tmp_path_factory.mktemp("saved") / "model"
-    model.save(path)
-    return path
+    return saved(model, tmp_path_factory)
 
 
 @pytest.fixture

@@ -19,18 +19,6 @@ CLI_QUICK = [*(f"--{key.replace('_', '-')}={value}" for key, value in TINY_ARCH.
 CLI_QUICK += ["--epochs", "1", "--accelerator", "cpu", "--quiet"]
 
 
-@pytest.fixture(scope="module")
-def model_dir(two_stage_model, tmp_path_factory):
-    path = tmp_path_factory.mktemp("saved") / "model"
-    two_stage_model.save(path)
-    return path
-
-
-@pytest.fixture
-def query(small_stream):
-    return ad.concat([*small_stream.test, small_stream.novel])
-
-
 def _ensembl(adata: ad.AnnData) -> ad.AnnData:
     """`adata` with made-up Ensembl IDs as var_names and the gene symbols in ``var["symbol"]``."""
     adata = adata.copy()
@@ -45,22 +33,22 @@ def _cli(capsys, *arguments) -> tuple[int, str]:
     return status, capsys.readouterr().err
 
 
-def test_gene_symbols(two_stage_model, small_stream, query, model_dir, tmp_path, capsys):
-    model, ensembl = two_stage_model, _ensembl(query)
+def test_gene_symbols(two_stage_model, small_stream, stream_query, two_stage_model_dir, tmp_path, capsys):
+    model, ensembl = two_stage_model, _ensembl(stream_query)
     with pytest.raises(ValueError, match=r"look like Ensembl IDs: pass gene_symbols="):
         model.predict(ensembl)
-    expected = model.predict(query, novel=True)
+    expected = model.predict(stream_query, novel=True)
     np.testing.assert_array_equal(model.predict(ensembl, novel=True, gene_symbols="symbol"), expected)
     np.testing.assert_allclose(
-        model.get_latent_representation(ensembl, gene_symbols="symbol"), model.get_latent_representation(query)
+        model.get_latent_representation(ensembl, gene_symbols="symbol"), model.get_latent_representation(stream_query)
     )
     canal.tl.annotate(ensembl, model, gene_symbols="symbol")
-    np.testing.assert_array_equal(ensembl.obs["canal_prediction"], model.predict(query))
+    np.testing.assert_array_equal(ensembl.obs["canal_prediction"], model.predict(stream_query))
     with pytest.raises(KeyError, match="'gene_name' is not a column"):
         model.predict(ensembl, gene_symbols="gene_name")
 
-    _ensembl(query).write_h5ad(tmp_path / "query.h5ad")
-    predict = ["predict", tmp_path / "query.h5ad", "--model-dir", model_dir, "--output", tmp_path / "out.csv"]
+    _ensembl(stream_query).write_h5ad(tmp_path / "query.h5ad")
+    predict = ["predict", tmp_path / "query.h5ad", "--model-dir", two_stage_model_dir, "--output", tmp_path / "out.csv"]
     status, err = _cli(capsys, *predict)
     assert status == 1 and "(--gene-symbols on the command line)" in err
     assert _cli(capsys, *predict, "--gene-symbols", "symbol", "--novel")[0] == 0
@@ -74,47 +62,50 @@ def test_gene_symbols(two_stage_model, small_stream, query, model_dir, tmp_path,
     assert canal.CANAL.load(tmp_path / "new").genes == list(small_stream.train[0].var_names[1:])
 
 
-def test_gene_overlap_is_reported(two_stage_model, query, model_dir, tmp_path, capsys, caplog):
+def test_gene_overlap_is_reported(two_stage_model, stream_query, two_stage_model_dir, tmp_path, capsys, caplog):
     model = two_stage_model
     with caplog.at_level(logging.INFO, logger="scanpy_canal"):
-        model.predict(query)
+        model.predict(stream_query)
     assert "60 of 60 genes found (100.0%)" in caplog.messages
 
-    twenty = query[:, :20].copy()  # a third of the panel: predicted, with a warning at scanpy's default verbosity
+    # a third of the panel: predicted, with a warning at scanpy's default verbosity
+    twenty = stream_query[:, :20].copy()
     caplog.clear()
     with sc.settings.verbosity.override("warning"):
         labels = model.predict(twenty)
     assert [record.levelname for record in caplog.records] == ["WARNING"]
-    assert "Only 20 of 60 genes found (33.3%)" in caplog.text and len(labels) == query.n_obs
+    assert "Only 20 of 60 genes found (33.3%)" in caplog.text and len(labels) == stream_query.n_obs
 
-    five = query[:, :5].copy()  # 8% of the panel: an error, unless the floor is lowered
+    five = stream_query[:, :5].copy()  # 8% of the panel: an error, unless the floor is lowered
     for call in (lambda **kw: model.predict(five, **kw), lambda **kw: canal.tl.annotate(five, model, **kw)):
         with pytest.raises(ValueError, match=r"Only 5 of 60 genes found \(8\.3%\).*fewer than min_gene_overlap=0\.1"):
             call()
         call(min_gene_overlap=0.05)
     with pytest.raises(ValueError, match=r"min_gene_overlap must be a fraction in \[0, 1\]"):
-        model.predict(query, min_gene_overlap=10)
+        model.predict(stream_query, min_gene_overlap=10)
 
     five.write_h5ad(tmp_path / "five.h5ad")
-    predict = ["predict", tmp_path / "five.h5ad", "--model-dir", model_dir, "--output", tmp_path / "out.csv"]
+    predict = ["predict", tmp_path / "five.h5ad", "--model-dir", two_stage_model_dir, "--output", tmp_path / "out.csv"]
     status, err = _cli(capsys, *predict)
     assert status == 1 and "Lower min_gene_overlap (--min-gene-overlap)" in err
     assert _cli(capsys, *predict, "--min-gene-overlap", "0.05")[0] == 0
 
 
-def test_predict_a_mudata(two_stage_model, query):
+def test_predict_a_mudata(two_stage_model, stream_query):
     import mudata as md
 
     model = two_stage_model
-    mdata = md.MuData({"rna": query.copy(), "protein": ad.AnnData(np.ones((query.n_obs, 2)), obs=query.obs[[]])})
-    np.testing.assert_array_equal(model.predict(mdata, novel=True), model.predict(query, novel=True))
-    pd.testing.assert_frame_equal(model.predict(mdata, soft=True), model.predict(query, soft=True))
-    assert model.get_latent_representation(mdata).shape == (query.n_obs, 64)
-    assert model.get_novelty(mdata).index.equals(query.obs_names)
+    mdata = md.MuData(
+        {"rna": stream_query.copy(), "protein": ad.AnnData(np.ones((stream_query.n_obs, 2)), obs=stream_query.obs[[]])}
+    )
+    np.testing.assert_array_equal(model.predict(mdata, novel=True), model.predict(stream_query, novel=True))
+    pd.testing.assert_frame_equal(model.predict(mdata, soft=True), model.predict(stream_query, soft=True))
+    assert model.get_latent_representation(mdata).shape == (stream_query.n_obs, 64)
+    assert model.get_novelty(mdata).index.equals(stream_query.obs_names)
     with pytest.raises(KeyError, match="MuData has no modality 'atac'; it has \\['rna', 'protein'\\]"):
         model.predict(mdata, mod="atac")
-    rna_as_other = md.MuData({"gex": query.copy()})
-    np.testing.assert_array_equal(model.predict(rna_as_other, mod="gex"), model.predict(query))
+    rna_as_other = md.MuData({"gex": stream_query.copy()})
+    np.testing.assert_array_equal(model.predict(rna_as_other, mod="gex"), model.predict(stream_query))
 
 
 def test_a_stage_with_few_panel_genes_warns(small_stream, caplog):
