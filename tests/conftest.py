@@ -1,13 +1,27 @@
 import os
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("MPLBACKEND", "agg")
 
+#: The repository, where no test may leave files behind.
+ROOT = Path(__file__).parent.parent
+
 #: An encoder small enough to train a stage in seconds on a CPU.
 TINY_ARCH = {"dim": 16, "depth": 2, "heads": 2, "dim_head": 8}
 #: Trainer settings for tests: CPU, no progress bars or summaries.
 QUIET = {"accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False}
+
+
+@pytest.fixture(autouse=True)
+def _no_lightning_logs():
+    """Fail the test that writes Lightning's default ``lightning_logs/`` (git ignores it) into the repository."""
+    places = {ROOT / "lightning_logs", Path.cwd() / "lightning_logs"}
+    before = {place for place in places if place.exists()}
+    yield
+    written = sorted(str(place) for place in places - before if place.exists())
+    assert not written, f"the test wrote {written}: give the Trainer a logger that keeps to memory"
 
 
 @pytest.fixture(scope="session")
