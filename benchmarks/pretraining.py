@@ -4,10 +4,14 @@ Usage::
 
     .venv/bin/python benchmarks/pretraining.py       # -> benchmarks/results/pretraining.json (about 12 min, 2 CPUs)
     .venv/bin/python benchmarks/pretraining.py --seeds 0 --pretrain-epochs 1 --epochs 1 --output /tmp/smoke.json
+    .venv/bin/python benchmarks/pretraining.py --stream zeisel_class   # -> results/pretraining_zeisel_class.json
 
-Data: the demo's stream, scanpy's bundled pbmc68k_reduced (``canal.datasets.pbmc68k_stream``, 3 stages, CD34+ held
-out as novel), with the demo's settings: the 300 most variable genes of stage 1, the demo encoder
-(``DEMO_ARCH``), 30 epochs per stage, batch 8, peak learning rate 1e-3.
+Data: a stream of the continual benchmark (``--stream``, ``continual_stream.STREAMS``): by default the demo's,
+scanpy's bundled pbmc68k_reduced (``canal.datasets.pbmc68k_stream``, 3 stages, CD34+ held out as novel, about 500
+training cells), or a Zeisel stream (``benchmarks/zeisel.py``: 2,100 training cells of 4,000 genes, where
+pretraining has several times more cells to learn from). Settings: the stream's panel (the most variable genes of
+stage 1: 300 for pbmc68k, 1,000 for Zeisel) and bank size, the demo encoder (``DEMO_ARCH``), 30 epochs per stage,
+batch 8, peak learning rate 1e-3, the same for both starts.
 
 For every seed:
 
@@ -37,6 +41,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import torch
+from continual_stream import STREAMS, set_threads
 
 import scanpy_canal as canal
 from scanpy_canal._demo import DEMO_ARCH, DEMO_PRETRAINING, run_stream
@@ -52,11 +57,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="model seeds (default: 0 1 2)")
     parser.add_argument("--pretrain-epochs", type=int, default=20, help="pretraining epochs (default: 20, the demo's)")
     parser.add_argument("--epochs", type=int, default=30, help="maximum epochs per stage (default: 30)")
-    parser.add_argument("--genes", type=int, default=300, help="highly variable genes of stage 1 (default: 300)")
+    parser.add_argument("--stream", choices=list(STREAMS), default="pbmc68k", help="default: pbmc68k")
+    parser.add_argument(
+        "--genes", type=int, default=None, help="highly variable genes of stage 1 (default: the stream's)"
+    )
     parser.add_argument("--validation-size", type=float, default=0.1, help="cells held out in pretraining")
     parser.add_argument("--accelerator", default="cpu", help="Lightning accelerator (default: cpu)")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help=f"JSON file (default {DEFAULT_OUTPUT})")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--output", type=Path, default=None, help=f"JSON file (default {DEFAULT_OUTPUT}, or with the stream's name)"
+    )
+    args = parser.parse_args(argv)
+    spec = STREAMS[args.stream]
+    args.genes = args.genes or spec.n_top_genes
+    suffix = "" if args.stream == "pbmc68k" else f"_{args.stream}"
+    args.output = args.output or DEFAULT_OUTPUT.with_name(f"pretraining{suffix}.json")
+    return args
 
 
 def bin_baselines(tokens: torch.Tensor, train_idx: np.ndarray, validation_idx: np.ndarray) -> dict[str, float]:
@@ -102,6 +117,7 @@ def pretrain_seed(stream, panel: list[str], path: Path, seed: int, args: argpars
 def stream_run(stream, seed: int, args: argparse.Namespace, pretrained: Path | None) -> dict:
     result = run_stream(
         stream,
+        rehearsal_size=STREAMS[args.stream].rehearsal_size,
         pretrained=None if pretrained is None else str(pretrained),
         n_top_genes=args.genes,
         seed=seed,
@@ -140,11 +156,12 @@ def machine_info() -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    set_threads(1)  # see continual_stream.THREADS_HELP
     report = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     report["settings"] |= {"arch": DEMO_ARCH, "pretraining": DEMO_PRETRAINING, "batch_size": 8, "lr": 1e-3}
     report["machine"] = machine_info()
     start = time.perf_counter()
-    stream = canal.datasets.pbmc68k_stream(n_stages=3, seed=0)
+    stream = STREAMS[args.stream].build()
     first = stream.train[0]
     panel = highly_variable_genes(first.X, first.var_names, args.genes)
     pretraining, pretrained_runs, random_runs = {}, {}, {}

@@ -27,7 +27,8 @@ class StreamResult:
     """Metric matrices (stage trained x test set) and the final metrics of a stream.
 
     ``accuracy`` and ``macro_f1`` score the closed-set labels; ``accuracy_novel`` scores the labels with novel-cell
-    detection, where a known cell called ``"Unassigned"`` counts as wrong.
+    detection, where a known cell called ``"Unassigned"`` counts as wrong. ``model`` is the model after the last
+    stage (not part of :meth:`to_dict`).
     """
 
     accuracy: pd.DataFrame
@@ -36,6 +37,7 @@ class StreamResult:
     final: dict[str, float]
     seconds: list[float] = field(default_factory=list)
     pretraining: pd.DataFrame | None = None
+    model: Any = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         """JSON-ready content: the matrices as nested lists (None above the diagonal) and the final metrics."""
@@ -195,6 +197,7 @@ def run_stream(
         final=final,
         seconds=seconds,
         pretraining=pretraining,
+        model=model,
     )
 
 

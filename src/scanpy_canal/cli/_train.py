@@ -52,8 +52,18 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--overwrite", action="store_true", help="with --new: replace the model in --model-dir")
     train.add_argument("--stage", type=int, default=None, help="the stage expected, as a guard (default: the next)")
-    train.add_argument("--epochs", type=positive(int), default=100, help="maximum epochs (default: 100)")
-    train.add_argument("--lr", type=positive(float), default=2e-4, help="peak learning rate (default: 2e-4)")
+    train.add_argument(
+        "--epochs",
+        type=positive(int),
+        default=None,
+        help="maximum epochs (default: 100 with pretrained weights, as the original; the random start's otherwise)",
+    )
+    train.add_argument(
+        "--lr",
+        type=positive(float),
+        default=None,
+        help="peak learning rate (default: 2e-4 with pretrained weights, as the original; the random start's otherwise)",
+    )
     add_lightning_options(train, strategy_example="ddp_find_unused_parameters_true")
     train.add_argument("--batch-size", type=positive(int), default=16, help="cells per minibatch (default: 16)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -61,6 +61,8 @@ def _save_model(model: BaseModelClass, target: Path, *, overwrite: bool) -> None
         "arch": model.arch_,
         "trainable_blocks": model.trainable_blocks_,
         "seed": model.seed_,
+        "start": model.start_,
+        "gene_embedding": model.gene_embedding_,
         "stage": model.stage_,
         "genes": model.genes_,
         "cell_types": model.cell_types_,
@@ -159,6 +161,9 @@ def load_model(cls: type[Model], dir_path: str | os.PathLike, *, adata: ad.AnnDa
             arch=metadata["arch"],
             trainable_blocks=metadata["trainable_blocks"],
             seed=metadata["seed"],
+            # Files written before the defaults depended on the start keep the defaults they were trained with.
+            start=metadata.get("start", "pretrained"),
+            gene_embedding=metadata.get("gene_embedding"),
         )
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import anndata as ad
 import numpy as np
@@ -12,7 +12,11 @@ import pandas as pd
 from scvi.data import AnnDataManager
 from scvi.model.base import BaseModelClass
 
+from scanpy_canal.nn._gene_embedding import coexpression_embedding
+from scanpy_canal.pp import align_genes
+
 from ._data import check_expression, layer_matrix, read_labels, refuse_view, registration_fields, setup_args
+from ._defaults import check_gene_embedding, start_default
 from ._inference import InferenceMixin
 from ._io import SaveLoadMixin
 from ._legacy import LegacyCheckpointMixin
@@ -57,7 +61,13 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
     seed
         Seed of the initial weights, the data splits, the training order and the novel-cell mixes.
     trainable_blocks
-        Encoder blocks that learn (CANAL: the second to last); the final LayerNorm and the head always learn.
+        Encoder blocks that learn; the final LayerNorm and the head always learn. Default: with pretrained weights
+        the last but one (CANAL's); from random weights, see :mod:`the start defaults <scanpy_canal.model._defaults>`.
+    gene_embedding
+        The frozen table of gene vectors added at each position (scBERT's gene2vec) of a random start:
+        ``"coexpression"``, each gene's loadings on the leading components of the standardised stage-1 data, so that
+        co-expressed genes get nearby vectors, or ``"random"``, standard normal ones. Pretrained weights bring their
+        own table, so it is an error with them.
     **arch
         Encoder architecture (see :class:`~scanpy_canal.nn.PerformerLM`), scBERT's by default.
 
@@ -87,7 +97,8 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         genes: Sequence[str] | None = None,
         n_top_genes: int | None = None,
         seed: int = 0,
-        trainable_blocks: Sequence[int] = (-2,),
+        trainable_blocks: Sequence[int] | None = None,
+        gene_embedding: Literal["coexpression", "random"] | None = None,
         **arch: Any,
     ):
         if adata is None:
@@ -107,17 +118,24 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
             pretrained=pretrained,
             pretrained_genes=pretrained_genes,
         )
+        start = "random" if encoder is None else "pretrained"
+        gene_embedding = check_gene_embedding(start, gene_embedding)
         if encoder is not None:
             arch = {key: value for key, value in encoder.config.items() if key != "max_seq_len"} | arch
         self._build(
             genes=panel,
             cell_types=sorted(set(read_labels(adata, labels_key))),
             arch={**DEFAULT_ARCH, **arch},
-            trainable_blocks=trainable_blocks,
+            trainable_blocks=start_default(start, "trainable_blocks", trainable_blocks),
             seed=seed,
+            start=start,
+            gene_embedding=gene_embedding,
         )
         if encoder is not None:
             self.module.load_encoder(encoder)
+        elif gene_embedding == "coexpression":
+            panel_values = align_genes(adata, panel, layer=layer).X
+            self.module.set_gene_table(coexpression_embedding(panel_values, self.arch_["dim"], seed=seed))
         self.init_params_ = self._get_init_params(locals())
 
     # ----------------------------------------------------------------------------------------------------- state
@@ -180,9 +198,9 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         adata: ad.AnnData | None = None,
         *,
         stage: int | None = None,
-        max_epochs: int = 100,
+        max_epochs: int | None = None,
         batch_size: int = 16,
-        lr: float = 2e-4,
+        lr: float | None = None,
         rehearsal_size: int = 1000,
         distill_weight: float = 0.1,
         label_smoothing: float = 0.1,
@@ -214,11 +232,13 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         stage
             The stage number, to guard against running stages out of order (default: the next one).
         max_epochs
-            Upper bound on epochs.
+            Upper bound on epochs. Default: 100 with pretrained weights (the original's), else the random start's
+            (see :mod:`scanpy_canal.model._defaults`).
         batch_size
             Cells per minibatch.
         lr
-            Peak learning rate of the per-epoch cosine schedule with warm restarts (epoch 1 trains at 1e-6).
+            Peak learning rate of the per-epoch cosine schedule with warm restarts (epoch 1 trains at 1e-6). Default:
+            2e-4 with pretrained weights (the original's), else the random start's.
         rehearsal_size
             Capacity of the example bank kept after this stage and replayed in the next one (0 keeps none).
         distill_weight
@@ -246,6 +266,7 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         **trainer_kwargs
             Passed to :class:`scvi.train.Trainer` (e.g. ``strategy``, ``enable_progress_bar``).
         """
+        max_epochs, lr = start_default(self.start_, "max_epochs", max_epochs), start_default(self.start_, "lr", lr)
         settings = from_arguments(StageSettings, locals())
         self._train_stage(adata, stage=stage, settings=settings)
 

@@ -56,6 +56,11 @@ class CANALModule(BaseModuleClass):
         state.update({k: v for k, v in encoder.state_dict().items() if not k.startswith("to_out.")})
         self.network.load_state_dict(state)
 
+    @torch.no_grad()
+    def set_gene_table(self, table: torch.Tensor) -> None:
+        """Put `table` (one row per panel gene) in the frozen gene embedding; the appended token's row stays zero."""
+        self.network.pos_emb.emb.weight[:-1] = table.to(self.network.pos_emb.emb.weight)
+
     def train(self, mode: bool = True) -> CANALModule:
         """Set training mode; the teacher always stays in eval mode so its random features never change."""
         super().train(mode)

@@ -42,6 +42,8 @@ logger = logging.getLogger("scanpy_canal")
 
 #: Largest frozen-prefix cache that ``cache_frozen=None`` keeps (hidden states of every training cell).
 PREFIX_CACHE_BUDGET = 4 * 2**30
+#: What a failed stage puts back, besides the network.
+_ROLLED_BACK = ("cell_types_", "stage_", "example_bank_", "calibration_cells_")
 _LIGHTNING_PRECISION = {"32": "32-true", "bf16": "bf16-mixed"}
 _LABEL_COLUMN = "_canal_label"
 _ROW_COLUMN = "_canal_row"
@@ -79,8 +81,8 @@ class StageTrainingMixin:
         """Train the next stage on `adata`; if anything fails (Ctrl+C included), the model is left as it was."""
         number = self._next_stage(adata, stage)
         data, labels = self._stage_data(adata, number)
-        state = ("cell_types_", "example_bank_", "calibration_cells_")
-        snapshot = copy.deepcopy((self.module.network, *(getattr(self, name) for name in state)))
+        snapshot = copy.deepcopy({name: getattr(self, name) for name in _ROLLED_BACK})
+        network = copy.deepcopy(self.module.network)
         try:
             with torch.random.fork_rng(devices=[]), quiet_training():  # Lightning's chatter only at "debug" verbosity
                 torch.manual_seed(self.seed_ + number)
@@ -89,10 +91,9 @@ class StageTrainingMixin:
             self.cell_types_, self.stage_ = cells.cell_types, number
             self._refresh_bank_and_calibration(cells, fit, number, settings)
         except BaseException as error:
-            self.module.network = snapshot[0]
-            for name, value in zip(state, snapshot[1:], strict=True):
+            self.module.network = network
+            for name, value in snapshot.items():
                 setattr(self, name, value)
-            self.stage_ = number - 1
             self.module.finish_stage()
             self.module.eval()
             if isinstance(error, SystemExit) and isinstance(error.__context__, KeyboardInterrupt):

@@ -9,11 +9,14 @@ import pandas as pd
 import torch
 from scvi.model.base import BaseModelClass
 
+from ._defaults import Start
+
 
 class ModelStateMixin:
     """The state of :class:`~scanpy_canal.CANAL`; every attribute ending in ``_`` is saved by scvi-tools' conventions.
 
-    ``genes_`` (the panel), ``cell_types_`` (output-row order), ``arch_``, ``trainable_blocks_``, ``seed_``,
+    ``genes_`` (the panel), ``cell_types_`` (output-row order), ``arch_``, ``trainable_blocks_``, ``seed_``, ``start_``
+    (``"pretrained"`` or ``"random"``, which sets the defaults of ``train``), ``gene_embedding_``,
     ``stage_`` (completed stages), ``stage_history_`` (one record per stage), ``example_bank_``,
     ``calibration_cells_`` (held-out cells of every stage, for novel-cell p-values) and ``training_log_`` (per-epoch
     metrics), besides ``module``. The bank and the calibration cells carry their manifold vectors under the current
@@ -21,9 +24,21 @@ class ModelStateMixin:
     """
 
     def _build(
-        self, *, genes: Sequence[str], cell_types: Sequence[str], arch: dict, trainable_blocks: Sequence[int], seed: int
+        self,
+        *,
+        genes: Sequence[str],
+        cell_types: Sequence[str],
+        arch: dict,
+        trainable_blocks: Sequence[int],
+        seed: int,
+        start: Start = "pretrained",
+        gene_embedding: str | None = None,
     ) -> None:
-        """Start the state of an untrained model and build its module, with initial weights drawn from `seed`."""
+        """Start the state of an untrained model and build its module, with initial weights drawn from `seed`.
+
+        `start` (``"pretrained"`` or ``"random"``) sets the defaults of :meth:`train`; `gene_embedding` records how a
+        random start's gene table was made.
+        """
         if len(set(genes)) != len(genes):
             raise ValueError("The gene panel has duplicated names.")
         self.genes_ = list(genes)
@@ -31,6 +46,8 @@ class ModelStateMixin:
         self.arch_ = dict(arch)
         self.trainable_blocks_ = list(trainable_blocks)
         self.seed_ = seed
+        self.start_ = start
+        self.gene_embedding_ = gene_embedding
         self.stage_ = 0
         self.stage_history_: list[dict] = []
         self.example_bank_: ad.AnnData | None = None

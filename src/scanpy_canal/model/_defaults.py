@@ -1,0 +1,35 @@
+"""Training defaults that depend on how the encoder starts.
+
+With pretrained weights (scBERT's, or :func:`scanpy_canal.pretrain`'s) CANAL keeps the original's settings: the last
+but one block learns, at a peak rate of 2e-4, for up to 100 epochs. From random weights (what a user without a
+checkpoint gets) the settings were chosen by measurement on real and synthetic streams (``benchmarks/random_start.py``,
+the "Annotation quality" page of the documentation).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+Start = Literal["pretrained", "random"]
+
+START_DEFAULTS: dict[str, dict[str, Any]] = {
+    "pretrained": {"lr": 2e-4, "max_epochs": 100, "trainable_blocks": (-2,), "gene_embedding": None},
+    "random": {"lr": 2e-4, "max_epochs": 100, "trainable_blocks": (-2,), "gene_embedding": "random"},
+}
+
+
+def start_default(start: Start, name: str, value: Any = None) -> Any:
+    """`value`, or when it is `None` the default of `name` for an encoder that starts from `start`."""
+    return START_DEFAULTS[start][name] if value is None else value
+
+
+def check_gene_embedding(start: Start, gene_embedding: str | None) -> str | None:
+    """The gene table of a new model: `gene_embedding` or the start's default; `None` for pretrained weights."""
+    if start == "pretrained":
+        if gene_embedding is not None:
+            raise ValueError("gene_embedding is for a random start: pretrained weights bring their own gene table.")
+        return None
+    gene_embedding = start_default(start, "gene_embedding", gene_embedding)
+    if gene_embedding not in ("coexpression", "random"):
+        raise ValueError(f"gene_embedding must be 'coexpression' or 'random', got {gene_embedding!r}.")
+    return gene_embedding
