@@ -101,3 +101,15 @@ def test_training_is_quiet_at_default_verbosity(tmp_path):
         assert result.stderr.count(bar) >= 2
     assert "Training:" not in result.stdout  # scvi-tools' own bar is not used
     assert sorted(path.name for path in tmp_path.iterdir()) == ["encoder_debug", "encoder_warning"]  # no logs
+
+
+def test_a_loaded_model_trains_its_next_stage_without_a_warning(two_stage_model_dir, small_stream, recwarn):
+    """``scanpy-canal train`` loads the saved model for every stage after the first: no warning may come with that."""
+    from conftest import QUIET, register
+
+    from scanpy_canal import CANAL
+
+    model = CANAL.load(two_stage_model_dir)
+    model.train(register(small_stream.test[1]), max_epochs=1, **QUIET)  # cells the bank does not hold
+    assert model.stage == 3
+    assert [str(warning.message) for warning in recwarn] == []
