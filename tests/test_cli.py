@@ -198,6 +198,7 @@ commands = [
     ["train", "cells.h5ad", "--model-dir", "models/pbmc", "--labels-key", "cell_type", "--dim", "8"],
     ["predict", "missing.h5ad", "--model-dir", "models/pbmc", "--output", "cells.csv"],
     ["predict", "cells.h5ad", "--model-dir", "models/other", "--output", "cells.csv"],
+    ["predict", "cells.h5ad", "--model-dir", "models/pbmc", "--output", "cells.csv", "--mod", "rna"],
     ["pretrain", "missing.h5ad", "encoder"],
     ["pretrain", "cells.h5ad", "models", "--genes-file", "genes.txt"],
 ]
@@ -211,9 +212,9 @@ def test_mistakes_are_told_before_torch_loads(tmp_path):
     import sys
 
     result = subprocess.run([sys.executable, "-c", MISTAKES], cwd=tmp_path, capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "[1, 1, 1, 1, 1, 1, 1, 1] []"
+    assert result.stdout.strip() == "[1, 1, 1, 1, 1, 1, 1, 1, 1] []"
     errors = result.stderr.splitlines()
-    assert len(errors) == 8 and all(line.startswith("scanpy-canal: error: ") for line in errors)
+    assert len(errors) == 9 and all(line.startswith("scanpy-canal: error: ") for line in errors)
     for line, message in zip(
         errors,
         [
@@ -223,6 +224,7 @@ def test_mistakes_are_told_before_torch_loads(tmp_path):
             "--dim: options of a new model",
             "'missing.h5ad' does not exist",
             "--model-dir 'models/other' does not exist",
+            "--mod names a modality of an .h5mu file",
             "'missing.h5ad' does not exist",
             "'genes.txt' does not exist",
         ],

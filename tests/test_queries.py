@@ -1,4 +1,4 @@
-"""Queries as users bring them: Ensembl IDs with a symbol column, few of the panel's genes, a MuData.
+"""Queries as users bring them: Ensembl IDs with a symbol column, few of the panel's genes, a MuData (``.h5mu``).
 
 Each case through the Python API and, where it applies, the command line.
 """
@@ -106,6 +106,49 @@ def test_predict_a_mudata(two_stage_model, stream_query):
         model.predict(mdata, mod="atac")
     rna_as_other = md.MuData({"gex": stream_query.copy()})
     np.testing.assert_array_equal(model.predict(rna_as_other, mod="gex"), model.predict(stream_query))
+
+
+def test_mudata_files_on_the_command_line(
+    two_stage_model, small_stream, stream_query, two_stage_model_dir, tmp_path, capsys
+):
+    import mudata as md
+
+    protein = ad.AnnData(np.ones((stream_query.n_obs, 2)), obs=stream_query.obs[[]])
+    md.MuData({"gex": stream_query.copy(), "protein": protein}).write_h5mu(tmp_path / "query.h5mu")
+    predict = ["predict", tmp_path / "query.h5mu", "--model-dir", two_stage_model_dir, "--novel"]
+    status, err = _cli(capsys, *predict, "--output", tmp_path / "out.csv")
+    assert status == 1 and "MuData has no modality 'rna'; it has ['gex', 'protein']" in err and "--mod" in err
+    expected = canal.tl.annotate(stream_query, two_stage_model, novel=True, copy=True).obs
+
+    assert _cli(capsys, *predict, "--mod", "gex", "--output", tmp_path / "out.csv")[0] == 0
+    table = pd.read_csv(tmp_path / "out.csv", index_col="obs_names")
+    np.testing.assert_array_equal(table["prediction"], expected["canal_prediction"])
+    assert _cli(capsys, *predict, "--mod", "gex", "--output", tmp_path / "out.h5mu")[0] == 0
+    annotated = md.read_h5mu(tmp_path / "out.h5mu")
+    np.testing.assert_array_equal(annotated["gex"].obs["canal_prediction"], expected["canal_prediction"])
+    np.testing.assert_array_equal(annotated.obs["gex:canal_novelty_pvalue"], expected["canal_novelty_pvalue"])
+    assert "X_canal" in annotated["gex"].obsm and annotated["protein"].n_vars == 2
+
+    status, err = _cli(capsys, *predict, "--mod", "gex", "--output", tmp_path / "out.h5ad")
+    assert status == 1 and "--output must end in .h5mu or .csv for an .h5mu input" in err
+    stream_query.write_h5ad(tmp_path / "query.h5ad")
+    status, err = _cli(
+        capsys,
+        "predict",
+        tmp_path / "query.h5ad",
+        "--model-dir",
+        two_stage_model_dir,
+        "--mod",
+        "gex",
+        "--output",
+        tmp_path / "other.csv",
+    )
+    assert status == 1 and "--mod names a modality of an .h5mu file" in err
+
+    md.MuData({"rna": register(small_stream.train[0])}).write_h5mu(tmp_path / "stage.h5mu")
+    train = ["train", tmp_path / "stage.h5mu", "--model-dir", tmp_path / "new", "--labels-key", "cell_type"]
+    assert _cli(capsys, *train, *CLI_QUICK)[0] == 0
+    assert canal.CANAL.load(tmp_path / "new").cell_types == sorted(set(small_stream.train[0].obs["cell_type"]))
 
 
 def test_a_stage_with_few_panel_genes_warns(small_stream, caplog):

@@ -1,4 +1,4 @@
-"""``scanpy-canal predict``: annotate cells with a saved model, into an ``.h5ad`` or a ``.csv`` table."""
+"""``scanpy-canal predict``: annotate cells with a saved model, into an ``.h5ad`` (``.h5mu``) or a ``.csv`` table."""
 
 from __future__ import annotations
 
@@ -6,7 +6,17 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._common import add_gene_symbols_option, add_normalize_option, existing_file, positive, read_h5ad
+from ._common import (
+    DEFAULT_MOD,
+    add_gene_symbols_option,
+    add_mod_option,
+    add_normalize_option,
+    check_data,
+    is_mudata_file,
+    mudata_quietly,
+    positive,
+    read_cells,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -15,6 +25,8 @@ if TYPE_CHECKING:
     from scanpy_canal.model import CANAL
 
 _SCVI_REGISTRATION_KEYS = ("_scvi_uuid", "_scvi_manager_uuid")
+#: The obs columns of ``canal.tl.annotate`` (after ``<key>_``) that the table of predictions holds.
+_OBS_NAMES = ("prediction", "confidence", "uncertainty", "novelty_pvalue", "majority_voting", "over_clustering")
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -28,9 +40,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "confidence and, with --novel, uncertainty and novelty_pvalue (with --majority-voting also majority_voting and "
         "over_clustering). Cells are read, aligned to the model's genes "
         "and predicted --chunk-size at a time; for a .csv output the input's X is read from disk chunk by chunk, so "
-        "memory stays bounded (unless --normalize, which normalises a copy of the values in memory).",
+        "memory stays bounded (unless --normalize, which normalises a copy of the values in memory). An .h5mu input "
+        "(MuData) is annotated in its modality --mod, as canal.tl.annotate does, and written as .h5mu or .csv.",
     )
-    predict.add_argument("data", type=Path, help="cells to annotate (.h5ad), log2(1 + counts per 10k) values")
+    predict.add_argument(
+        "data", type=Path, help="cells to annotate (.h5ad, or .h5mu with --mod), log2(1 + counts per 10k) values"
+    )
     predict.add_argument("--model-dir", type=Path, required=True, help="directory of a saved model")
     predict.add_argument("--output", type=Path, required=True, help="output file, .h5ad or .csv")
     predict.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
@@ -63,6 +78,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     predict.add_argument("--layer", default=None, help="layer to read instead of X")
     add_normalize_option(predict)
+    add_mod_option(predict)
     add_gene_symbols_option(predict)
     predict.add_argument(
         "--min-gene-overlap",
@@ -90,13 +106,20 @@ def run(args: argparse.Namespace) -> None:
 
     model = CANAL.load(args.model_dir)
     # A table needs no copy of X in memory, unless the values are normalised first.
-    adata = read_h5ad(args.data, backed=args.output.suffix == ".csv" and not args.normalize)
+    data, adata = read_cells(args, backed=args.output.suffix == ".csv" and not args.normalize)
     _annotate(adata, model, args)
+    if data is not adata:  # a MuData: the modality's columns also in its obs, as canal.tl.annotate writes them
+        from scanpy_canal.tl._annotate import mirror_obs
+
+        mirror_obs(data, adata, args.mod or DEFAULT_MOD, _obs_columns(adata, args.key_added))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     if args.output.suffix == ".csv":
         _prediction_table(adata, args.key_added).to_csv(args.output, index_label="obs_names")
-    else:
+    elif data is adata:
         adata.write_h5ad(args.output)
+    else:
+        with mudata_quietly():
+            data.write_h5mu(args.output)
     predictions = adata.obs[f"{args.key_added}_prediction"]
     unassigned = f", {int((predictions == 'Unassigned').sum())} Unassigned" if args.novel else ""
     print(f"annotated {adata.n_obs} cells with the stage-{model.stage} model{unassigned}; wrote {args.output}")
@@ -106,13 +129,14 @@ def _check_arguments(args: argparse.Namespace) -> None:
     """Refuse arguments that cannot work, looking only at them and at the file system."""
     from scanpy_canal._directories import readable_directory
 
-    if args.output.suffix not in {".h5ad", ".csv"}:
-        raise ValueError(f"--output must end in .h5ad or .csv, got {str(args.output)!r}.")
+    kind = ".h5mu" if is_mudata_file(args.data) else ".h5ad"
+    if args.output.suffix not in {kind, ".csv"}:
+        raise ValueError(f"--output must end in {kind} or .csv for an {kind} input, got {str(args.output)!r}.")
     if args.output.exists() and not args.overwrite:
         raise FileExistsError(f"{str(args.output)!r} already exists; add --overwrite to replace it.")
     if args.over_clustering is not None and not args.majority_voting:
         raise ValueError("--over-clustering names the clusters of majority voting: add --majority-voting.")
-    existing_file(args.data)
+    check_data(args)
     if not readable_directory(args.model_dir).is_dir():
         raise FileNotFoundError(f"--model-dir {str(args.model_dir)!r} does not exist or is not a directory.")
 
@@ -157,6 +181,10 @@ def _normalized(adata: AnnData, layer: str | None) -> AnnData:
 
 def _prediction_table(adata: AnnData, key: str) -> pd.DataFrame:
     """Prediction, confidence and, when computed, uncertainty, p-value, majority vote and cluster of each cell."""
-    names = ("prediction", "confidence", "uncertainty", "novelty_pvalue", "majority_voting", "over_clustering")
-    columns = {f"{key}_{name}": name for name in names}
-    return adata.obs[[column for column in columns if column in adata.obs]].rename(columns=columns)
+    columns = {f"{key}_{name}": name for name in _OBS_NAMES}
+    return adata.obs[_obs_columns(adata, key)].rename(columns=columns)
+
+
+def _obs_columns(adata: AnnData, key: str) -> list[str]:
+    """The columns of ``canal.tl.annotate`` in ``adata.obs``."""
+    return [f"{key}_{name}" for name in _OBS_NAMES if f"{key}_{name}" in adata.obs]

@@ -8,8 +8,10 @@ from pathlib import Path
 from ._common import (
     add_arch_options,
     add_lightning_options,
+    add_mod_option,
     add_normalize_option,
     arch_arguments,
+    check_data,
     existing_file,
     fraction,
     positive,
@@ -29,9 +31,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "canal.CANAL(adata, pretrained=...) read; genes are matched by name. Many GPUs: --accelerator gpu "
         "--devices -1 --strategy ddp (and --num-nodes).",
     )
-    pretrain.add_argument("data", type=Path, help="unlabelled cells (.h5ad), log2(1 + counts per 10k) values")
+    pretrain.add_argument(
+        "data", type=Path, help="unlabelled cells (.h5ad, or .h5mu with --mod), log2(1 + counts per 10k) values"
+    )
     pretrain.add_argument("output", type=Path, help="directory to write")
     add_normalize_option(pretrain)
+    add_mod_option(pretrain)
     pretrain.add_argument("--layer", default=None, help="layer to read instead of X")
     pretrain.add_argument(
         "--genes-file",
@@ -82,7 +87,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     """Pretrain and write the encoder directory, holding its writer lock."""
     # A mistake is told at once, before torch and scvi-tools take seconds to load.
-    existing_file(args.data)
+    check_data(args)
     if args.genes_file is not None:
         existing_file(args.genes_file)
     if args.output.exists() and not args.overwrite:

@@ -12,9 +12,10 @@ from ._common import (
     add_arch_options,
     add_gene_symbols_option,
     add_lightning_options,
+    add_mod_option,
     add_normalize_option,
     arch_arguments,
-    existing_file,
+    check_data,
     first_process,
     positive,
     read_values,
@@ -41,11 +42,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "too. A directory that is not a saved model is never replaced. Values must be log2(1 + counts per 10k) "
         "(see canal.pp.normalize), or --normalize gets them there.",
     )
-    train.add_argument("data", type=Path, help="labelled cells (.h5ad)")
+    train.add_argument("data", type=Path, help="labelled cells (.h5ad, or .h5mu with --mod)")
     train.add_argument("--model-dir", type=Path, required=True, help="directory of the model to continue or create")
     train.add_argument("--labels-key", required=True, help="column of obs holding the cell types")
     train.add_argument("--layer", default=None, help="layer to read instead of X")
     add_normalize_option(train)
+    add_mod_option(train)
     add_gene_symbols_option(train)
     train.add_argument(
         "--new", action="store_true", help="build a new model; an error if --model-dir holds one, unless --overwrite"
@@ -98,7 +100,7 @@ def _continues_a_model(args: argparse.Namespace) -> bool:
     """
     from scanpy_canal._directories import readable_directory
 
-    existing_file(args.data)
+    check_data(args)
     for option in ("pretrained", "pretrained_genes"):
         path = getattr(args, option)
         if path is not None and not readable_directory(path).exists():  # a pretrained directory may be retired

@@ -67,7 +67,10 @@ def modality(data: ad.AnnData | MuData | None, mod: str) -> ad.AnnData | None:
     if not isinstance(data, MuData):
         raise TypeError(f"Expected an AnnData or a MuData, got {type(data).__name__}.")
     if mod not in data.mod:
-        raise KeyError(f"MuData has no modality {mod!r}; it has {list(data.mod)}. Choose one with mod=...")
+        raise KeyError(
+            f"MuData has no modality {mod!r}; it has {list(data.mod)}. Choose one with mod=... (--mod on the command "
+            "line)."
+        )
     return data.mod[mod]
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -167,8 +167,8 @@ def write_annotation(
         columns[f"{key_added}_majority_voting"] = majority_votes(predictions, clusters)
     for name, values in columns.items():
         adata.obs[name] = values
-        if adata is not data:
-            data.obs[f"{mod}:{name}"] = pd.Series(values, index=adata.obs_names).reindex(data.obs_names)
+    if adata is not data:
+        mirror_obs(data, adata, mod, columns)
     adata.obsm[f"{key_added}_probabilities"] = outputs.probabilities.to_numpy().astype(np.float32)
     adata.obsm[f"X_{key_added}"] = outputs.embedding.astype(np.float32)
     adata.uns[key_added] = {
@@ -178,6 +178,12 @@ def write_annotation(
         "threshold": outputs.threshold,
         "type_thresholds": np.array([outputs.type_thresholds.get(t, np.nan) for t in model.cell_types]),
     }
+
+
+def mirror_obs(data: MuData, adata: AnnData, mod: str, names: Iterable[str]) -> None:
+    """Copy the columns `names` of ``adata.obs``, the modality `mod` of `data`, to ``data.obs[f"{mod}:{name}"]``."""
+    for name in names:
+        data.obs[f"{mod}:{name}"] = adata.obs[name].reindex(data.obs_names)
 
 
 def unassign(adata: AnnData, *, alpha: float, key: str = "canal") -> None:
