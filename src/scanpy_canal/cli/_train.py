@@ -58,13 +58,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--epochs",
         type=positive(int),
         default=None,
-        help="maximum epochs (default: 100 with pretrained weights, as the original; the random start's otherwise)",
+        help="maximum epochs (default: 100 with pretrained weights, as the original; 15 from a random start)",
     )
     train.add_argument(
         "--lr",
         type=positive(float),
         default=None,
-        help="peak learning rate (default: 2e-4 with pretrained weights, as the original; the random start's otherwise)",
+        help="peak learning rate (default: 2e-4 with pretrained weights, as the original; 1e-3 from a random start)",
     )
     add_lightning_options(train, strategy_example="ddp_find_unused_parameters_true")
     train.add_argument("--batch-size", type=positive(int), default=16, help="cells per minibatch (default: 16)")

@@ -232,13 +232,13 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         stage
             The stage number, to guard against running stages out of order (default: the next one).
         max_epochs
-            Upper bound on epochs. Default: 100 with pretrained weights (the original's), else the random start's
-            (see :mod:`scanpy_canal.model._defaults`).
+            Upper bound on epochs. Default: 100 with pretrained weights (the original's), 15 from a random start
+            (one cycle of the schedule; chosen by measurement, see the "Annotation quality" page).
         batch_size
             Cells per minibatch.
         lr
             Peak learning rate of the per-epoch cosine schedule with warm restarts (epoch 1 trains at 1e-6). Default:
-            2e-4 with pretrained weights (the original's), else the random start's.
+            2e-4 with pretrained weights (the original's), 1e-3 from a random start.
         rehearsal_size
             Capacity of the example bank kept after this stage and replayed in the next one (0 keeps none).
         distill_weight
