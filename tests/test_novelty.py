@@ -145,6 +145,19 @@ def test_every_score_and_rule_runs(two_stage_model, small_stream):
         two_stage_model.predict(query, novel=True, score="entropy")
 
 
+def test_the_default_score_follows_the_rule(two_stage_model, small_stream):
+    query = ad.concat([*small_stream.test, small_stream.novel])
+    canal.tl.annotate(query, two_stage_model, novel=True)
+    assert query.uns["canal"]["params"]["score"] == "energy"
+    np.testing.assert_allclose(
+        query.obs["canal_uncertainty"], two_stage_model.get_novelty(query, score="energy")["score"], rtol=1e-6
+    )
+    # The other rules keep the score whose scale they were made for.
+    canal.tl.annotate(query, two_stage_model, novel=True, threshold="calibrated")
+    assert query.uns["canal"]["params"]["score"] == "mix"
+    assert query.obs["canal_uncertainty"].between(0, 1).all()
+
+
 @pytest.mark.parametrize("alpha", [0, 1, -0.1, 1.5, "0.05", True, float("nan"), None])
 def test_bad_alpha_is_a_clear_error(two_stage_model, small_stream, alpha):
     with pytest.raises(ValueError, match="alpha must be a number strictly between 0 and 1"):

@@ -60,8 +60,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     predict.add_argument(
         "--score",
         choices=["mix", "energy", "max_probability", "knn", "mahalanobis"],
-        default="mix",
-        help="with --novel: the novelty score (default: mix)",
+        default=None,
+        help="with --novel: the novelty score (default: energy for the conformal rule, mix for the others)",
     )
     predict.add_argument(
         "--majority-voting",

@@ -21,7 +21,7 @@ from ._inference import InferenceMixin
 from ._io import SaveLoadMixin
 from ._legacy import LegacyCheckpointMixin
 from ._module import DEFAULT_ARCH, CANALModule
-from ._options import Precision, PredictOptions, StageSettings, Threshold, from_arguments
+from ._options import DEFAULT_SCORE, Precision, PredictOptions, StageSettings, Threshold, from_arguments
 from ._panel import initial_panel
 from ._scores import Score
 from ._stage import StageTrainingMixin
@@ -282,7 +282,7 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         seed: int = 0,
         threshold: Threshold = "conformal",
         alpha: float = 0.05,
-        score: Score = "mix",
+        score: Score | None = None,
         precision: Precision = "32",
         chunk_size: int = 10_000,
         gene_symbols: str | None = None,
@@ -320,9 +320,10 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         alpha
             Largest fraction of known cells the ``"conformal"`` rule may unassign, in ``(0, 1)``.
         score
-            ``"mix"``: CANAL's ``(normalised energy + 1 - confidence) / 2``; ``"energy"``; ``"max_probability"``
-            (one minus it); ``"knn"``: distance to the 10th nearest example-bank cell in the embedding;
-            ``"mahalanobis"``: to the nearest known type's bank cells. See :doc:`/method`.
+            ``"energy"`` (default with the ``"conformal"`` rule; the best of the five in the benchmarks);
+            ``"mix"`` (default with the other rules): CANAL's ``(normalised energy + 1 - confidence) / 2``;
+            ``"max_probability"`` (one minus it); ``"knn"``: distance to the 10th nearest example-bank cell in the
+            embedding; ``"mahalanobis"``: to the nearest known type's bank cells. See :doc:`/method`.
         precision
             ``"32"`` (float32) or ``"bf16"`` (bfloat16 autocast: faster on GPUs and on CPUs with bfloat16 instructions,
             with slightly different probabilities; see the performance benchmarks).
@@ -366,7 +367,7 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         self,
         adata: ad.AnnData | MuData | None = None,
         *,
-        score: Score = "mix",
+        score: Score = DEFAULT_SCORE,
         temperature: float = 0.8,
         batch_size: int | None = None,
         precision: Precision = "32",

@@ -53,6 +53,11 @@ class StageSettings:
             raise ValueError(f"calibration_size must be a number of cells, 0 or more; got {self.calibration_size!r}.")
 
 
+#: The novelty score of the conformal rule unless one is asked for: of the five, the best H-score and AUROC on every
+#: stream of ``benchmarks/novelty.py`` (see the "Annotation quality" page).
+DEFAULT_SCORE: Score = "energy"
+
+
 @dataclass(frozen=True)
 class PredictOptions:
     """How cells are predicted (see :meth:`~scanpy_canal.CANAL.predict` for each option).
@@ -65,7 +70,8 @@ class PredictOptions:
     temperature: float = 0.8
     threshold: Threshold = "conformal"
     alpha: float = 0.05
-    score: Score = "mix"
+    #: `None`: :data:`DEFAULT_SCORE` for the conformal rule, ``"mix"`` for the others (their scale is the mix's).
+    score: Score | None = None
     batch_size: int | None = None
     seed: int = 0
     precision: Precision = "32"
@@ -82,6 +88,8 @@ class PredictOptions:
             raise ValueError(f"min_gene_overlap must be a fraction in [0, 1], got {self.min_gene_overlap!r}.")
         if not (_is_number(self.alpha) and 0 < self.alpha < 1):
             raise ValueError(f"alpha must be a number strictly between 0 and 1, got {self.alpha!r}.")
+        if self.score is None:
+            object.__setattr__(self, "score", DEFAULT_SCORE if self.threshold == "conformal" else "mix")
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {', '.join(map(repr, SCORES))}; got {self.score!r}.")
         if _is_number(self.threshold):

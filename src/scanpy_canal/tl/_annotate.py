@@ -35,7 +35,7 @@ def annotate(
     temperature: float = 0.8,
     threshold: Literal["conformal", "calibrated", "canal"] | float = "conformal",
     alpha: float = 0.05,
-    score: Literal["mix", "energy", "max_probability", "knn", "mahalanobis"] = "mix",
+    score: Literal["mix", "energy", "max_probability", "knn", "mahalanobis"] | None = None,
     seed: int = 0,
     precision: Literal["32", "bf16"] = "32",
     chunk_size: int = 10_000,
