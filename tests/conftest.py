@@ -1,13 +1,27 @@
 import os
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("MPLBACKEND", "agg")
 
+#: The repository, where no test may leave files behind.
+ROOT = Path(__file__).parent.parent
+
 #: An encoder small enough to train a stage in seconds on a CPU.
 TINY_ARCH = {"dim": 16, "depth": 2, "heads": 2, "dim_head": 8}
 #: Trainer settings for tests: CPU, no progress bars or summaries.
 QUIET = {"accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False}
+
+
+@pytest.fixture(autouse=True)
+def _no_lightning_logs():
+    """Fail the test that writes Lightning's default ``lightning_logs/`` (git ignores it) into the repository."""
+    places = {ROOT / "lightning_logs", Path.cwd() / "lightning_logs"}
+    before = {place for place in places if place.exists()}
+    yield
+    written = sorted(str(place) for place in places - before if place.exists())
+    assert not written, f"the test wrote {written}: give the Trainer a logger that keeps to memory"
 
 
 @pytest.fixture(scope="session")
@@ -16,6 +30,14 @@ def small_stream():
     from scanpy_canal.datasets import synthetic_stream
 
     return synthetic_stream(n_stages=2, n_genes=60, types_per_stage=2, cells_per_type=60, seed=0)
+
+
+@pytest.fixture
+def stream_query(small_stream):
+    """The held-out cells of both stages of `small_stream` and the cells of its never-trained type."""
+    import anndata as ad
+
+    return ad.concat([*small_stream.test, small_stream.novel])
 
 
 def make_model(stream, stage: int = 0, **kwargs):
@@ -44,3 +66,16 @@ def two_stage_model(small_stream):
     model.train(**settings)
     model.train(register(small_stream.train[1]), **settings)
     return model
+
+
+def saved(model, tmp_path_factory):
+    """The directory `model` is saved to, in a new temporary folder."""
+    path = tmp_path_factory.mktemp("saved") / "model"
+    model.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def two_stage_model_dir(two_stage_model, tmp_path_factory):
+    """`two_stage_model`, saved (shared: do not modify)."""
+    return saved(two_stage_model, tmp_path_factory)

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import scanpy as sc
 import torch
-from conftest import QUIET, TINY_ARCH, make_model, register
+from conftest import QUIET, TINY_ARCH, make_model, register, saved
 from scipy import sparse
 
 import scanpy_canal as canal
@@ -41,9 +41,7 @@ def model(small_stream):
 
 @pytest.fixture(scope="module")
 def model_dir(model, tmp_path_factory):
-    path = tmp_path_factory.mktemp("saved") / "model"
-    model.save(path)
-    return path
+    return saved(model, tmp_path_factory)
 
 
 @pytest.fixture
@@ -139,6 +137,37 @@ def test_bad_values_are_refused(small_stream, model, model_dir, tmp_path, capsys
     assert message in cli_error(capsys, *cli_predict(path, model_dir, tmp_path / "out.csv"))
     assert message in cli_error(capsys, *cli_train(path, tmp_path / "new"))
     assert not (tmp_path / "new").exists() and not (tmp_path / "out.csv").exists()
+
+
+def test_natural_log_values_are_refused_until_normalised(tmp_path, capsys):
+    """``pbmc68k_reduced().raw`` holds ln(1 + counts per 10k): binned as log2 values, every cell lands too low."""
+    raw = sc.datasets.pbmc68k_reduced().raw.to_adata()
+    raw.obs["cell_type"] = raw.obs["bulk_labels"]
+    normalised = canal.pp.normalize(raw, copy=True)
+    model = canal.CANAL(register(normalised), **TINY_ARCH)
+    before = raw.copy()
+    calls = [
+        lambda: canal.CANAL(register(raw), **TINY_ARCH),
+        lambda: model.train(register(raw), **ONE_EPOCH),
+        lambda: model.predict(raw),
+        lambda: model.get_latent_representation(raw),
+        lambda: canal.tl.annotate(raw, model),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"natural log .*canal\.pp\.normalize\(adata\)"):
+            call()
+    assert_unchanged(raw, before)
+    assert model.stage == 0
+
+    raw.write_h5ad(tmp_path / "raw.h5ad")
+    model_dir, out = tmp_path / "model", tmp_path / "annotated.h5ad"
+    assert "add --normalize" in cli_error(capsys, *cli_train(tmp_path / "raw.h5ad", model_dir))
+    assert cli(capsys, *cli_train(tmp_path / "raw.h5ad", model_dir, "--normalize"))[0] == 0
+    assert "add --normalize" in cli_error(capsys, *cli_predict(tmp_path / "raw.h5ad", model_dir, out))
+    assert cli(capsys, *cli_predict(tmp_path / "raw.h5ad", model_dir, out, "--normalize"))[0] == 0
+    annotated = ad.read_h5ad(out)
+    np.testing.assert_array_equal(annotated.obs["canal_prediction"], canal.CANAL.load(model_dir).predict(normalised))
+    np.testing.assert_array_equal(_dense(annotated), _dense(raw))  # the output keeps the input's values
 
 
 def test_counts_of_any_dtype_give_the_same_predictions_once_normalised(
@@ -394,6 +423,7 @@ def test_pickled_payload_in_weights_is_refused(model_dir, tmp_path, capsys, how)
         torch.save(payload, directory / "weights.pt")
     with pytest.raises(ValueError, match="holds objects other than tensors"):
         canal.CANAL.load(directory)
+    (tmp_path / "query.h5ad").touch()  # the model is read after the paths are checked
     message = cli_error(capsys, *cli_predict(tmp_path / "query.h5ad", directory, tmp_path / "out.csv"))
     assert "holds objects other than tensors" in message
     assert not marker.exists()

@@ -11,6 +11,8 @@ from conftest import TINY_ARCH
 
 from scanpy_canal import CANAL
 from scanpy_canal.cli import main
+from scanpy_canal.cli._common import MODEL_FILE
+from scanpy_canal.cli._train import _stage_summary
 
 #: A new model with the tiny encoder, trained briefly on the CPU without progress bars.
 TINY = [f"--{key.replace('_', '-')}={value}" for key, value in TINY_ARCH.items()]
@@ -67,6 +69,8 @@ def test_help_lists_the_commands(capsys):
 def test_train_creates_then_continues_a_model(files, stage1_dir, tmp_path, capsys):
     first = CANAL.load(stage1_dir)
     assert first.stage == 1 and first.arch_["dim"] == TINY_ARCH["dim"] and first.seed_ == 0
+    assert first.stage_history_[0]["new_cell_types"] == first.cell_types  # at stage 1, every type is new
+    assert f"new cell types: {', '.join(first.cell_types)};" in _stage_summary(first)
     model_dir = tmp_path / "model"
     shutil.copytree(stage1_dir, model_dir)
     assert _train(files["stage2"], model_dir, "--stage", "2", *QUICK) == 0
@@ -176,3 +180,60 @@ def test_bad_option_values_are_usage_errors(files, tmp_path, capsys, bad):
         _train(files["stage1"], tmp_path / "model", *bad)
     assert exit_.value.code == 2 and "error: argument" in capsys.readouterr().err
     assert not (tmp_path / "model").exists()
+
+
+MISTAKES = """
+import sys
+from pathlib import Path
+
+from scanpy_canal.cli import main
+
+Path("models/pbmc").mkdir(parents=True)
+Path("models/pbmc/model.json").write_text("{}")
+Path("cells.h5ad").write_text("")
+commands = [
+    ["train", "missing.h5ad", "--model-dir", "models/new", "--labels-key", "cell_type"],
+    ["train", "cells.h5ad", "--model-dir", "models/new", "--labels-key", "cell_type", "--pretrained", "nope.pth"],
+    ["train", "cells.h5ad", "--model-dir", "models/pbmc", "--labels-key", "cell_type", "--new"],
+    ["train", "cells.h5ad", "--model-dir", "models/pbmc", "--labels-key", "cell_type", "--dim", "8"],
+    ["predict", "missing.h5ad", "--model-dir", "models/pbmc", "--output", "cells.csv"],
+    ["predict", "cells.h5ad", "--model-dir", "models/other", "--output", "cells.csv"],
+    ["predict", "cells.h5ad", "--model-dir", "models/pbmc", "--output", "cells.csv", "--mod", "rna"],
+    ["pretrain", "missing.h5ad", "encoder"],
+    ["pretrain", "cells.h5ad", "models", "--genes-file", "genes.txt"],
+]
+print([main(command) for command in commands], sorted({"torch", "scvi", "lightning"} & set(sys.modules)))
+"""
+
+
+def test_mistakes_are_told_before_torch_loads(tmp_path):
+    """Checking arguments and paths takes no seconds of importing torch, Lightning and scvi-tools."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", MISTAKES], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[1, 1, 1, 1, 1, 1, 1, 1, 1] []"
+    errors = result.stderr.splitlines()
+    assert len(errors) == 9 and all(line.startswith("scanpy-canal: error: ") for line in errors)
+    for line, message in zip(
+        errors,
+        [
+            "'missing.h5ad' does not exist",
+            "--pretrained 'nope.pth' does not exist",
+            "already holds a model: drop --new",
+            "--dim: options of a new model",
+            "'missing.h5ad' does not exist",
+            "--model-dir 'models/other' does not exist",
+            "--mod names a modality of an .h5mu file",
+            "'missing.h5ad' does not exist",
+            "'genes.txt' does not exist",
+        ],
+        strict=True,
+    ):
+        assert message in line
+
+
+def test_model_file_is_the_models_own():
+    from scanpy_canal.model._io import METADATA
+
+    assert MODEL_FILE == METADATA

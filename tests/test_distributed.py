@@ -8,7 +8,8 @@ SETTINGS = {"max_epochs": 8, "lr": 1e-2, "batch_size": 8, "rehearsal_size": 40, 
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_two_process_ddp_stage_matches_one_process(small_stream):
+def test_two_process_ddp_stage_matches_one_process(small_stream, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # scvi-tools' default logger would write a lightning_logs/ folder here under DDP
     single = make_model(small_stream)
     single.train(**SETTINGS)
     distributed = make_model(small_stream)
@@ -18,6 +19,7 @@ def test_two_process_ddp_stage_matches_one_process(small_stream):
     record = distributed.stage_history_[-1]
     assert record["epochs"] > 0 and record["best_epoch"] is not None and record["best_validation_accuracy"] > 0.9
     assert distributed.history["best"].sum() == 1 and len(distributed.history) == record["epochs"]
+    assert not list(tmp_path.iterdir())
 
     test = small_stream.test[0]
     known = test.obs["cell_type"].isin(single.cell_types).to_numpy()

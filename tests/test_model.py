@@ -369,7 +369,11 @@ def test_annotate_writes_documented_keys(two_stage_model, small_stream):
     assert query.obs.equals(before.obs) and not query.obsm
     obs = annotated.obs
     assert list(obs["canal_prediction"].cat.categories) == [*two_stage_model.cell_types, "Unassigned"]
-    assert obs["canal_confidence"].between(0, 1).all() and obs["canal_uncertainty"].between(0, 1).all()
+    assert obs["canal_confidence"].between(0, 1).all() and np.isfinite(obs["canal_uncertainty"]).all()
+    assert obs["canal_novelty_pvalue"].between(0, 1, inclusive="right").all()
+    assert annotated.uns["canal"]["params"]["score"] == "energy"  # the conformal rule's default score
+    mix = canal.tl.annotate(query, two_stage_model, novel=True, score="mix", copy=True)
+    assert mix.obs["canal_uncertainty"].between(0, 1).all()  # the mix score alone is in [0, 1]
     assert annotated.obsm["canal_probabilities"].shape == (query.n_obs, len(two_stage_model.cell_types))
     assert annotated.obsm["X_canal"].shape == (query.n_obs, 64)
     assert annotated.uns["canal"]["cell_types"] == two_stage_model.cell_types and annotated.uns["canal"]["stage"] == 2

@@ -8,12 +8,25 @@ nothing but errors at 0. Scanpy is never imported for this: before it is, its de
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+import warnings
+from collections.abc import Iterator
 
 LOGGER_NAME = "scanpy_canal"
 #: The logger's level while it follows scanpy's verbosity; a level set by the application replaces it.
 FOLLOW_SCANPY = 1
+#: Loggers whose information (devices found, a litlogger tip, why fitting stopped) says nothing a CANAL user acts on.
+TRAINING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
+#: Warnings raised while training about what CANAL does on purpose, or what only the libraries' authors can change.
+TRAINING_WARNINGS = (
+    r".*isinstance\(treespec, LeafSpec\)",  # a PyTorch deprecation inside Lightning's own code
+    r"The number of training batches .* logging interval",  # CANAL records metrics per epoch, not per step
+    r"Last batch will have a small size",  # scvi-tools' advice; CANAL has no batch normalisation
+    r"early_stopping was automatically disabled",  # scvi-tools' early stopping; CANAL's own works with DDP
+    r".*does not have many workers",  # the cells are tokenised in the main process on purpose
+)
 
 
 def verbosity_level() -> int:
@@ -77,3 +90,26 @@ def configure_logger() -> logging.Logger:
     if not any(isinstance(h, _LastResort) for h in logger.handlers):
         logger.addHandler(_LastResort(logger))
     return logger
+
+
+@contextlib.contextmanager
+def quiet_training() -> Iterator[None]:
+    """Hide Lightning's information and the warnings in :data:`TRAINING_WARNINGS` while a model trains.
+
+    They return when scanpy's verbosity is ``"debug"`` (4) or more. Warnings and errors of Lightning are always shown.
+    """
+    if verbosity_level() <= logging.DEBUG:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in TRAINING_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        for pattern in TRAINING_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
+        for logger in loggers:
+            logger.setLevel(max(logger.level, logging.WARNING))
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)

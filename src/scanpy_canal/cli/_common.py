@@ -1,18 +1,25 @@
-"""What the commands share: argument types, the encoder options and reading ``.h5ad`` files."""
+"""What the commands share: argument types, the encoder options and reading ``.h5ad`` and ``.h5mu`` files."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from anndata import AnnData
+    from mudata import MuData
 
 #: Encoder options of ``train`` and ``pretrain`` (scBERT's architecture by default).
 ARCH_OPTIONS = ("dim", "depth", "heads", "dim_head")
+#: The file that makes a directory a saved model (``model._io.METADATA``), named here so that checking a directory
+#: loads no model code.
+MODEL_FILE = "model.json"
+#: The modality of an ``.h5mu`` input read without ``--mod``, as in ``canal.tl.annotate``.
+DEFAULT_MOD = "rna"
 
 
 def add_arch_options(group: argparse._ActionsContainer) -> None:
@@ -27,16 +34,98 @@ def arch_arguments(args: argparse.Namespace) -> dict[str, int]:
     return {name: getattr(args, name) for name in ARCH_OPTIONS if getattr(args, name) is not None}
 
 
-def read_h5ad(path: Path, *, backed: bool = False) -> AnnData:
-    """Read an ``.h5ad`` file (with `backed`, X stays on disk), with errors that name it."""
+def add_normalize_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--normalize`` to `parser`."""
+    parser.add_argument(
+        "--normalize",
+        action="store_true",
+        help="first bring counts or ln/log2 log1p values (of X, or of --layer) to log2(1 + counts per 10k), as "
+        "canal.pp.normalize does",
+    )
+
+
+def add_gene_symbols_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--gene-symbols`` to `parser`."""
+    parser.add_argument(
+        "--gene-symbols",
+        default=None,
+        metavar="COLUMN",
+        help="column of var holding the gene names to use, for when var_names are e.g. Ensembl IDs",
+    )
+
+
+def add_mod_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--mod`` to `parser`."""
+    parser.add_argument(
+        "--mod",
+        default=None,
+        metavar="MODALITY",
+        help=f"with an .h5mu input (MuData): the modality that holds the cells (default: {DEFAULT_MOD})",
+    )
+
+
+def is_mudata_file(path: Path) -> bool:
+    """Whether `path` names an ``.h5mu`` file, which MuData reads."""
+    return path.suffix == ".h5mu"
+
+
+def check_data(args: argparse.Namespace) -> None:
+    """Refuse an ``args.data`` that is not an existing file, and ``--mod`` without an ``.h5mu`` file."""
+    existing_file(args.data)
+    if args.mod is not None and not is_mudata_file(args.data):
+        raise ValueError(f"--mod names a modality of an .h5mu file; {str(args.data)!r} is not one.")
+
+
+def read_values(args: argparse.Namespace) -> tuple[AnnData, str | None]:
+    """``args.data`` read into memory and, with ``--normalize``, normalised into X; and the layer that holds the values.
+
+    For an ``.h5mu`` file, the AnnData of its modality ``--mod``.
+    """
+    _, adata = read_cells(args)
+    if not args.normalize:
+        return adata, args.layer
+    from scanpy_canal.pp import normalize
+
+    normalize(adata, layer=args.layer)
+    return adata, None
+
+
+@contextlib.contextmanager
+def mudata_quietly() -> Iterator[None]:
+    """Hide MuData's notice, at every read and write, that ``update()`` will change in its version 0.4."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"From 0\.4 \.update\(\) will not pull", category=FutureWarning)
+        yield
+
+
+def read_cells(args: argparse.Namespace, *, backed: bool = False) -> tuple[AnnData | MuData, AnnData]:
+    """``args.data`` as read, and the AnnData of its cells: the file itself, or the modality ``--mod`` of a MuData.
+
+    With `backed`, the X of an ``.h5ad`` stays on disk; an ``.h5mu`` is read into memory.
+    """
     import anndata as ad
 
+    existing_file(args.data)
+    kind = ".h5mu" if is_mudata_file(args.data) else ".h5ad"
+    try:
+        if kind == ".h5ad":
+            data = ad.read_h5ad(args.data, backed="r" if backed else None)
+            return data, data
+        import mudata as md
+
+        with mudata_quietly():
+            data = md.read_h5mu(args.data)
+    except OSError as error:
+        raise ValueError(f"cannot read {str(args.data)!r} as an {kind} file ({error}).") from error
+    from scanpy_canal.model._data import modality
+
+    return data, modality(data, args.mod or DEFAULT_MOD)
+
+
+def existing_file(path: Path) -> None:
+    """Refuse a `path` that is not an existing file."""
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} does not exist or is not a file.")
-    try:
-        return ad.read_h5ad(path, backed="r" if backed else None)
-    except OSError as error:
-        raise ValueError(f"cannot read {str(path)!r} as an .h5ad file ({error}).") from error
 
 
 def positive(kind: type) -> Callable[[str], int | float]:

@@ -8,10 +8,14 @@ from pathlib import Path
 from ._common import (
     add_arch_options,
     add_lightning_options,
+    add_mod_option,
+    add_normalize_option,
     arch_arguments,
+    check_data,
+    existing_file,
     fraction,
     positive,
-    read_h5ad,
+    read_values,
     writer_lock,
 )
 
@@ -27,13 +31,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "canal.CANAL(adata, pretrained=...) read; genes are matched by name. Many GPUs: --accelerator gpu "
         "--devices -1 --strategy ddp (and --num-nodes).",
     )
-    pretrain.add_argument("data", type=Path, help="unlabelled cells (.h5ad), log2(1 + counts per 10k) values")
-    pretrain.add_argument("output", type=Path, help="directory to write")
     pretrain.add_argument(
-        "--normalize",
-        action="store_true",
-        help="first bring counts or log1p values to log2(1 + counts per 10k) (canal.pp.normalize)",
+        "data", type=Path, help="unlabelled cells (.h5ad, or .h5mu with --mod), log2(1 + counts per 10k) values"
     )
+    pretrain.add_argument("output", type=Path, help="directory to write")
+    add_normalize_option(pretrain)
+    add_mod_option(pretrain)
     pretrain.add_argument("--layer", default=None, help="layer to read instead of X")
     pretrain.add_argument(
         "--genes-file",
@@ -83,6 +86,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Pretrain and write the encoder directory, holding its writer lock."""
+    # A mistake is told at once, before torch and scvi-tools take seconds to load.
+    check_data(args)
+    if args.genes_file is not None:
+        existing_file(args.genes_file)
+    if args.output.exists() and not args.overwrite:
+        raise FileExistsError(f"{str(args.output)!r} already exists; add --overwrite to replace it.")
     with writer_lock(args.output, wait=args.wait):  # a busy output is refused before the training, not after
         _pretrain_unlocked(args)
 
@@ -92,18 +101,15 @@ def _pretrain_unlocked(args: argparse.Namespace) -> None:
     from scanpy_canal.model import pretrain
     from scanpy_canal.nn import read_vocabulary
     from scanpy_canal.nn._pretrained import check_destination
-    from scanpy_canal.pp import normalize
 
     check_destination(args.output, overwrite=args.overwrite)  # before hours of training, not after
     genes = None if args.genes_file is None else read_vocabulary(args.genes_file)
-    adata = read_h5ad(args.data)
-    if args.normalize:
-        normalize(adata, layer=args.layer)
+    adata, layer = read_values(args)
     history = pretrain(
         adata,
         args.output,
         genes=genes,
-        layer=None if args.normalize else args.layer,
+        layer=layer,
         max_epochs=args.epochs,
         batch_size=args.batch_size,
         accumulate_grad_batches=args.accumulate_grad_batches,

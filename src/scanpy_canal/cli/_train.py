@@ -8,12 +8,17 @@ from typing import TYPE_CHECKING
 
 from ._common import (
     ARCH_OPTIONS,
+    MODEL_FILE,
     add_arch_options,
+    add_gene_symbols_option,
     add_lightning_options,
+    add_mod_option,
+    add_normalize_option,
     arch_arguments,
+    check_data,
     first_process,
     positive,
-    read_h5ad,
+    read_values,
     writer_lock,
 )
 
@@ -35,12 +40,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "replay, distillation). Either way the model is then saved to --model-dir, replacing the one it was loaded "
         "from. --new insists on a new model: it is an error if --model-dir holds one, unless --overwrite is given "
         "too. A directory that is not a saved model is never replaced. Values must be log2(1 + counts per 10k) "
-        "(see canal.pp.normalize).",
+        "(see canal.pp.normalize), or --normalize gets them there.",
     )
-    train.add_argument("data", type=Path, help="labelled cells (.h5ad)")
+    train.add_argument("data", type=Path, help="labelled cells (.h5ad, or .h5mu with --mod)")
     train.add_argument("--model-dir", type=Path, required=True, help="directory of the model to continue or create")
     train.add_argument("--labels-key", required=True, help="column of obs holding the cell types")
     train.add_argument("--layer", default=None, help="layer to read instead of X")
+    add_normalize_option(train)
+    add_mod_option(train)
+    add_gene_symbols_option(train)
     train.add_argument(
         "--new", action="store_true", help="build a new model; an error if --model-dir holds one, unless --overwrite"
     )
@@ -80,8 +88,36 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Load or build the model, train its next stage and save it back, holding the directory's writer lock."""
+    _continues_a_model(args)  # a mistake is told at once, before torch and scvi-tools take seconds to load
     with writer_lock(args.model_dir, wait=args.wait):  # from loading to saving, so no other run's stage is lost
         _train_next_stage(args)
+
+
+def _continues_a_model(args: argparse.Namespace) -> bool:
+    """Whether the command trains the next stage of the model in --model-dir; an error for arguments that conflict.
+
+    Reads only the file system, so it answers at once; it is asked again once the directory is locked.
+    """
+    from scanpy_canal._directories import readable_directory
+
+    check_data(args)
+    for option in ("pretrained", "pretrained_genes"):
+        path = getattr(args, option)
+        if path is not None and not readable_directory(path).exists():  # a pretrained directory may be retired
+            raise FileNotFoundError(f"--{option.replace('_', '-')} {str(path)!r} does not exist.")
+    holds_model = _holds_model(args.model_dir)
+    if holds_model and args.new and not args.overwrite:
+        raise FileExistsError(
+            f"--model-dir {str(args.model_dir)!r} already holds a model: drop --new to train its next stage, "
+            "or add --overwrite to replace it with a new model."
+        )
+    given = [f"--{name.replace('_', '-')}" for name in _NEW_MODEL_OPTIONS if getattr(args, name) is not None]
+    if holds_model and not args.new and given:
+        raise ValueError(
+            f"{', '.join(given)}: options of a new model, but --model-dir {str(args.model_dir)!r} already holds one; "
+            "drop them to train its next stage, or add --new --overwrite to replace it."
+        )
+    return holds_model and not args.new
 
 
 def _train_next_stage(args: argparse.Namespace) -> None:
@@ -89,15 +125,11 @@ def _train_next_stage(args: argparse.Namespace) -> None:
 
     from scanpy_canal.model import CANAL
 
-    holds_model = _holds_model(args.model_dir)
-    if holds_model and args.new and not args.overwrite:
-        raise FileExistsError(
-            f"--model-dir {str(args.model_dir)!r} already holds a model: drop --new to train its next stage, "
-            "or add --overwrite to replace it with a new model."
-        )
-    model = _existing_model(args) if holds_model and not args.new else None
-    adata = read_h5ad(args.data)
-    CANAL.setup_anndata(adata, labels_key=args.labels_key, layer=args.layer)
+    model = CANAL.load(args.model_dir) if _continues_a_model(args) else None
+    adata, layer = read_values(args)
+    if args.gene_symbols is not None:
+        adata = _with_gene_symbols(adata, args.gene_symbols)
+    CANAL.setup_anndata(adata, labels_key=args.labels_key, layer=layer)
     model = _new_model(adata, args) if model is None else model
     try:
         model.train(
@@ -122,13 +154,24 @@ def _train_next_stage(args: argparse.Namespace) -> None:
 
 def _holds_model(directory: Path) -> bool:
     """Whether `directory` is a saved model; an error if it is anything else but missing or empty."""
-    from scanpy_canal.model._io import METADATA
-
-    if (directory / METADATA).is_file():
+    if (directory / MODEL_FILE).is_file():
         return True
     if directory.exists() and not (directory.is_dir() and not any(directory.iterdir())):
         raise FileExistsError(f"--model-dir {str(directory)!r} exists and is not a saved CANAL model.")
     return False
+
+
+def _with_gene_symbols(adata: AnnData, column: str) -> AnnData:
+    """`adata` with the names in ``var[column]`` as var_names; genes without one are left out."""
+    import pandas as pd
+
+    if column not in adata.var.columns:
+        raise KeyError(f"--gene-symbols {column!r} is not a column of var; available: {list(adata.var.columns)}.")
+    symbols = adata.var[column]
+    named = (symbols.notna() & (symbols.astype(str).str.strip() != "")).to_numpy()
+    adata = adata if named.all() else adata[:, named].copy()
+    adata.var_names = pd.Index(symbols.to_numpy()[named].astype(str))
+    return adata
 
 
 def _new_model(adata: AnnData, args: argparse.Namespace) -> CANAL:
@@ -142,18 +185,6 @@ def _new_model(adata: AnnData, args: argparse.Namespace) -> CANAL:
         seed=0 if args.seed is None else args.seed,
         **arch_arguments(args),
     )
-
-
-def _existing_model(args: argparse.Namespace) -> CANAL:
-    from scanpy_canal.model import CANAL
-
-    given = [f"--{name.replace('_', '-')}" for name in _NEW_MODEL_OPTIONS if getattr(args, name) is not None]
-    if given:
-        raise ValueError(
-            f"{', '.join(given)}: options of a new model, but --model-dir {str(args.model_dir)!r} already holds one; "
-            "drop them to train its next stage, or add --new --overwrite to replace it."
-        )
-    return CANAL.load(args.model_dir)
 
 
 def _stage_summary(model: CANAL) -> str:

@@ -14,11 +14,15 @@ from scvi import REGISTRY_KEYS
 from scvi.data._constants import _SCVI_UUID_KEY
 from scvi.data.fields import CategoricalObsField, LayerField
 
+from scanpy_canal.pp._normalize import is_natural_log1p
+
 if TYPE_CHECKING:
+    from mudata import MuData
     from scvi.model.base import BaseModelClass
 
 #: The largest possible ``log2(1 + counts per 10k)`` (one gene holding all counts), with float32 rounding room.
 MAX_LOG2_CP10K = float(np.log2(1 + 1e4)) + 1e-3
+_NORMALIZE_FIRST = "run `canal.pp.normalize(adata)` first (on the command line: add --normalize)"
 
 
 def refuse_view(adata: ad.AnnData) -> None:
@@ -54,6 +58,22 @@ def registration_fields(adata: ad.AnnData, labels_key: str | None, layer: str | 
     return fields
 
 
+def modality(data: ad.AnnData | MuData | None, mod: str) -> ad.AnnData | None:
+    """`data` itself, or for a MuData its modality `mod`."""
+    if data is None or isinstance(data, ad.AnnData):
+        return data
+    from mudata import MuData
+
+    if not isinstance(data, MuData):
+        raise TypeError(f"Expected an AnnData or a MuData, got {type(data).__name__}.")
+    if mod not in data.mod:
+        raise KeyError(
+            f"MuData has no modality {mod!r}; it has {list(data.mod)}. Choose one with mod=... (--mod on the command "
+            "line)."
+        )
+    return data.mod[mod]
+
+
 def layer_matrix(adata: ad.AnnData, layer: str | None):
     """``adata.X``, or the layer `layer`."""
     return adata.X if layer is None else adata.layers[layer]
@@ -78,8 +98,10 @@ def read_labels(adata: ad.AnnData, labels_key: str) -> np.ndarray:
 def check_expression(x: sparse.csr_matrix | np.ndarray, *, what: str = "adata") -> None:
     """Require ``log2(1 + counts per 10k)`` values: at least one cell; finite, non-negative, not all integers.
 
-    Whole numbers everywhere mean counts (a normalised value is almost never a whole number), and values above
-    ``log2(1 + 10,000)`` cannot be counts per 10k (counts stored as floats, counts per million, scaled data).
+    Whole numbers everywhere mean counts (a normalised value is almost never a whole number), values above
+    ``log2(1 + 10,000)`` cannot be counts per 10k (counts stored as floats, counts per million, scaled data), and
+    values that fit the natural log rather than log2 (the test of :func:`scanpy_canal.pp.normalize`) are
+    ``sc.pp.log1p``'s.
     """
     if x.shape[0] == 0:
         raise ValueError(f"{what} has no cells.")
@@ -95,14 +117,17 @@ def check_expression(x: sparse.csr_matrix | np.ndarray, *, what: str = "adata") 
         )
     largest = float(values.max())
     if largest > 0 and _whole_numbers(values):
-        raise ValueError(
-            f"{what} looks like raw counts (whole numbers up to {largest:g}); run `canal.pp.normalize(adata)` first."
-        )
+        raise ValueError(f"{what} looks like raw counts (whole numbers up to {largest:g}); {_NORMALIZE_FIRST}.")
     if largest > MAX_LOG2_CP10K:
         raise ValueError(
             f"{what} has values up to {largest:g}, above log2(1 + 10,000) = {MAX_LOG2_CP10K:.2f}, so they are not "
-            "log2(1 + counts per 10k) (counts per million? scaled data?). Run `canal.pp.normalize(adata)` on counts "
-            "or log1p-normalised values first."
+            "log2(1 + counts per 10k) (counts per million? scaled data?). Pass counts or log1p-normalised values "
+            f"and {_NORMALIZE_FIRST}."
+        )
+    if is_natural_log1p(x):
+        raise ValueError(
+            f"{what} holds log1p values in natural log (as `sc.pp.log1p` writes them), but CANAL bins "
+            f"log2(1 + counts per 10k): taken as they are, the cells would fall into the wrong bins; {_NORMALIZE_FIRST}."
         )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import anndata as ad
 import numpy as np
@@ -15,10 +16,13 @@ from scanpy_canal.nn import PerformerLM, tokenize
 from scanpy_canal.pp._align import panel_columns, scatter_columns
 
 from ._conformal import conformal_pvalues, score_thresholds
-from ._data import check_expression, layer_matrix, setup_args
+from ._data import check_expression, layer_matrix, modality, setup_args
 from ._novelty import calibrated_reference, mixup_reference
 from ._options import Precision, PredictOptions, check_precision
 from ._scores import BANK_SCORES, ScoreReference
+
+if TYPE_CHECKING:
+    from mudata import MuData
 
 UNASSIGNED = "Unassigned"
 
@@ -75,27 +79,27 @@ class InferenceMixin:
         batch_size = batch_size or self.module.inference_batch_size(next(network.parameters()).device)
         return forward_in_batches(network, x, batch_size, precision)
 
-    def _query_chunks(self, adata: ad.AnnData, chunk_size: int) -> Iterator[sparse.csr_matrix]:
-        """The query's values in the gene panel, `chunk_size` cells at a time (from disk when `adata` is backed)."""
+    def _query_chunks(self, adata: ad.AnnData, options: PredictOptions) -> Iterator[sparse.csr_matrix]:
+        """The query's values in the gene panel, ``options.chunk_size`` cells at a time (from disk when backed)."""
         _, layer = setup_args(type(self), adata)
-        columns, found = panel_columns(adata, self.genes_)
+        columns, found = panel_columns(
+            adata, self.genes_, gene_symbols=options.gene_symbols, min_overlap=options.min_gene_overlap
+        )
         x = layer_matrix(adata, layer)
-        for start in range(0, adata.n_obs, chunk_size):
-            chunk = scatter_columns(x[start : start + chunk_size][:, columns], found)
+        for start in range(0, adata.n_obs, options.chunk_size):
+            chunk = scatter_columns(x[start : start + options.chunk_size][:, columns], found)
             check_expression(chunk, what="the query")
             yield chunk
 
-    def _predict_outputs(self, adata: ad.AnnData | None, options: PredictOptions) -> Outputs:
-        """Labels, probabilities and embedding of every cell of `adata` (default: the model's data) in one pass."""
-        if adata is None:
-            adata = self.adata
+    def _predict_outputs(self, data: ad.AnnData | MuData | None, options: PredictOptions) -> Outputs:
+        """Labels, probabilities and embedding of every cell of `data` (default: the model's data) in one pass."""
+        adata = modality(self.adata if data is None else data, options.mod)
         if adata is None:
             raise ValueError("Pass the cells to annotate.")
         if adata.n_obs == 0:
             raise ValueError("The query has no cells.")
         chunks = [
-            self._forward(chunk, options.batch_size, options.precision)
-            for chunk in self._query_chunks(adata, options.chunk_size)
+            self._forward(chunk, options.batch_size, options.precision) for chunk in self._query_chunks(adata, options)
         ]
         forward = {key: torch.cat([chunk[key] for chunk in chunks]) for key in chunks[0]}
         probabilities = forward["logits"].softmax(dim=-1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anndata as ad
 import numpy as np
@@ -27,6 +27,9 @@ from ._scores import Score
 from ._stage import StageTrainingMixin
 from ._state import ModelStateMixin
 from ._training_plan import CANALTrainingPlan
+
+if TYPE_CHECKING:
+    from mudata import MuData
 
 
 class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, LegacyCheckpointMixin, BaseModelClass):
@@ -270,7 +273,7 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
     # ---------------------------------------------------------------------------------------------- inference
     def predict(
         self,
-        adata: ad.AnnData | None = None,
+        adata: ad.AnnData | MuData | None = None,
         *,
         novel: bool = False,
         temperature: float = 0.8,
@@ -282,15 +285,20 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         score: Score | None = None,
         precision: Precision = "32",
         chunk_size: int = 10_000,
+        gene_symbols: str | None = None,
+        min_gene_overlap: float = 0.1,
+        mod: str = "rna",
     ) -> np.ndarray | pd.DataFrame:
         """Predict cell types, calling cells of never-seen types ``"Unassigned"`` when `novel`.
 
-        Genes are matched to the model's panel by name (missing genes count as unexpressed).
+        Genes are matched to the model's panel by name (missing genes count as unexpressed). How many are found is
+        logged at info level, and as a warning when less than half of the panel is.
 
         Parameters
         ----------
         adata
-            Cells with ``log2(1 + counts per 10k)`` values (a registered layer is used); default: the stage-1 data.
+            Cells with ``log2(1 + counts per 10k)`` values (a registered layer is used), or a MuData whose modality
+            `mod` holds them; default: the stage-1 data.
         novel
             Call ``"Unassigned"`` the cells whose novelty `score` the `threshold` rule rejects.
         temperature
@@ -322,6 +330,13 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         chunk_size
             Cells read, aligned to the panel and predicted at a time. A backed AnnData
             (``anndata.read_h5ad(path, backed="r")``) is read from disk chunk by chunk, so memory stays bounded.
+        gene_symbols
+            Column of ``adata.var`` holding the gene names to match the panel with, for when ``var_names`` are e.g.
+            Ensembl IDs (see :func:`scanpy_canal.pp.align_genes`).
+        min_gene_overlap
+            Smallest fraction of the panel's genes the query must have; with fewer it is an error (0 allows any).
+        mod
+            The modality to predict when `adata` is a MuData.
 
         Returns
         -------
@@ -333,11 +348,14 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
 
     def get_latent_representation(
         self,
-        adata: ad.AnnData | None = None,
+        adata: ad.AnnData | MuData | None = None,
         *,
         batch_size: int | None = None,
         precision: Precision = "32",
         chunk_size: int = 10_000,
+        gene_symbols: str | None = None,
+        min_gene_overlap: float = 0.1,
+        mod: str = "rna",
     ) -> np.ndarray:
         """The 64-d embedding of each cell (the head's ``fc2`` output), shape ``(n_obs, 64)``.
 
@@ -347,13 +365,16 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
 
     def get_novelty(
         self,
-        adata: ad.AnnData | None = None,
+        adata: ad.AnnData | MuData | None = None,
         *,
         score: Score = DEFAULT_SCORE,
         temperature: float = 0.8,
         batch_size: int | None = None,
         precision: Precision = "32",
         chunk_size: int = 10_000,
+        gene_symbols: str | None = None,
+        min_gene_overlap: float = 0.1,
+        mod: str = "rna",
     ) -> pd.DataFrame:
         """Each cell's closed-set prediction, novelty score and conformal p-value, to unassign at any `alpha` later.
 

@@ -76,11 +76,16 @@ class PredictOptions:
     seed: int = 0
     precision: Precision = "32"
     chunk_size: int = 10_000
+    gene_symbols: str | None = None
+    min_gene_overlap: float = 0.1
+    mod: str = "rna"
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of cells, got {self.chunk_size}.")
+        if not (_is_number(self.min_gene_overlap) and 0 <= self.min_gene_overlap <= 1):
+            raise ValueError(f"min_gene_overlap must be a fraction in [0, 1], got {self.min_gene_overlap!r}.")
         if not (_is_number(self.alpha) and 0 < self.alpha < 1):
             raise ValueError(f"alpha must be a number strictly between 0 and 1, got {self.alpha!r}.")
         if self.score is None:

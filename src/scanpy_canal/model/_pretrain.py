@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -17,6 +16,7 @@ import torch
 from scipy import sparse
 from torch.utils.data import DataLoader, Dataset
 
+from scanpy_canal._logging import quiet_training
 from scanpy_canal.nn import PerformerLM, mask_tokens, masked_accuracy_counts, masked_lm_loss, tokenize
 from scanpy_canal.nn._pretrained import check_destination, staged_directory, write_pretrained
 from scanpy_canal.pp import align_genes
@@ -24,6 +24,7 @@ from scanpy_canal.pp import align_genes
 from . import _results
 from ._data import check_expression
 from ._module import DEFAULT_ARCH
+from ._progress import progress_callbacks
 from ._schedule import cosine_warm_restarts
 from ._training_plan import MIN_LR
 
@@ -324,24 +325,25 @@ def pretrain(
         plan = PretrainingPlan(
             encoder, lr=lr, lr_schedule=lr_schedule, mask_prob=mask_prob, replace_prob=replace_prob, seed=seed
         )
-        trainer = pl.Trainer(
-            **{
-                "max_epochs": max_epochs,
-                "accelerator": accelerator,
-                "devices": devices,
-                "strategy": strategy,
-                "num_nodes": num_nodes,
-                "accumulate_grad_batches": accumulate_grad_batches,
-                "gradient_clip_val": 100.0,
-                "logger": False,
-                "enable_checkpointing": False,
-                "num_sanity_val_steps": 0,
-                **(trainer_kwargs or {}),
-            }
-        )
+        options = {
+            "max_epochs": max_epochs,
+            "accelerator": accelerator,
+            "devices": devices,
+            "strategy": strategy,
+            "num_nodes": num_nodes,
+            "accumulate_grad_batches": accumulate_grad_batches,
+            "gradient_clip_val": 100.0,
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+            **(trainer_kwargs or {}),
+        }
+        shown = {"masked_accuracy_validation": "validation masked accuracy"}
+        options["callbacks"] = [*options.get("callbacks", []), *progress_callbacks(options, "Pretraining", shown)]
         validation = _loader(x[validation_idx], batch_size, shuffle=False) if len(validation_idx) else None
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+        with quiet_training():  # Lightning's chatter only at "debug" verbosity
+            trainer = pl.Trainer(**options)
             trainer.fit(plan, _loader(x[train_idx], batch_size, shuffle=True), validation)
     history = pretraining_history(trainer.callback_metrics)
     if trainer.is_global_zero:

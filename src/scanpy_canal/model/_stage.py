@@ -24,7 +24,9 @@ from scvi.data.fields import LayerField, NumericalObsField
 from scvi.dataloaders import DataSplitter
 from scvi.model._utils import use_distributed_sampler
 from scvi.train import TrainRunner
+from scvi.train._logger import SimpleLogger
 
+from scanpy_canal._logging import quiet_training
 from scanpy_canal.pp import align_genes
 
 from ._bank import update_bank
@@ -32,6 +34,7 @@ from ._conformal import update_calibration_cells
 from ._data import check_expression, read_labels, setup_args, stratified_split
 from ._module import ROW_KEY
 from ._options import StageSettings
+from ._progress import progress_callbacks
 from ._schedule import cosine_warm_restarts
 from ._training_plan import MIN_LR, BestEpochEarlyStopping, stage_outcome
 
@@ -81,7 +84,7 @@ class StageTrainingMixin:
         snapshot = copy.deepcopy({name: getattr(self, name) for name in _ROLLED_BACK})
         network = copy.deepcopy(self.module.network)
         try:
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), quiet_training():  # Lightning's chatter only at "debug" verbosity
                 torch.manual_seed(self.seed_ + number)
                 cells = self._assemble(data, labels)
                 fit = self._fit(cells, number, settings)
@@ -171,7 +174,8 @@ class StageTrainingMixin:
             label_smoothing=settings.label_smoothing,
             distill_weight=distill_weight,
         )
-        trainer_kwargs = dict(settings.trainer_kwargs)
+        # scvi-tools' logger keeps the epochs in memory (read by the plan); by default it writes to disk under DDP.
+        trainer_kwargs = {"logger": SimpleLogger(), "simple_progress_bar": False, **settings.trainer_kwargs}
         splitter = DataSplitter(
             manager,
             external_indexing=[train_idx, val_idx, np.zeros(0, np.int64)],
@@ -181,6 +185,7 @@ class StageTrainingMixin:
         callbacks = [
             *trainer_kwargs.pop("callbacks", []),
             BestEpochEarlyStopping(patience=settings.early_stopping_patience),
+            *progress_callbacks(trainer_kwargs, f"Stage {stage}", {"accuracy_validation": "validation accuracy"}),
         ]
         runner = TrainRunner(
             self,
@@ -283,7 +288,7 @@ class StageTrainingMixin:
                 "stage": stage,
                 "n_cells": int(cells.data.n_obs),
                 "n_replayed": int(cells.training.n_obs - cells.data.n_obs),
-                "new_cell_types": cells.new_types,
+                "new_cell_types": cells.new_types if stage > 1 else sorted(set(cells.labels)),  # stage 1: all
                 "epochs": int(fit.summary["epochs"]),
                 "best_epoch": None if best_epoch is None else best_epoch + 1,
                 "best_validation_accuracy": None if best_epoch is None else fit.summary["best_score"],

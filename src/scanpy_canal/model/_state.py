@@ -73,6 +73,9 @@ class ModelStateMixin:
         for name, value in state.items():
             setattr(model, name, value)
         model.is_trained_ = model.stage_ > 0
+        # scvi-tools' per-run history (CANAL's is ``training_log_``): a dict, as after training, so that the next
+        # stage adds to it instead of warning "Training history cannot be updated".
+        model.history_ = {}
         model.init_params_ = {"kwargs": {"genes": model.genes_, "seed": model.seed_, **model.arch_}}
         model._update_summary()
         return model

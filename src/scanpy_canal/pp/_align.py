@@ -14,6 +14,8 @@ from anndata import AnnData
 logger = logging.getLogger("scanpy_canal")
 
 _N_EXAMPLES = 5
+#: With less than this fraction of the panel found, alignment warns (the missing genes count as unexpressed).
+WARN_OVERLAP = 0.5
 
 
 def align_genes(
@@ -27,7 +29,8 @@ def align_genes(
 
     Genes of `genes` absent from `adata` become all-zero columns. If a gene name occurs more than once in
     `adata`, its first occurrence is used and a warning says how many duplicates were dropped. The overlap is
-    logged at INFO level on the ``"scanpy_canal"`` logger. `adata` is never modified.
+    logged at INFO level on the ``"scanpy_canal"`` logger, and as a warning when less than half of `genes` is found.
+    `adata` is never modified.
 
     Parameters
     ----------
@@ -84,11 +87,12 @@ def align_genes(
 
 
 def panel_columns(
-    adata: AnnData, genes: Sequence[str] | pd.Index, *, gene_symbols: str | None = None
+    adata: AnnData, genes: Sequence[str] | pd.Index, *, gene_symbols: str | None = None, min_overlap: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Where the panel's genes are in `adata`: its column of each found gene, and which genes were found.
 
-    Reads only ``var``, so it is cheap on backed data; the overlap is logged. See :func:`align_genes` for the rules.
+    Reads only ``var``, so it is cheap on backed data. The overlap is logged (see :func:`align_genes`); less than
+    `min_overlap` of the panel is an error. See :func:`align_genes` for the rules.
     """
     target = _target_genes(genes)
     names = _source_names(adata, gene_symbols)
@@ -98,7 +102,22 @@ def panel_columns(
     n_found = int(found.sum())
     if n_found == 0:
         raise ValueError(_no_overlap_message(target, names, gene_symbols))
-    logger.info("%d of %d genes found (%.1f%%)", n_found, len(target), 100 * n_found / len(target))
+    fraction = n_found / len(target)
+    overlap = f"{n_found} of {len(target)} genes found ({fraction:.1%})"
+    logger.info(overlap)
+    if fraction < min_overlap:
+        raise ValueError(
+            f"Only {overlap} in {_source(gene_symbols)}, fewer than min_gene_overlap={min_overlap:g}: with the others "
+            f"counted as unexpressed, the predictions would say little.{_symbols_hint(names, gene_symbols)} Lower "
+            "min_gene_overlap (--min-gene-overlap) to predict anyway."
+        )
+    if fraction < WARN_OVERLAP:
+        logger.warning(
+            "Only %s in %s; the missing genes count as unexpressed, so the results may be unreliable.%s",
+            overlap,
+            _source(gene_symbols),
+            _symbols_hint(names, gene_symbols),
+        )
     return np.flatnonzero(usable)[position[found]], found
 
 
@@ -155,12 +174,24 @@ def _examples(names) -> str:
     return ", ".join(map(str, list(names)[:_N_EXAMPLES]))
 
 
+def _source(gene_symbols: str | None) -> str:
+    return "adata.var_names" if gene_symbols is None else f"adata.var[{gene_symbols!r}]"
+
+
+def _symbols_hint(names: pd.Index, gene_symbols: str | None) -> str:
+    """Advice to match gene symbols when the names matched look like Ensembl IDs; empty otherwise."""
+    if gene_symbols is not None or not names.str.startswith("ENS").mean() > 0.5:
+        return ""
+    return (
+        " The var_names look like Ensembl IDs: pass gene_symbols=<var column holding the gene symbols> "
+        "(--gene-symbols on the command line)."
+    )
+
+
 def _no_overlap_message(target: pd.Index, names: pd.Index, gene_symbols: str | None) -> str:
-    source = "adata.var_names" if gene_symbols is None else f"adata.var[{gene_symbols!r}]"
+    source = _source(gene_symbols)
     message = (
         f"None of the {len(target)} requested genes is in {source}. "
         f"Requested: {_examples(target)}; {source}: {_examples(names[~pd.isna(names)])}."
     )
-    if gene_symbols is None and names.str.startswith("ENS").mean() > 0.5:
-        message += " The var_names look like Ensembl IDs: pass gene_symbols=<var column holding the gene symbols>."
-    return message
+    return message + _symbols_hint(names, gene_symbols)

@@ -124,8 +124,7 @@ def _detect(X) -> Detected:
     values = _values(X)
     if values.dtype == bool or np.issubdtype(values.dtype, np.integer) or np.array_equal(values, np.round(values)):
         return "counts"
-    subset = _check_subset(X)
-    fractions = {name: _base_fit(subset, base) for name, base in _BASES.items()}
+    fractions = _base_fractions(X)
     logger.debug("normalize: fraction of cells fitting each log base: %s", fractions)
     if all(np.isnan(f) for f in fractions.values()):
         # Every cell has a single non-zero level: all bases give the same counts per 10k.
@@ -139,6 +138,21 @@ def _detect(X) -> Detected:
             '`layer="counts"`.'
         )
     return best
+
+
+def is_natural_log1p(X) -> bool:
+    """Whether non-integer values are ``log1p`` of normalised counts in natural log, as :func:`normalize` tells.
+
+    False for log2 values and for values that fit neither base or cannot tell the bases apart.
+    """
+    fractions = _base_fractions(X)
+    return fractions["log1p"] >= _MIN_PASS_FRACTION and not fractions["log2"] >= fractions["log1p"]
+
+
+def _base_fractions(X) -> dict[str, float]:
+    """For each log base, the fraction of (a sample of) cells whose values fit it; see :func:`_base_fit`."""
+    subset = _check_subset(X)
+    return {name: _base_fit(subset, base) for name, base in _BASES.items()}
 
 
 def _check_subset(X) -> sp.csr_matrix:
