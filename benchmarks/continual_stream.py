@@ -20,9 +20,9 @@ validation split, batches, the random banks):
   a bank of 250 and 200 cells: at most a third of the training cells seen before each stage, so replay has to choose.
 
 The streams run in ``--jobs`` processes (2), one thread each; ``--resume`` reuses the methods an interrupted run
-completed, and ``--assemble`` writes the report from the methods completed so far. To keep the whole run within about 90 minutes on a 2-core machine, the ablations (``ABLATIONS``) and
-naive fine-tuning on the Zeisel streams run with the first seed only (``StreamSpec.first_seed_only``), and joint
-CANAL runs on the small streams only.
+completed, and ``--assemble`` writes the report from the methods completed so far. To keep the whole run within
+about 90 minutes on a 2-core machine, the ablations (``ABLATIONS``) and naive fine-tuning on the Zeisel streams run
+with the first seed only (``StreamSpec.first_seed_only``), and joint CANAL runs on the small streams only.
 
 Methods. Every CANAL run starts from random weights with :data:`CANAL_SETTINGS` (encoder, ``train`` arguments) on
 the stream's HVG panel (``n_top_genes``) and the stream's ``rehearsal_size``:
@@ -64,8 +64,8 @@ Every model is scored by :func:`evaluate_predictor`: accuracy and macro-F1 on ea
 BWT is not forgetting (they see every cell again): it is how much adding types lowers the accuracy on earlier test
 sets, which no continual method can avoid; ``targets`` reports CANAL's BWT beyond it. The CANAL stream runs also
 report novel-cell detection (``h_score`` etc.) from ``run_stream``, and ``canal``'s final model is scored by every
-novelty score and threshold rule (``benchmarks/novelty.py``, which also writes ``results/novelty.json``). Logistic regression (lbfgs) is deterministic, so
-``lr_joint`` and ``lr_sequential`` have no spread over seeds.
+novelty score and threshold rule (``benchmarks/novelty.py``, which also writes ``results/novelty.json``). Logistic
+regression (lbfgs) is deterministic, so ``lr_joint`` and ``lr_sequential`` have no spread over seeds.
 """
 
 from __future__ import annotations
@@ -330,10 +330,7 @@ def summarise(runs: list[dict]) -> dict:
     """Mean and sd (over seeds; None for one seed) of every final metric and of the wall time."""
     values = {key: [run["final"].get(key, np.nan) for run in runs] for key in runs[0]["final"]}
     values["seconds"] = [run["seconds"] for run in runs]
-    return {
-        key: {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)) if len(v) > 1 else None}
-        for key, v in values.items()
-    }
+    return {key: novelty.summarise_values(v) for key, v in values.items()}
 
 
 def check_targets(results: dict) -> dict:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+from continual_stream_report import format_stat
 from encoder_throughput import write_report
 from sklearn.metrics import roc_auc_score
 
@@ -156,10 +157,10 @@ def print_table(report: dict) -> None:
     columns = ["known_rejection", "unknown_recall", "known_accuracy", "h_score", "auroc"]
     for stream, content in report["results"].items():
         summary = content["summary"]
-        print(f"\n### {stream} (closed-set accuracy {format_value(summary['closed_set_accuracy'])})\n")
+        print(f"\n### {stream} (closed-set accuracy {format_stat(summary['closed_set_accuracy'], 3)})\n")
         print("| score / rule | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))
         for name, metrics in summary["rules"].items():
-            print(f"| {name} | " + " | ".join(format_value(metrics[c]) for c in columns) + " |")
+            print(f"| {name} | " + " | ".join(format_stat(metrics[c], 3) for c in columns) + " |")
     print("\n### every stream (mean of the streams' means), conformal at alpha 0.05\n")
     print("| score | h_score | auroc |\n|---|---|---|")
     for score, metrics in report["ranking"].items():
@@ -181,11 +182,8 @@ def rank_scores(results: dict) -> dict:
 
 
 def summarise_values(values: list[float]) -> dict:
+    """Mean and sample sd (None for one value)."""
     return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else None}
-
-
-def format_value(value: dict) -> str:
-    return f"{value['mean']:.3f}" + ("" if value["sd"] is None else f" ± {value['sd']:.3f}")
 
 
 if __name__ == "__main__":

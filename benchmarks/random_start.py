@@ -16,8 +16,9 @@ CPU). Each variant is the original's settings (:data:`TRAIN_DEFAULTS`, still ``t
 weights) with the changes in :data:`VARIANTS`:
 
 - ``original``: lr 2e-4, at most 100 epochs, early stopping after 10 without improvement;
-- ``lr*_e15`` (``_e30``): peak learning rate, and at most 15 (30) epochs: one (two) cycle(s) of the cosine schedule with warm restarts
-  (5 epochs of warm-up from 1e-6, then down to 1e-6 at epoch 15); early stopping as by default;
+- ``lr*_e15`` (``_e30``): peak learning rate, and at most 15 (30) epochs: 15 is one cycle of the cosine schedule
+  with warm restarts (5 epochs of warm-up from 1e-6, then down to 1e-6 at epoch 15), 30 goes half-way into the
+  second, 25-epoch cycle; early stopping as by default;
 - ``all_blocks``: every encoder block trains (``trainable_blocks=(0, 1)``) instead of the second to last only;
 - ``coexpression``: ``CANAL(gene_embedding="coexpression")``, the frozen gene table from a truncated SVD of the
   standardised stage-1 cells x panel genes matrix instead of random normal rows.

@@ -53,8 +53,8 @@ class StageSettings:
             raise ValueError(f"calibration_size must be a number of cells, 0 or more; got {self.calibration_size!r}.")
 
 
-#: The novelty score of the conformal rule unless one is asked for: of the five, the best H-score and AUROC on every
-#: stream of ``benchmarks/novelty.py`` (see the "Annotation quality" page).
+#: The novelty score of the conformal rule unless one is asked for: of the five, the best AUROC on every stream of
+#: ``benchmarks/novelty.py`` (tied with the mix on pbmc68k; see the "Annotation quality" page).
 DEFAULT_SCORE: Score = "energy"
 
 
