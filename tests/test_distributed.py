@@ -24,7 +24,9 @@ def test_two_process_ddp_stage_matches_one_process(small_stream, tmp_path, monke
     test = small_stream.test[0]
     known = test.obs["cell_type"].isin(single.cell_types).to_numpy()
     labels = distributed.predict(test)
-    assert (labels == single.predict(test)).mean() >= 0.95
+    # Two one-process trainings that differ only in their seed agree on 34 of these 36 cells (measured): DDP, which
+    # sees other minibatches, is held to the same.
+    assert (labels == single.predict(test)).mean() >= 34 / 36
     assert (labels[known] == test.obs["cell_type"].to_numpy()[known]).mean() >= 0.9
 
     bank = distributed.example_bank

@@ -10,7 +10,7 @@ from conftest import QUIET, TINY_ARCH, make_model, register
 
 import scanpy_canal as canal
 from scanpy_canal.model._bank import trim_to_quota, update_bank
-from scanpy_canal.model._data import stratified_split
+from scanpy_canal.model._data import balanced_class_weights, split_stage, stratified_split
 from scanpy_canal.model._schedule import cosine_warm_restarts
 from scanpy_canal.nn import tokenize
 
@@ -30,6 +30,53 @@ def test_stratified_split_keeps_every_class_in_training():
     assert np.intersect1d(train, val).size == 0 and len(train) + len(val) == 16
     assert np.bincount(codes[val], minlength=3).tolist() == [2, 1, 0]
     assert set(codes[train]) == {0, 1, 2}
+
+
+def test_bank_cells_train_unless_the_bank_is_split():
+    codes = np.array([0] * 10 + [1] * 10 + [0] * 3 + [2] * 3)  # 20 stage cells, then 6 bank cells
+    train, val = split_stage(codes, 20, 0.2, np.random.default_rng(0), split_bank=False)
+    assert np.all(np.isin(np.arange(20, 26), train)) and np.all(val < 20)
+    assert np.bincount(codes[val], minlength=3).tolist() == [2, 2, 0]
+    train, val = split_stage(codes, 20, 0.2, np.random.default_rng(0), split_bank=True)  # the original's split
+    expected = stratified_split(codes, 0.2, np.random.default_rng(0))
+    assert np.array_equal(train, expected[0]) and np.array_equal(val, expected[1])
+    assert np.any(val >= 20)
+
+
+def test_balanced_class_weights_give_every_type_the_same_total():
+    codes = np.array([0] * 12 + [1] * 3 + [3] * 1)  # type 2 has no cell
+    weights = balanced_class_weights(codes, 4)
+    totals = weights * np.bincount(codes, minlength=4)
+    assert totals[[0, 1, 3]] == pytest.approx([16 / 3] * 3) and weights[2] == 0
+    assert totals.sum() == pytest.approx(len(codes))
+
+
+def test_balanced_loss_weights_the_replayed_types(small_stream):
+    """Stage 2 with a bank: every type carries the same total weight in the training loss, whatever its cell count."""
+    model = make_model(small_stream)
+    model.train(max_epochs=1, rehearsal_size=6, **QUIET)
+    bank = model.example_bank.obs["cell_type"].astype(str).value_counts()
+    second = register(small_stream.train[1])
+    stage = second.obs["cell_type"].astype(str).value_counts()
+    held_out = stage.map(lambda n: min(round(0.2 * n), n - 1))  # validation: stage cells only, never the bank
+    training = stage.sub(held_out).add(bank, fill_value=0)
+    seen = []
+    original = type(model.module).loss
+
+    def record(module, *args, **kwargs):
+        if module.training:
+            seen.append(module.class_weight.clone())
+        return original(module, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(model.module), "loss", record)
+        model.train(second, max_epochs=1, split_bank=False, **QUIET)
+    weights = pd.Series(seen[0].numpy(), index=model.cell_types)
+    totals = weights * training.reindex(model.cell_types)
+    assert totals.to_numpy() == pytest.approx([training.sum() / len(training)] * len(training), rel=1e-5)
+    assert bank.min() < stage.min() and weights[bank.idxmin()] > weights[stage.idxmax()]
+    assert model.module.class_weight is None  # dropped with the stage
+    assert model.stage_history_[-1]["balance_classes"] and not model.stage_history_[-1]["split_bank"]
 
 
 def test_bank_uses_prototype_row_of_the_type_by_name():
@@ -133,7 +180,7 @@ def test_cached_frozen_prefix_trains_like_recomputing_it(small_stream):
             prefixes.append(pl_module.module.cached_blocks)
 
     for cache in (True, False):
-        model = make_model(small_stream, **arch)
+        model = make_model(small_stream, trainable_blocks=(1,), **arch)
         model.train(max_epochs=2, lr=1e-2, cache_frozen=cache, callbacks=[Watch()], **QUIET)
         model.train(register(small_stream.train[1]), max_epochs=2, lr=1e-2, cache_frozen=cache, **QUIET)
         states.append(model.module.network.state_dict())

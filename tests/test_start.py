@@ -70,3 +70,6 @@ def test_train_defaults_follow_the_start(small_stream, tmp_path, start, monkeypa
     monkeypatch.setattr(type(model), "_train_stage", lambda self, adata, *, stage, settings: seen.update(s=settings))
     model.train(**QUIET)
     assert seen["s"].lr == defaults["lr"] and seen["s"].max_epochs == defaults["max_epochs"]
+    assert seen["s"].balance_classes == defaults["balance_classes"] and seen["s"].split_bank
+    model.train(**QUIET, lr=0.5, balance_classes=not defaults["balance_classes"], split_bank=False)  # given: kept
+    assert seen["s"].lr == 0.5 and seen["s"].balance_classes != defaults["balance_classes"] and not seen["s"].split_bank

@@ -172,6 +172,33 @@ def stratified_split(codes: np.ndarray, validation_size: float, rng: np.random.G
     return training, validation
 
 
+def split_stage(
+    codes: np.ndarray, n_stage: int, validation_size: float, rng: np.random.Generator, *, split_bank: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Training and validation indices of a stage's cells (the first `n_stage` of `codes`) followed by bank cells.
+
+    With `split_bank`, all cells are split together (:func:`stratified_split`), as the original does; otherwise only
+    the stage's own cells are, and every bank cell trains: a bank of a few cells per type loses a fifth of its
+    memory to validation otherwise.
+    """
+    if split_bank or n_stage == len(codes):
+        return stratified_split(codes, validation_size, rng)
+    training, validation = stratified_split(codes[:n_stage], validation_size, rng)
+    return np.concatenate([training, np.arange(n_stage, len(codes))]), validation
+
+
+def balanced_class_weights(codes: np.ndarray, n_classes: int) -> np.ndarray:
+    """scikit-learn's ``"balanced"`` weights, ``n / (k * n_c)`` over the `k` classes present; 0 for an absent class.
+
+    Every class then carries the same total weight, and the weighted cells still sum to `n`.
+    """
+    counts = np.bincount(codes, minlength=n_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.zeros(n_classes)
+    weights[present] = len(codes) / (present.sum() * counts[present])
+    return weights
+
+
 def highly_variable_genes(x: sparse.csr_matrix | np.ndarray, var_names: Sequence[str], n_top_genes: int) -> list[str]:
     """The `n_top_genes` most variable genes (scanpy's 'seurat' flavour on log2 data), in their original order."""
     import scanpy as sc

@@ -16,7 +16,7 @@ from scanpy_canal.nn._gene_embedding import coexpression_embedding
 from scanpy_canal.pp import align_genes
 
 from ._data import check_expression, layer_matrix, read_labels, refuse_view, registration_fields, setup_args
-from ._defaults import check_gene_embedding, start_default
+from ._defaults import check_gene_embedding, start_default, with_start_defaults
 from ._inference import InferenceMixin
 from ._io import SaveLoadMixin
 from ._legacy import LegacyCheckpointMixin
@@ -64,10 +64,9 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         Encoder blocks that learn; the final LayerNorm and the head always learn. Default: with pretrained weights
         the last but one (CANAL's); from random weights, see :mod:`the start defaults <scanpy_canal.model._defaults>`.
     gene_embedding
-        The frozen table of gene vectors added at each position (scBERT's gene2vec) of a random start:
-        ``"coexpression"``, each gene's loadings on the leading components of the standardised stage-1 data, so that
-        co-expressed genes get nearby vectors, or ``"random"``, standard normal ones. Pretrained weights bring their
-        own table, so it is an error with them.
+        The frozen gene vectors added at each position (scBERT's gene2vec) of a random start: ``"coexpression"``,
+        each gene's loadings on the leading components of the standardised stage-1 data (co-expressed genes get
+        nearby vectors), or ``"random"``, standard normal ones. An error with pretrained weights (they bring theirs).
     **arch
         Encoder architecture (see :class:`~scanpy_canal.nn.PerformerLM`), scBERT's by default.
 
@@ -182,8 +181,8 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
 
         Notes
         -----
-        Like every scvi-tools model, registration writes ``adata.uns["_scvi_uuid"]`` and
-        ``adata.uns["_scvi_manager_uuid"]``, and with a `labels_key` the label codes in ``adata.obs["_scvi_labels"]``.
+        As for every scvi-tools model, registration writes ``uns["_scvi_uuid"]``, ``uns["_scvi_manager_uuid"]`` and,
+        with a `labels_key`, the label codes in ``obs["_scvi_labels"]``.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         manager = AnnDataManager(
@@ -204,8 +203,10 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         rehearsal_size: int = 1000,
         distill_weight: float = 0.1,
         label_smoothing: float = 0.1,
+        balance_classes: bool | None = None,
         early_stopping_patience: int | None = 10,
         validation_size: float = 0.2,
+        split_bank: bool = True,
         calibration_size: int = 2000,
         cache_frozen: bool | None = None,
         precision: Precision = "32",
@@ -220,10 +221,11 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         bank is replayed with the new cells and the embeddings of a frozen copy of the previous model are distilled
         with weight ``distill_weight * C_old / C_new``. The epoch with the best validation accuracy is kept, also when
         ``max_epochs`` is reached. If training is interrupted (e.g. KeyboardInterrupt) the model is left as it was.
+        Where a default depends on how the encoder started, it was chosen by measurement for a random start (the
+        "Annotation quality" page) and is the original's for pretrained weights.
 
-        A stage may bring only cell types the model knows (it refines them) or a single cell type (a model that knows
-        only one type predicts it for every cell, and a warning says so). It needs two cells of at least one type,
-        so that a cell can be held out for validation; a single cell is an error.
+        A stage may bring only known cell types (it refines them) or a single one (a model that knows one type predicts
+        it for every cell, with a warning). It needs two cells of one type, so that a cell is held out for validation.
 
         Parameters
         ----------
@@ -232,8 +234,7 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         stage
             The stage number, to guard against running stages out of order (default: the next one).
         max_epochs
-            Upper bound on epochs. Default: 100 with pretrained weights (the original's), 15 from a random start
-            (one cycle of the schedule; chosen by measurement, see the "Annotation quality" page).
+            Upper bound on epochs. Default: 100 with pretrained weights (the original's), 15 from a random start.
         batch_size
             Cells per minibatch.
         lr
@@ -245,19 +246,26 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
             Weight of the embedding distillation loss before the ``C_old / C_new`` factor (0 disables it).
         label_smoothing
             Label smoothing of the cross-entropy.
+        balance_classes
+            Weight each cell type's cross-entropy by the inverse of its number of training cells (scikit-learn's
+            ``class_weight="balanced"``): a type replayed from the bank with a few cells counts as much as a new one
+            with hundreds. Default: on from a random start, off with pretrained weights (the original).
         early_stopping_patience
             Stop after more than this many epochs without a better validation accuracy (`None`: never).
         validation_size
             Fraction of each cell type held out for validation and early stopping, in ``(0, 1)``; every type keeps at
             least one cell to train on. The stage's own held-out cells become calibration cells.
+        split_bank
+            Hold out part of the bank for validation too, as the original. `False`: every bank cell trains (worth it
+            for a few cells per type), but early stopping then sees only the stage's types.
         calibration_size
             Capacity of the calibration cells behind novel-cell p-values: held-out cells of every stage, never trained
             on nor replayed, at most ``calibration_size // C`` per type (spread over the stages); 0 keeps none. Their
             memory cost is in :attr:`stage_history_` (``calibration_bytes``).
         cache_frozen
-            Compute the hidden states of the frozen blocks before the first trainable one once per cell and stage,
-            instead of at every step (their random features are then not redrawn during the stage). `None` (default):
-            when those of all training cells fit in 4 GiB. `False`: recompute them at every step, as the original.
+            Compute the hidden states of the frozen blocks before the first trainable one once per cell and stage
+            (their random features are then not redrawn). `None` (default): when those of all training cells fit in
+            4 GiB. `False`: recompute them at every step, as the original.
         precision
             ``"32"`` (float32) or ``"bf16"`` (bfloat16 autocast through Lightning's ``"bf16-mixed"``, on CPU or GPU).
         accelerator, devices
@@ -266,8 +274,7 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         **trainer_kwargs
             Passed to :class:`scvi.train.Trainer` (e.g. ``strategy``, ``enable_progress_bar``).
         """
-        max_epochs, lr = start_default(self.start_, "max_epochs", max_epochs), start_default(self.start_, "lr", lr)
-        settings = from_arguments(StageSettings, locals())
+        settings = from_arguments(StageSettings, with_start_defaults(self.start_, locals()))
         self._train_stage(adata, stage=stage, settings=settings)
 
     # ---------------------------------------------------------------------------------------------- inference
@@ -291,8 +298,8 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
     ) -> np.ndarray | pd.DataFrame:
         """Predict cell types, calling cells of never-seen types ``"Unassigned"`` when `novel`.
 
-        Genes are matched to the model's panel by name (missing genes count as unexpressed). How many are found is
-        logged at info level, and as a warning when less than half of the panel is.
+        Genes are matched to the panel by name (missing ones count as unexpressed); the overlap is logged (a warning
+        below half of the panel).
 
         Parameters
         ----------
@@ -325,11 +332,9 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
             ``"max_probability"`` (one minus it); ``"knn"``: distance to the 10th nearest example-bank cell in the
             embedding; ``"mahalanobis"``: to the nearest known type's bank cells. See :doc:`/method`.
         precision
-            ``"32"`` (float32) or ``"bf16"`` (bfloat16 autocast: faster on GPUs and on CPUs with bfloat16 instructions,
-            with slightly different probabilities; see the performance benchmarks).
+            ``"32"`` or ``"bf16"`` (bfloat16 autocast: faster on GPUs and some CPUs, slightly different probabilities).
         chunk_size
-            Cells read, aligned to the panel and predicted at a time. A backed AnnData
-            (``anndata.read_h5ad(path, backed="r")``) is read from disk chunk by chunk, so memory stays bounded.
+            Cells read, aligned and predicted at a time; a backed AnnData is read chunk by chunk, in bounded memory.
         gene_symbols
             Column of ``adata.var`` holding the gene names to match the panel with, for when ``var_names`` are e.g.
             Ensembl IDs (see :func:`scanpy_canal.pp.align_genes`).

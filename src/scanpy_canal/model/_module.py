@@ -44,6 +44,8 @@ class CANALModule(BaseModuleClass):
         self.teacher: PerformerLM | None = None
         self.teacher_embedding: torch.Tensor | None = None
         self.prefix_cache: torch.Tensor | None = None
+        #: Per-class weights of the stage's training loss (`None`: unweighted).
+        self.class_weight: torch.Tensor | None = None
 
     @property
     def head(self) -> CANALHead:
@@ -86,8 +88,8 @@ class CANALModule(BaseModuleClass):
         return int(min(max(CPU_ACTIVATION_BUDGET // (config["max_seq_len"] * widest), 1), 1024))
 
     def finish_stage(self) -> None:
-        """Drop the teacher and the per-stage caches (they are only needed while a stage trains)."""
-        self.teacher = self.teacher_embedding = self.prefix_cache = None
+        """Drop the teacher, the class weights and the per-stage caches (only needed while a stage trains)."""
+        self.teacher = self.teacher_embedding = self.prefix_cache = self.class_weight = None
         self.network.performer.redraw_from = 0
 
     @property
@@ -102,7 +104,7 @@ class CANALModule(BaseModuleClass):
         The teacher's embeddings: it is frozen, in eval mode, with fixed random features. With `cache_prefix`, also the
         hidden states after the frozen prefix of blocks (:func:`~scanpy_canal.nn.frozen_prefix`); the features of those
         blocks are then no longer redrawn during the stage. The teacher starts from the same prefix: its frozen blocks
-        are a copy of the student's.
+        are a copy of the student's. The class weights move to the training device.
 
         Parameters
         ----------
@@ -113,6 +115,8 @@ class CANALModule(BaseModuleClass):
         batch_size
             Cells per forward pass.
         """
+        if self.class_weight is not None:
+            self.class_weight = self.class_weight.to(self.device)
         stop = frozen_prefix(self.network) if cache_prefix else 0
         self.network.performer.redraw_from = stop
         if not cache_prefix and self.teacher is None:
@@ -168,10 +172,15 @@ class CANALModule(BaseModuleClass):
         label_smoothing: float = 0.1,
         distill_weight: float = 0.0,
     ) -> LossOutput:
-        """Cross-entropy with label smoothing plus ``distill_weight`` times the embedding MSE to the teacher."""
+        """Cross-entropy with label smoothing plus ``distill_weight`` times the embedding MSE to the teacher.
+
+        In training, the cross-entropy is weighted per class by :attr:`class_weight` (when set).
+        """
         labels = tensors[REGISTRY_KEYS.LABELS_KEY].view(-1).long()
         logits = inference_outputs["logits"]
-        classification = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        # Validation scores the plain loss, the tie-break of early stopping.
+        weight = self.class_weight if self.training else None
+        classification = F.cross_entropy(logits, labels, weight=weight, label_smoothing=label_smoothing)
         metrics = {
             "accuracy": (logits.argmax(dim=-1) == labels).float().mean(),
             "classification_loss": classification.detach(),

@@ -38,8 +38,10 @@ class StageSettings:
     rehearsal_size: int
     distill_weight: float
     label_smoothing: float
+    balance_classes: bool
     early_stopping_patience: int | None
     validation_size: float
+    split_bank: bool
     calibration_size: int
     cache_frozen: bool | None
     precision: Precision

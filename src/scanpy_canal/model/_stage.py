@@ -31,7 +31,7 @@ from scanpy_canal.pp import align_genes
 
 from ._bank import update_bank
 from ._conformal import update_calibration_cells
-from ._data import check_expression, read_labels, setup_args, stratified_split
+from ._data import balanced_class_weights, check_expression, read_labels, setup_args, split_stage
 from ._module import ROW_KEY
 from ._options import StageSettings
 from ._progress import progress_callbacks
@@ -154,7 +154,13 @@ class StageTrainingMixin:
         self.module.head.add_classes(len(cells.new_types))
         codes = cells.training.obs[_LABEL_COLUMN].to_numpy().astype(np.int64)
         rng = np.random.default_rng(self.seed_ + stage)
-        train_idx, val_idx = stratified_split(codes, settings.validation_size, rng)
+        train_idx, val_idx = split_stage(
+            codes, cells.data.n_obs, settings.validation_size, rng, split_bank=settings.split_bank
+        )
+        if settings.balance_classes:
+            self.module.class_weight = torch.as_tensor(
+                balanced_class_weights(codes[train_idx], len(cells.cell_types)), dtype=torch.float32
+            )
         distill_weight = settings.distill_weight * n_old / len(cells.cell_types) if stage > 1 else 0.0
         if distill_weight > 0:
             self.module.attach_teacher()
@@ -294,6 +300,8 @@ class StageTrainingMixin:
                 "best_validation_accuracy": None if best_epoch is None else fit.summary["best_score"],
                 "distill_weight": fit.distill_weight,
                 "rehearsal_size": settings.rehearsal_size,
+                "balance_classes": settings.balance_classes,
+                "split_bank": settings.split_bank,
                 **footprint,
             }
         )
