@@ -19,10 +19,13 @@ validation split, batches, the random banks):
   (``benchmarks/zeisel.py``), 3 class-incremental stages of 7 classes (one novel) or 47 subclasses (one novel), with
   a bank of 250 and 200 cells: at most a third of the training cells seen before each stage, so replay has to choose.
 
-The streams run in ``--jobs`` processes (2), one thread each; ``--resume`` reuses the methods an interrupted run
-completed, and ``--assemble`` writes the report from the methods completed so far. To keep the whole run within
-about 90 minutes on a 2-core machine, the ablations (``ABLATIONS``) and naive fine-tuning on the Zeisel streams run
-with the first seed only (``StreamSpec.first_seed_only``), and joint CANAL runs on the small streams only.
+Every (stream, method, seed) is one run; the runs share ``--jobs`` processes (2), one thread each, the most expensive
+first. ``--resume`` reuses the runs an interrupted benchmark completed, and ``--assemble`` writes the report from the
+runs completed so far. Each stream runs CANAL and its peers (``PEER_METHODS``); the
+ablations of CANAL's parts run when ``--methods`` names them. To keep the whole run near 90 minutes on a 2-core
+machine, the deterministic logistic regressions run with the first seed only, and on the Zeisel streams (a CANAL run
+takes 10 to 15 minutes there) every method but CANAL and ``lr_bank`` runs with the first seed only and joint CANAL
+trains after the last stage only (``StreamSpec``).
 
 Methods. Every CANAL run starts from random weights with :data:`CANAL_SETTINGS` (encoder, ``train`` arguments) on
 the stream's HVG panel (``n_top_genes``) and the stream's ``rehearsal_size``:
@@ -36,7 +39,8 @@ the stream's HVG panel (``n_top_genes``) and the stream's ``rehearsal_size``:
   of stages 1 to ``t`` together (panel: the HVGs of those cells);
 - ``lr_sequential``, ``lr_joint``, ``lr_bank``: logistic regression on all genes of the stream, refit after each
   stage on the newest stage, on all stages so far, or on the newest stage plus a class-balanced random replay bank
-  of CANAL's size and quotas (``benchmarks/peers.py``);
+  of CANAL's size and quotas (``benchmarks/peers.py``); ``lr_balanced_bank``, the last with the types weighted
+  equally (``class_weight="balanced"``), as CANAL's loss is from a random start: what balancing alone gives;
 - ``celltypist_joint``, ``celltypist_bank``: the real ``celltypist.train`` the same two ways (``peers.py``); skipped,
   with the reason in the JSON, when ``celltypist`` does not import;
 - ``scanvi_scarches``: scANVI (scvi-tools) updated stage by stage through scArches, the peer's continual approach.
@@ -79,6 +83,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from pathlib import Path
 
 import anndata as ad
@@ -110,11 +115,38 @@ CANAL_VARIANTS = {
     "naive_finetune": {"rehearsal_size": 0, "distill_weight": 0},
     "canal_random_bins": {"arch": {"token_init": "normal"}},
 }
-REFIT_METHODS = ["canal_joint", "lr_sequential", "lr_joint", "lr_bank", "celltypist_joint", "celltypist_bank"]
+REFIT_METHODS = [
+    "canal_joint",
+    "lr_sequential",
+    "lr_joint",
+    "lr_bank",
+    "lr_balanced_bank",
+    "celltypist_joint",
+    "celltypist_bank",
+]
 METHODS = [*CANAL_VARIANTS, *REFIT_METHODS, "scanvi_scarches"]
 CELLTYPIST = ("celltypist_joint", "celltypist_bank")
-#: The ablations of CANAL's parts, which run with the first seed only (their 3-seed runs are in the git history).
-ABLATIONS = ("canal_no_bank", "canal_no_distill", "canal_random_bins")
+#: Relative cost of a method's run per panel gene, to start the longest runs first.
+METHOD_COST = {
+    **dict.fromkeys(CANAL_VARIANTS, 10),
+    "naive_finetune": 6,
+    "canal_joint": 20,
+    "scanvi_scarches": 5,
+    "celltypist_joint": 3,
+    "celltypist_bank": 2,
+    **dict.fromkeys(("lr_sequential", "lr_joint", "lr_bank", "lr_balanced_bank"), 1),
+}
+#: What every stream runs unless ``--methods`` says otherwise: CANAL and its peers (issue 16). The ablations of CANAL's
+#: parts (``canal_no_bank``, ``canal_no_distill``, ``canal_random_bins``) run when asked for; their runs are in the
+#: git history.
+PEER_METHODS = (
+    "canal",
+    "naive_finetune",
+    *REFIT_METHODS,
+    "scanvi_scarches",
+)
+#: Methods whose runs do not depend on the seed (logistic regression without a random bank): one seed.
+DETERMINISTIC = ("lr_sequential", "lr_joint")
 
 
 @dataclass(frozen=True)
@@ -126,33 +158,34 @@ class StreamSpec:
     rehearsal_size: int = 1000
     #: ``celltypist.train(feature_selection=...)``: its 300 genes per type need many more genes than that.
     celltypist_feature_selection: bool = True
-    methods: tuple[str, ...] = tuple(METHODS)
+    methods: tuple[str, ...] = PEER_METHODS
     #: Methods that run with the first seed only (to keep the whole benchmark within about 90 minutes).
-    first_seed_only: tuple[str, ...] = ()
+    first_seed_only: tuple[str, ...] = DETERMINISTIC
+    #: Joint CANAL trains only after the last stage (on every stage's cells): its ACC, not its BWT.
+    joint_last_stage_only: bool = False
 
     def settings(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "build"}
 
 
 STREAMS = {
-    "pbmc68k": StreamSpec(lambda: canal.datasets.pbmc68k_stream(seed=0), n_top_genes=300, first_seed_only=ABLATIONS),
+    "pbmc68k": StreamSpec(lambda: canal.datasets.pbmc68k_stream(seed=0), n_top_genes=300),
     "synthetic": StreamSpec(
         lambda: canal.datasets.synthetic_stream(
             n_stages=3, n_genes=300, batch_effect=1.0, marker_fold=(2.0, 4.0), seed=0
         ),
         n_top_genes=300,
         celltypist_feature_selection=False,
-        first_seed_only=ABLATIONS,
+        first_seed_only=(*DETERMINISTIC, "canal_joint"),
     ),
     **{
         f"zeisel_{level}": StreamSpec(
             lambda level=level: zeisel_stream(level),
             n_top_genes=1000,
             rehearsal_size=settings["rehearsal_size"],
-            # The ablations and joint CANAL (which trains on every stage again, the cost of 2 stream runs here) ran
-            # on the small streams; here what the comparison with the peers needs, in the benchmark's time.
-            methods=("canal", "naive_finetune", *REFIT_METHODS[1:], "scanvi_scarches"),
-            first_seed_only=("naive_finetune",),
+            # A CANAL run takes 10 to 15 minutes here: the peers and the other CANAL runs with the first seed only.
+            first_seed_only=tuple(method for method in PEER_METHODS if method not in ("canal", "lr_bank")),
+            joint_last_stage_only=True,
         )
         for level, settings in LEVELS.items()
     },
@@ -193,10 +226,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--streams", nargs="+", choices=list(STREAMS), default=list(STREAMS))
     parser.add_argument("--methods", nargs="+", choices=METHODS, help="default: each stream's own list")
     parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
-    parser.add_argument("--jobs", type=int, default=2, help="streams run at once, in separate processes (default 2)")
-    parser.add_argument("--resume", action="store_true", help="reuse the methods an interrupted run completed")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once, in separate processes (default 2)")
+    parser.add_argument("--resume", action="store_true", help="reuse the runs an interrupted benchmark completed")
     parser.add_argument(
-        "--assemble", action="store_true", help="write the report from the methods completed so far, training nothing"
+        "--assemble", action="store_true", help="write the report from the runs completed so far, training nothing"
     )
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, short scANVI, output to a temp file")
     parser.add_argument("--output", type=Path, default=None)
@@ -265,22 +298,26 @@ def run_stages(stream: canal.datasets.Stream, stages: list[tuple[str, int, Calla
     stream
         The stream.
     stages
-        ``(row name, stages seen, fit)`` per row of the matrices; ``fit()`` trains and returns the predictor.
+        ``(row name, stages seen, fit)`` per row of the matrices (row ``stages seen``; rows not given stay NaN, and
+        so does what depends on them, e.g. BWT); ``fit()`` trains and returns the predictor.
 
     Returns
     -------
     The result in the layout of :meth:`scanpy_canal._demo.StreamResult.to_dict` (without ``accuracy_novel``).
     """
     columns = [f"stage {t + 1}" for t in range(stream.n_stages)]
-    accuracy = pd.DataFrame(np.nan, index=[name for name, _, _ in stages], columns=columns)
+    accuracy = pd.DataFrame(np.nan, index=columns, columns=columns)
     macro_f1, seconds = accuracy.copy(), []
-    for row, (_, n_seen, fit) in enumerate(stages):
+    for _, n_seen, fit in stages:
         start = time.perf_counter()
         predict = fit()
         seconds.append(time.perf_counter() - start)
         scores = evaluate_predictor(stream, predict, n_seen)
-        accuracy.iloc[row, :n_seen], macro_f1.iloc[row, :n_seen] = scores["accuracy"], scores["macro_f1"]
-    final = canal.tl.continual_metrics(accuracy.to_numpy())
+        accuracy.iloc[n_seen - 1, :n_seen], macro_f1.iloc[n_seen - 1, :n_seen] = scores["accuracy"], scores["macro_f1"]
+    if len(stages) == stream.n_stages:
+        final = canal.tl.continual_metrics(accuracy.to_numpy())
+    else:  # trained after the last stage only
+        final = {"acc": float(accuracy.iloc[-1].mean()), "bwt": np.nan, "forgetting": np.nan}
     final.update(macro_f1=scores["pooled"]["macro_f1"], ari=scores["pooled"]["ari"])
     result = StreamResult(accuracy, macro_f1, accuracy * np.nan, final, seconds).to_dict()
     del result["accuracy_novel"]
@@ -319,11 +356,13 @@ def run_method(
         "lr_joint": lambda data: peers.fit_logistic(data, key, seed),
         "lr_sequential": lambda data: peers.fit_logistic(data, key, seed),
         "lr_bank": lambda data: peers.fit_logistic(data, key, seed),
+        "lr_balanced_bank": lambda data: peers.fit_logistic(data, key, seed, balanced=True),
         "celltypist_joint": lambda data: peers.fit_celltypist(data, key, seed, feature_selection=selection),
         "celltypist_bank": lambda data: peers.fit_celltypist(data, key, seed, feature_selection=selection),
     }[method]
     memory = "last" if method == "lr_sequential" else method.rsplit("_", 1)[1]
-    return run_stages(stream, peers.refit_rows(stream, fit, memory=memory, bank_size=bank, seed=seed))
+    rows = peers.refit_rows(stream, fit, memory=memory, bank_size=bank, seed=seed)
+    return run_stages(stream, rows[-1:] if method == "canal_joint" and spec.joint_last_stage_only else rows)
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -347,41 +386,68 @@ def check_targets(results: dict) -> dict:
         if "canal" not in results or (reference and reference[0] not in results):
             continue
         value = mean("canal", key) - (mean(*reference) if reference else 0.0)
+        if np.isnan(value):  # e.g. the BWT of a joint CANAL trained after the last stage only
+            continue
         targets[name] = {"value": value, "target": lowest, "met": None if lowest is None else bool(value >= lowest)}
     return targets
 
 
-def run_stream_methods(stream_name: str, methods: list[str], args: argparse.Namespace, scanvi_settings: dict) -> dict:
-    """Every method of `methods` on one stream, each with every seed (one worker process of :func:`main`). Each
-    method's runs are kept in :func:`partial_path` as they end; with ``--resume`` those already there are reused."""
+@cache
+def build_stream(stream_name: str) -> canal.datasets.Stream:
+    """A stream, built once per worker process."""
+    return STREAMS[stream_name].build()
+
+
+def run_task(task: tuple[str, str, int], args: argparse.Namespace, scanvi_settings: dict) -> dict:
+    """One method on one stream with one seed (in a worker process of :func:`main`); the run is also kept in
+    :func:`partial_path` as soon as it ends, for ``--resume``."""
+    stream_name, method, seed = task
     set_threads(args.threads)
     peers.SCANVI_SETTINGS.update(scanvi_settings)
-    spec = STREAMS[stream_name]
-    stream, results = spec.build(), {}
-    for method in methods:
-        seeds = args.seeds[:1] if method in spec.first_seed_only else args.seeds
-        partial = partial_path(args.output, stream_name, method)
-        if args.resume and partial.exists():
-            results[method] = json.loads(partial.read_text())
-            if [run["seed"] for run in results[method]["runs"]] == seeds:
+    prefix = f"[{stream_name} {method} seed {seed}]"
+    start = time.perf_counter()
+    stream, spec = build_stream(stream_name), STREAMS[stream_name]
+    run = run_method(stream, spec, method, seed, args.epochs, log=lambda line: print(prefix, line, flush=True))
+    run.update(seed=seed, seconds=time.perf_counter() - start)
+    print(f"{prefix} acc {run['final']['acc']:.3f}, {run['seconds']:.1f} s", flush=True)
+    partial = partial_path(args.output, *task)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_text(json.dumps(run))
+    return run
+
+
+def tasks_of(args: argparse.Namespace, skipped: dict) -> list[tuple[str, str, int]]:
+    """Every (stream, method, seed) to run, the most expensive first, so that the last to start are short."""
+    tasks = []
+    for name in args.streams:
+        spec = STREAMS[name]
+        for method in args.methods or spec.methods:
+            if method in skipped:
                 continue
-        runs = []
-        for seed in seeds:
-            prefix = f"[{stream_name} {method} seed {seed}]"
-            start = time.perf_counter()
-            run = run_method(stream, spec, method, seed, args.epochs, log=lambda line, p=prefix: print(p, line))
-            run.update(seed=seed, seconds=time.perf_counter() - start)
-            print(f"{prefix} acc {run['final']['acc']:.3f}, {run['seconds']:.1f} s", flush=True)
-            runs.append(run)
-        results[method] = {"runs": runs, "summary": summarise(runs)}
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(json.dumps(results[method]))
+            seeds = args.seeds[:1] if method in spec.first_seed_only else args.seeds
+            tasks += [(name, method, seed) for seed in seeds]
+    return sorted(tasks, key=lambda task: -STREAMS[task[0]].n_top_genes * METHOD_COST[task[1]])
+
+
+def partial_path(output: Path, stream_name: str, method: str, seed: int) -> Path:
+    """Where one run waits for the whole report (outside the repository)."""
+    return Path(tempfile.gettempdir()) / f"{output.stem}_partial" / stream_name / f"{method}_seed{seed}.json"
+
+
+def assemble(tasks: list[tuple[str, str, int]], runs: dict) -> dict:
+    """Per stream and method (in the order of :data:`METHODS`): the runs, by seed, and their summary."""
+    results = {}
+    for name in dict.fromkeys(stream for stream, _, _ in tasks):
+        results[name] = {}
+        for method in METHODS:
+            done = sorted((runs[task] for task in tasks if task[:2] == (name, method) and task in runs), key=seed_of)
+            if done:
+                results[name][method] = {"runs": done, "summary": summarise(done)}
     return results
 
 
-def partial_path(output: Path, stream_name: str, method: str) -> Path:
-    """Where a method's runs on a stream wait for the whole report (outside the repository)."""
-    return Path(tempfile.gettempdir()) / f"{output.stem}_partial" / stream_name / f"{method}.json"
+def seed_of(run: dict) -> int:
+    return run["seed"]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -404,33 +470,20 @@ def main(argv: list[str] | None = None) -> dict:
     for method in report["skipped"]:
         print(f"[{method}] skipped: {report['skipped'][method]}")
     start_all = time.perf_counter()
-    if args.assemble:
-        report["results"] = {name: completed_methods(name, args.output) for name in args.streams}
-        report["targets"] = {name: check_targets(methods) for name, methods in report["results"].items()}
-        return finish(report, args, start_all)
-    # The streams run in `--jobs` processes, the slowest (the most genes) first.
-    names = sorted(args.streams, key=lambda name: -STREAMS[name].n_top_genes)
-    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {
-            name: pool.submit(
-                run_stream_methods,
-                name,
-                [m for m in args.methods or STREAMS[name].methods if m not in report["skipped"]],
-                args,
-                peers.SCANVI_SETTINGS,
-            )
-            for name in names
-        }
-        for name in args.streams:
-            report["results"][name] = futures[name].result()
-            report.setdefault("targets", {})[name] = check_targets(report["results"][name])
+    tasks = tasks_of(args, report["skipped"])
+    runs = {}
+    if args.resume or args.assemble:
+        kept = {task: partial_path(args.output, *task) for task in tasks}
+        runs = {task: json.loads(path.read_text()) for task, path in kept.items() if path.exists()}
+    if not args.assemble:
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {
+                task: pool.submit(run_task, task, args, peers.SCANVI_SETTINGS) for task in tasks if task not in runs
+            }
+            runs.update({task: future.result() for task, future in futures.items()})
+    report["results"] = assemble(tasks, runs)
+    report["targets"] = {name: check_targets(methods) for name, methods in report["results"].items()}
     return finish(report, args, start_all)
-
-
-def completed_methods(stream_name: str, output: Path) -> dict:
-    """The runs kept by :func:`run_stream_methods` for a stream, in the order of :data:`METHODS`."""
-    paths = {path.stem: path for path in partial_path(output, stream_name, "").parent.glob("*.json")}
-    return {method: json.loads(paths[method].read_text()) for method in METHODS if method in paths}
 
 
 def finish(report: dict, args: argparse.Namespace, start_all: float) -> dict:

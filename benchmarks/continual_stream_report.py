@@ -32,6 +32,7 @@ STYLE = {
     "lr_sequential": ("LR, last stage only", "C2", "--"),
     "lr_joint": ("LR, joint", "C2", "-"),
     "lr_bank": ("LR, same bank", "C2", ":"),
+    "lr_balanced_bank": ("LR, same bank, balanced", "C2", "-."),
     "celltypist_joint": ("CellTypist, joint", "C5", "-"),
     "celltypist_bank": ("CellTypist, same bank", "C5", ":"),
     "scanvi_scarches": ("scANVI + scArches", "C1", "-"),

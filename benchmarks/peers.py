@@ -7,7 +7,9 @@ one (the bank, scArches' reference).
 
 - **Logistic regression** (:func:`fit_logistic`): genes standardised, then multinomial ``LogisticRegression``
   (lbfgs, ``max_iter=1000``) on ``log2(1 + CP10k)``; deterministic. ``lr_sequential`` refits on the newest stage
-  only, ``lr_joint`` on all stages so far, ``lr_bank`` on the newest stage plus a replay bank (:class:`RandomBank`).
+  only, ``lr_joint`` on all stages so far, ``lr_bank`` on the newest stage plus a replay bank (:class:`RandomBank`);
+  ``lr_balanced_bank`` as ``lr_bank`` with the types weighted equally (``class_weight="balanced"``), as CANAL's loss
+  is from a random start.
 - **Replay bank** (:class:`RandomBank`): the memory-bounded peer of CANAL's example bank, with the same capacity
   and the same quotas: after each stage, ``floor(L / types seen)`` cells per type, so old types shrink as new ones
   arrive. CANAL ranks a stage's cells by similarity to their type's prototype; the peer ranks them at random
@@ -57,14 +59,18 @@ def binned(matrix) -> np.ndarray:
     return np.minimum(np.floor(dense(matrix)), 5.0)
 
 
-def fit_logistic(data: ad.AnnData, labels_key: str, seed: int, *, bins: bool = False) -> Predictor:
-    """Genes standardised, then multinomial logistic regression; on CANAL's bins instead of the values if `bins`."""
+def fit_logistic(
+    data: ad.AnnData, labels_key: str, seed: int, *, bins: bool = False, balanced: bool = False
+) -> Predictor:
+    """Genes standardised, then multinomial logistic regression; on CANAL's bins instead of the values if `bins`, with
+    scikit-learn's ``class_weight="balanced"`` (as CANAL's random-start loss) if `balanced`."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     values = binned if bins else dense
-    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=seed))
+    weight = "balanced" if balanced else None
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=seed, class_weight=weight))
     model.fit(values(data.X), data.obs[labels_key].astype(str).to_numpy())
     return lambda adata: model.predict(values(adata.X))
 
