@@ -1,9 +1,10 @@
 """Training defaults that depend on how the encoder starts.
 
 With pretrained weights (scBERT's, or :func:`scanpy_canal.pretrain`'s) CANAL keeps the original's settings: the last
-but one block learns, at a peak rate of 2e-4, for up to 100 epochs, with an unweighted loss. From random weights (what a user without a
-checkpoint gets) the settings were chosen by measurement on real and synthetic streams (``benchmarks/random_start.py``,
-the "Annotation quality" page of the documentation).
+but one block learns, at a peak rate of 2e-4, for up to 100 epochs, with an unweighted loss. From random weights
+(what a user without a checkpoint gets) the settings were chosen by measurement on real and synthetic streams
+(``benchmarks/random_start.py``, ``benchmarks/continual_stream.py``, the "Annotation quality" page of the
+documentation).
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ def start_default(start: Start, name: str, value: Any = None) -> Any:
 
 def with_start_defaults(start: Start, arguments: dict[str, Any]) -> dict[str, Any]:
     """`arguments` with each `None` that has a default for `start` replaced by it."""
-    defaults = START_DEFAULTS[start]
-    return {name: defaults[name] if value is None and name in defaults else value for name, value in arguments.items()}
+    names = START_DEFAULTS[start]
+    return {name: start_default(start, name, value) if name in names else value for name, value in arguments.items()}
 
 
 def check_gene_embedding(start: Start, gene_embedding: str | None) -> str | None:
