@@ -84,6 +84,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import cache
+from operator import itemgetter
 from pathlib import Path
 
 import anndata as ad
@@ -440,14 +441,12 @@ def assemble(tasks: list[tuple[str, str, int]], runs: dict) -> dict:
     for name in dict.fromkeys(stream for stream, _, _ in tasks):
         results[name] = {}
         for method in METHODS:
-            done = sorted((runs[task] for task in tasks if task[:2] == (name, method) and task in runs), key=seed_of)
+            done = sorted(
+                (runs[task] for task in tasks if task[:2] == (name, method) and task in runs), key=itemgetter("seed")
+            )
             if done:
                 results[name][method] = {"runs": done, "summary": summarise(done)}
     return results
-
-
-def seed_of(run: dict) -> int:
-    return run["seed"]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -493,8 +492,14 @@ def finish(report: dict, args: argparse.Namespace, start_all: float) -> dict:
     write_report(report, args.output)
     print_tables(report)
     print(f"\nwrote {args.output} ({report['seconds_total'] / 60:.1f} min)")
-    novelty.main(["--input", str(args.output), *(["--quick"] if args.quick else [])])
+    novelty.main(["--input", str(args.output), "--output", str(novelty_path(args.output))])
     return report
+
+
+def novelty_path(output: Path) -> Path:
+    """Where the novelty report of the continual report `output` goes: ``results/novelty.json`` for the committed
+    report, otherwise beside `output` (a quick or test run never overwrites the committed one)."""
+    return novelty.RESULTS if output == RESULTS else output.with_name(f"{output.stem}_novelty.json")
 
 
 if __name__ == "__main__":
