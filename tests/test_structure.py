@@ -10,7 +10,7 @@ MAX_LINES = 400
 #: Layers from the bottom: a module may import its own layer and those below (see docs/code_map.md). The package
 #: itself is the top: it exposes the others (lazily).
 LAYERS = [
-    {"scanpy_canal._logging", "scanpy_canal._version", "scanpy_canal._directories"},
+    {"scanpy_canal._logging", "scanpy_canal._version", "scanpy_canal._directories", "scanpy_canal._snapshot"},
     {"scanpy_canal.nn"},
     {"scanpy_canal.pp", "scanpy_canal.datasets"},
     {"scanpy_canal.model"},
