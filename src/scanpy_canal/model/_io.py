@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import os
@@ -15,7 +17,8 @@ import pandas as pd
 import torch
 from scvi.model.base import BaseModelClass
 
-from scanpy_canal._directories import check_checksums, file_checksums, readable_directory, writer_lock
+from scanpy_canal._directories import check_checksums, file_checksums, writer_lock
+from scanpy_canal._snapshot import read_consistently, said_write_errors
 from scanpy_canal._version import __version__
 from scanpy_canal.nn import CheckpointError
 from scanpy_canal.nn._pretrained import read_json, staged_directory
@@ -30,6 +33,8 @@ HISTORY = "history.csv"
 #: The model class being loaded (:class:`~scanpy_canal.CANAL`), which the caller passes in.
 Model = TypeVar("Model", bound=BaseModelClass)
 logger = logging.getLogger("scanpy_canal")
+#: The key of model.json that records the digest of the rest of model.json.
+SELF_DIGEST = "metadata_sha256"
 _METADATA_KEYS = ("arch", "trainable_blocks", "seed", "stage", "genes", "cell_types", "stage_history", "registry")
 
 
@@ -46,9 +51,11 @@ def _jsonable(value: Any) -> Any:
 def save_model(model: BaseModelClass, dir_path: str | os.PathLike, *, overwrite: bool = False) -> None:
     """Write `model` to `dir_path` through a sibling directory swapped into place in one step, under the writer lock.
 
-    ``model.json`` is written last and records the SHA-256 digest of each other file.
+    ``model.json`` is written last and records the SHA-256 digest of each other file, and of itself.
     """
-    with writer_lock(dir_path):
+    if model.stage_ == 0:
+        raise ValueError("The model has trained no stage, so there is nothing to save: train a stage first.")
+    with said_write_errors(dir_path, "model"), writer_lock(dir_path):
         _save_model(model, Path(dir_path), overwrite=overwrite)
 
 
@@ -70,13 +77,24 @@ def _save_model(model: BaseModelClass, target: Path, *, overwrite: bool) -> None
         "registry": model.registry_,
     }
     with staged_directory(target, overwrite=True) as staging:
-        torch.save({"network": model.module.network.state_dict()}, staging / WEIGHTS)
+        # Through memory: torch reports a full disk as a RuntimeError without the cause, a file write as an OSError.
+        weights = io.BytesIO()
+        torch.save({"network": model.module.network.state_dict()}, weights)
+        (staging / WEIGHTS).write_bytes(weights.getbuffer())
         for cells, name in ((model.example_bank_, BANK), (model.calibration_cells_, CALIBRATION)):
             if cells is not None:
                 cells.write_h5ad(staging / name)
         model.history.to_csv(staging / HISTORY, index=False)
         metadata["sha256"] = file_checksums(staging, exclude=METADATA)
-        (staging / METADATA).write_text(json.dumps(_jsonable(metadata), indent=1))
+        metadata = _jsonable(metadata)
+        metadata[SELF_DIGEST] = _metadata_digest(metadata)
+        (staging / METADATA).write_text(json.dumps(metadata, indent=1))
+
+
+def _metadata_digest(metadata: dict) -> str:
+    """The SHA-256 digest of `metadata` but its own digest, written canonically (a change of any value shows)."""
+    content = {key: value for key, value in metadata.items() if key != SELF_DIGEST}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def _check_replaceable(target: Path, *, overwrite: bool) -> None:
@@ -95,7 +113,14 @@ def _read_metadata(directory: Path) -> dict:
     path = directory / METADATA
     if not path.is_file():
         raise FileNotFoundError(f"{str(directory)!r} is not a saved CANAL model: {METADATA} is missing.")
-    metadata = read_json(path, error=ValueError)
+    try:
+        metadata = read_json(path, error=ValueError)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{str(path)!r} is damaged: it is not text ({error}).") from error
+    if isinstance(metadata, dict) and SELF_DIGEST in metadata and metadata[SELF_DIGEST] != _metadata_digest(metadata):
+        raise CheckpointError(
+            f"{str(path)!r} does not match its own checksum: it was damaged or changed after it was saved."
+        )
     version = metadata.get("format_version") if isinstance(metadata, dict) else None
     if not isinstance(version, int):
         raise ValueError(f"{str(path)!r} has no valid format_version; it was not written by scanpy-canal.")
@@ -148,8 +173,17 @@ def _read_cells(path: Path, genes: list[str]) -> ad.AnnData:
 
 
 def load_model(cls: type[Model], dir_path: str | os.PathLike, *, adata: ad.AnnData | None = None) -> Model:
-    """Rebuild a model of class `cls` saved by :func:`save_model`; its files' checksums (if recorded) are verified."""
-    directory = readable_directory(dir_path)
+    """Rebuild a model of class `cls` saved by :func:`save_model`; its files' checksums (if recorded) are verified.
+
+    The files read all belong to one save, also while another process saves to `dir_path` (see
+    :func:`~scanpy_canal._snapshot.read_consistently`).
+    """
+    model = read_consistently(dir_path, lambda directory: _load_model(cls, directory))
+    model._adata = adata
+    return model
+
+
+def _load_model(cls: type[Model], directory: Path) -> Model:
     metadata = _read_metadata(directory)
     tensors = _read_tensors(directory)
     try:
@@ -186,11 +220,17 @@ def load_model(cls: type[Model], dir_path: str | os.PathLike, *, adata: ad.AnnDa
             str(directory),
         )
     if (directory / HISTORY).is_file() and (directory / HISTORY).stat().st_size > 1:
-        model.training_log_ = pd.read_csv(directory / HISTORY)
+        model.training_log_ = _read_history(directory / HISTORY)
     # Last, after the checks that say more about a damaged file (e.g. a pickle in weights.pt).
     check_checksums(directory, metadata.get("sha256"), source=directory / METADATA, error=CheckpointError)
-    model._adata = adata
     return model
+
+
+def _read_history(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path)
+    except Exception as error:  # pandas raises parser, decoding and value errors for a damaged file
+        raise _damaged(path, error) from error
 
 
 class SaveLoadMixin:
@@ -204,11 +244,17 @@ class SaveLoadMixin:
         swapped into place in one step, so the path always holds a whole model, the old or the new (see
         :doc:`/reproducibility`). An existing `dir_path` is an error unless `overwrite`, and even then only a saved
         model or an empty directory is replaced, never other files. A second process saving to the same path is
-        refused while this one writes.
+        refused while this one writes. A save that fails (a full disk, a read-only directory, a missing permission)
+        raises an OSError of one sentence, naming the path and the cause, and leaves nothing behind; a model that
+        has trained no stage is an error (ValueError).
         """
         save_model(self, dir_path, overwrite=overwrite)
 
     @classmethod
     def load(cls, dir_path: str | os.PathLike, adata: ad.AnnData | None = None, **kwargs: Any) -> Self:
-        """Load a model written by :meth:`save`; `adata` becomes the default data of :meth:`predict`."""
+        """Load a model written by :meth:`save`; `adata` becomes the default data of :meth:`predict`.
+
+        The files read belong to one save, also while another process saves to `dir_path`: a read that a save
+        overlapped starts again, and a file is called damaged only when a second read finds it so too.
+        """
         return load_model(cls, dir_path, adata=adata)

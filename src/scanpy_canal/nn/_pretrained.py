@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -12,13 +13,8 @@ from typing import Any
 
 import torch
 
-from scanpy_canal._directories import (
-    check_checksums,
-    file_checksums,
-    readable_directory,
-    replace_directory,
-    writer_lock,
-)
+from scanpy_canal._directories import check_checksums, file_checksums, replace_directory, writer_lock
+from scanpy_canal._snapshot import read_consistently, said_write_errors
 from scanpy_canal._version import __version__
 
 from ._checkpoint import CheckpointError, infer_config, load_weights, read_state_dict, select_gene_rows
@@ -90,7 +86,9 @@ def write_pretrained(
     }
     (directory / GENES_FILE).write_text("".join(f"{gene}\n" for gene in genes))
     state = {key: value.detach().cpu() for key, value in encoder.state_dict().items()}
-    torch.save({"model_state_dict": state}, directory / WEIGHTS_FILE)
+    weights = io.BytesIO()  # through memory: torch would report a full disk without the cause
+    torch.save({"model_state_dict": state}, weights)
+    (directory / WEIGHTS_FILE).write_bytes(weights.getbuffer())
     config["sha256"] = file_checksums(directory, exclude=CONFIG_FILE)
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=1))
 
@@ -136,7 +134,7 @@ def save_pretrained(
     >>> canal.nn.save_pretrained(encoder, "my_encoder", ["CD3E", "MS4A1", "LYZ"])  # doctest: +SKIP
     >>> encoder, genes = canal.nn.load_pretrained("my_encoder", genes=["LYZ", "CD3E"])  # doctest: +SKIP
     """
-    with staged_directory(path, overwrite=overwrite) as staging:
+    with said_write_errors(path, "encoder"), staged_directory(path, overwrite=overwrite) as staging:
         write_pretrained(staging, encoder, genes, info=info)
     return Path(path)
 
@@ -272,7 +270,13 @@ def load_pretrained(
     >>> kept, encoder.max_seq_len  # doctest: +SKIP
     (['CD3E', 'MS4A1'], 3)
     """
-    path = readable_directory(path)
+    # The files read all belong to one save, also while another process saves to `path`.
+    return read_consistently(path, lambda source: _load_pretrained(source, vocabulary, genes))
+
+
+def _load_pretrained(
+    path: Path, vocabulary: Sequence[str] | str | os.PathLike | None, genes: Sequence[str] | None
+) -> tuple[PerformerLM, list[str]]:
     if not path.exists():
         raise FileNotFoundError(f"Pretrained weights {str(path)!r} do not exist.")
     source = f"pretrained weights {str(path)!r}"
