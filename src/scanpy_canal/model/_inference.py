@@ -93,6 +93,11 @@ class InferenceMixin:
 
     def _predict_outputs(self, data: ad.AnnData | MuData | None, options: PredictOptions) -> Outputs:
         """Labels, probabilities and embedding of every cell of `data` (default: the model's data) in one pass."""
+        if self.stage_ == 0:
+            raise ValueError(
+                "The model has trained no stage: its outputs would come from untrained weights. Train a stage first "
+                "(`model.train()`)."
+            )
         adata = modality(self.adata if data is None else data, options.mod)
         if adata is None:
             raise ValueError("Pass the cells to annotate.")
