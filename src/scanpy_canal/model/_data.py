@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -220,3 +221,18 @@ def h5ad_var_names(path: str | os.PathLike) -> list[str]:
         return [str(name) for name in backed.var_names]
     finally:
         backed.file.close()
+
+
+def cell_fingerprints(cells: ad.AnnData) -> set[bytes]:
+    """A digest of each cell's observation name and values (X), the same for the same cell in any sparse layout."""
+    x = sparse.csr_matrix(cells.X, dtype=np.float32, copy=True)
+    x.sum_duplicates()  # sorted indices, each once
+    x.eliminate_zeros()
+    rows = zip(cells.obs_names, x.indptr[:-1], x.indptr[1:], strict=True)
+    return {
+        hashlib.blake2b(
+            str(name).encode() + b"\0" + x.indices[start:end].astype(np.int64).tobytes() + x.data[start:end].tobytes(),
+            digest_size=16,
+        ).digest()
+        for name, start, end in rows
+    }

@@ -137,32 +137,6 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
             self.module.set_gene_table(coexpression_embedding(panel_values, self.arch_["dim"], seed=seed))
         self.init_params_ = self._get_init_params(locals())
 
-    # ----------------------------------------------------------------------------------------------------- state
-    @property
-    def stage(self) -> int:
-        """Number of completed stages."""
-        return self.stage_
-
-    @property
-    def cell_types(self) -> list[str]:
-        """Cell types the model knows, in output-row order (older stages first)."""
-        return list(self.cell_types_)
-
-    @property
-    def genes(self) -> list[str]:
-        """The gene panel, in sequence order."""
-        return list(self.genes_)
-
-    @property
-    def example_bank(self) -> ad.AnnData | None:
-        """The replay examples (X in the gene panel; obs ``cell_type``, ``stage`` and ``rank``), `None` before stage 1."""
-        return self.example_bank_
-
-    @property
-    def history(self) -> pd.DataFrame:
-        """Per-epoch training metrics, one block of rows per stage (column ``stage``)."""
-        return self.training_log_
-
     # ------------------------------------------------------------------------------------------------ setup
     @classmethod
     def setup_anndata(cls, adata: ad.AnnData, labels_key: str | None = None, layer: str | None = None, **kwargs):
@@ -212,6 +186,7 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         precision: Precision = "32",
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
+        repeated_cells: Literal["warn", "error"] = "warn",
         **trainer_kwargs: Any,
     ) -> None:
         """Train one stage.
@@ -271,6 +246,10 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         accelerator, devices
             Lightning's; ``accelerator="gpu", devices=-1, strategy="ddp_find_unused_parameters_true"`` trains on all
             GPUs (see :doc:`/multi_gpu`).
+        repeated_cells
+            Cells the model has seen, with the same observation name and values as a cell it keeps from an earlier
+            stage (its example bank or calibration cells), are trained on with a warning that gives their number
+            (``"warn"``), or make the stage an error (``"error"``), e.g. to catch a stage's data given twice.
         **trainer_kwargs
             Passed to :class:`scvi.train.Trainer` (e.g. ``strategy``, ``enable_progress_bar``).
         """

@@ -47,10 +47,13 @@ class StageSettings:
     precision: Precision
     accelerator: str
     devices: int | list[int] | str
+    repeated_cells: Literal["warn", "error"] = "warn"
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
+        if self.repeated_cells not in ("warn", "error"):
+            raise ValueError(f"repeated_cells must be 'warn' or 'error', got {self.repeated_cells!r}.")
         if not isinstance(self.calibration_size, int) or self.calibration_size < 0:
             raise ValueError(f"calibration_size must be a number of cells, 0 or more; got {self.calibration_size!r}.")
 

@@ -17,6 +17,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from scipy import sparse
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
@@ -31,7 +32,14 @@ from scanpy_canal.pp import align_genes
 
 from ._bank import update_bank
 from ._conformal import update_calibration_cells
-from ._data import balanced_class_weights, check_expression, read_labels, setup_args, split_stage
+from ._data import (
+    balanced_class_weights,
+    cell_fingerprints,
+    check_expression,
+    read_labels,
+    setup_args,
+    split_stage,
+)
 from ._module import ROW_KEY
 from ._options import StageSettings
 from ._progress import progress_callbacks
@@ -81,6 +89,7 @@ class StageTrainingMixin:
         """Train the next stage on `adata`; if anything fails (Ctrl+C included), the model is left as it was."""
         number = self._next_stage(adata, stage)
         data, labels = self._stage_data(adata, number)
+        self._check_repeated_cells(data, number, settings.repeated_cells)
         snapshot = copy.deepcopy({name: getattr(self, name) for name in _ROLLED_BACK})
         network = copy.deepcopy(self.module.network)
         try:
@@ -96,6 +105,8 @@ class StageTrainingMixin:
                 setattr(self, name, value)
             self.module.finish_stage()
             self.module.eval()
+            if isinstance(error, SIGTERMException):  # Lightning's answer to SIGTERM: a SystemExit with status 0
+                raise SystemExit(128 + signal.SIGTERM) from error
             if isinstance(error, SystemExit) and isinstance(error.__context__, KeyboardInterrupt):
                 # Lightning answers Ctrl+C with exit(1) and ignores SIGINT from then on; give the user theirs back.
                 signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -130,6 +141,28 @@ class StageTrainingMixin:
                 labels[0],
             )
         return data, labels
+
+    def _check_repeated_cells(self, data: ad.AnnData, stage: int, action: str) -> None:
+        """Warn about (or, with `action` ``"error"``, refuse) stage cells the model has already seen.
+
+        A cell was seen if one of its example bank (trained on) or calibration cells (held out) has the same
+        observation name and values; these are all the model keeps of earlier stages.
+        """
+        kept = [cells for cells in (self.example_bank_, self.calibration_cells_) if cells is not None]
+        if not kept:
+            return
+        seen = set().union(*(cell_fingerprints(cells) for cells in kept))
+        repeated = sum(fingerprint in seen for fingerprint in cell_fingerprints(data))
+        if repeated == 0:
+            return
+        message = (
+            f"{repeated} of the {data.n_obs} cells of stage {stage} have the same observation name and values as "
+            "cells of earlier stages that the model keeps (example bank or calibration cells): is this data trained "
+            "again?"
+        )
+        if action == "error":
+            raise ValueError(f"{message} Pass repeated_cells='warn' to train on it anyway.")
+        logger.warning("%s Training on it anyway (repeated_cells='error' refuses such a stage).", message)
 
     def _assemble(self, data: ad.AnnData, labels: np.ndarray) -> _StageCells:
         """The stage's cells plus the replayed bank, with label codes over the known and the new cell types."""
