@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from . import _demo, _predict, _pretrain, _train
+from ._signals import interrupting_signals, interruption
 
 _COMMANDS = (_demo, _train, _predict, _pretrain)
 
@@ -24,11 +25,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``scanpy-canal``; returns the exit status."""
+    """Run ``scanpy-canal``; returns the exit status (128 + the signal's number when SIGTERM or SIGINT stopped it)."""
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
-    except (ValueError, KeyError, OSError) as error:
+        with interrupting_signals() as received:
+            args.run(args)
+    except BaseException as error:
+        if received:  # whatever the signal became on its way out
+            print(interruption(args, received[0]), file=sys.stderr)
+            return 128 + received[0]
+        if not isinstance(error, ValueError | KeyError | OSError):
+            raise
         # One line; a KeyError's message would be printed in quotes.
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"scanpy-canal: error: {' '.join(str(message).split())}", file=sys.stderr)

@@ -115,11 +115,25 @@ def read_cells(args: argparse.Namespace, *, backed: bool = False) -> tuple[AnnDa
 
         with mudata_quietly():
             data = md.read_h5mu(args.data)
-    except OSError as error:
-        raise ValueError(f"cannot read {str(args.data)!r} as an {kind} file ({error}).") from error
+    except Exception as error:  # h5py and anndata raise many types for a damaged file
+        raise ValueError(f"cannot read {str(args.data)!r} as an {kind} file: {_first_line(error)}.") from error
     from scanpy_canal.model._data import modality
 
     return data, modality(data, args.mod or DEFAULT_MOD)
+
+
+@contextlib.contextmanager
+def reading_backed(path: Path) -> Iterator[None]:
+    """Name `path` in the errors of reading it lazily (backed): h5py's own name no file."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        raise ValueError(f"cannot read {str(path)!r}: it is truncated or damaged ({_first_line(error)}).") from error
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def existing_file(path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,7 @@ from ._common import (
     mudata_quietly,
     positive,
     read_cells,
+    reading_backed,
 )
 
 if TYPE_CHECKING:
@@ -106,8 +108,10 @@ def run(args: argparse.Namespace) -> None:
 
     model = CANAL.load(args.model_dir)
     # A table needs no copy of X in memory, unless the values are normalised first.
-    data, adata = read_cells(args, backed=args.output.suffix == ".csv" and not args.normalize)
-    _annotate(adata, model, args)
+    backed = args.output.suffix == ".csv" and not args.normalize
+    data, adata = read_cells(args, backed=backed)
+    with reading_backed(args.data) if backed else contextlib.nullcontext():
+        _annotate(adata, model, args)
     if data is not adata:  # a MuData: the modality's columns also in its obs, as canal.tl.annotate writes them
         from scanpy_canal.tl._annotate import mirror_obs
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import signal
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -13,10 +14,12 @@ import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from scipy import sparse
 from torch.utils.data import DataLoader, Dataset
 
 from scanpy_canal._logging import quiet_training
+from scanpy_canal._snapshot import said_write_errors
 from scanpy_canal.nn import PerformerLM, mask_tokens, masked_accuracy_counts, masked_lm_loss, tokenize
 from scanpy_canal.nn._pretrained import check_destination, staged_directory, write_pretrained
 from scanpy_canal.pp import align_genes
@@ -344,12 +347,18 @@ def pretrain(
         validation = _loader(x[validation_idx], batch_size, shuffle=False) if len(validation_idx) else None
         with quiet_training():  # Lightning's chatter only at "debug" verbosity
             trainer = pl.Trainer(**options)
-            trainer.fit(plan, _loader(x[train_idx], batch_size, shuffle=True), validation)
+            try:
+                trainer.fit(plan, _loader(x[train_idx], batch_size, shuffle=True), validation)
+            except SIGTERMException as error:  # Lightning's answer to SIGTERM: a SystemExit with status 0
+                raise SystemExit(128 + signal.SIGTERM) from error
     history = pretraining_history(trainer.callback_metrics)
     if trainer.is_global_zero:
         # Waits for another writer of save_path rather than discard the training; config.json (written last by
         # write_pretrained) records the checksum of history.csv too.
-        with staged_directory(save_path, overwrite=overwrite, wait=True) as staging:
+        with (
+            said_write_errors(save_path, "encoder"),
+            staged_directory(save_path, overwrite=overwrite, wait=True) as staging,
+        ):
             history.to_csv(staging / HISTORY_FILE, index=False)
             write_pretrained(staging, encoder.cpu().eval(), genes, info={"pretraining": settings})
         logger.info("Pretrained encoder written to %s.", save_path)
