@@ -169,7 +169,7 @@ def test_a_failed_second_rename_puts_the_previous_directory_back(tmp_path, monke
 
     monkeypatch.setattr(_directories, "_exchange", lambda first, second: False)
     monkeypatch.setattr(os, "rename", second_rename_fails)
-    with pytest.raises(OSError, match="the disk is gone"):
+    with pytest.raises(OSError, match="input/output error; the encoder saved there before is unchanged"):
         canal.nn.save_pretrained(encoder, path, ["x", "y", "z"], overwrite=True)
     assert files_of(path) == content and [entry.name for entry in tmp_path.iterdir()] == ["enc"]
 

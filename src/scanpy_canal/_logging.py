@@ -13,12 +13,14 @@ import logging
 import sys
 import warnings
 from collections.abc import Iterator
+from typing import Any, TextIO
 
 LOGGER_NAME = "scanpy_canal"
 #: The logger's level while it follows scanpy's verbosity; a level set by the application replaces it.
 FOLLOW_SCANPY = 1
 #: Loggers whose information (devices found, a litlogger tip, why fitting stopped) says nothing a CANAL user acts on.
 TRAINING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
+_RUNNER_NOTICE = "Exception raised during training."
 #: Warnings raised while training about what CANAL does on purpose, or what only the libraries' authors can change.
 TRAINING_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\)",  # a PyTorch deprecation inside Lightning's own code
@@ -103,13 +105,39 @@ def quiet_training() -> Iterator[None]:
         return
     loggers = [logging.getLogger(name) for name in TRAINING_LOGGERS]
     levels = [logger.level for logger in loggers]
+    stdout = sys.stdout
     with warnings.catch_warnings():
         for pattern in TRAINING_WARNINGS:
             warnings.filterwarnings("ignore", message=pattern)
         for logger in loggers:
             logger.setLevel(max(logger.level, logging.WARNING))
+        sys.stdout = _WithoutRunnerNotice(stdout)
         try:
             yield
         finally:
+            sys.stdout = stdout
             for logger, level in zip(loggers, levels, strict=True):
                 logger.setLevel(level)
+
+
+class _WithoutRunnerNotice:
+    """`stream` without the line scvi-tools' TrainRunner prints on any error of a fit, which it then re-raises.
+
+    The line, ``Exception raised during training. <class 'NameError'> ...``, names no real error; on SIGTERM it was
+    the only word of a run that then exited 0.
+    """
+
+    def __init__(self, stream: TextIO):
+        self._stream = stream
+        self._dropping = False
+
+    def write(self, text: str) -> int:
+        if text == _RUNNER_NOTICE:  # print() writes its arguments one by one, then the end of the line
+            self._dropping = True
+        if self._dropping:
+            self._dropping = "\n" not in text
+            return len(text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)

@@ -38,6 +38,35 @@ SELF_DIGEST = "metadata_sha256"
 _METADATA_KEYS = ("arch", "trainable_blocks", "seed", "stage", "genes", "cell_types", "stage_history", "registry")
 
 
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+#: What each entry of model.json must be (a model saved by an earlier version may lack the later ones).
+_METADATA_TYPES = {
+    "arch": ("a mapping of architecture options", lambda value: isinstance(value, dict)),
+    "trainable_blocks": (
+        "a list of block numbers",
+        lambda value: isinstance(value, list) and all(map(_integer, value)),
+    ),
+    "seed": ("an integer", _integer),
+    "start": ("'pretrained' or 'random'", lambda value: value in ("pretrained", "random")),
+    "gene_embedding": ("null, 'coexpression' or 'random'", lambda value: value in (None, "coexpression", "random")),
+    "stage": ("a number of stages", lambda value: _integer(value) and value >= 0),
+    "genes": ("a list of gene names", _strings),
+    "cell_types": ("a list of cell-type names", _strings),
+    "stage_history": (
+        "a list of stage records",
+        lambda value: isinstance(value, list) and all(isinstance(item, dict) for item in value),
+    ),
+    "registry": ("a mapping", lambda value: isinstance(value, dict)),
+}
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -134,6 +163,13 @@ def _read_metadata(directory: Path) -> dict:
     missing = [key for key in _METADATA_KEYS if key not in metadata]
     if missing:
         raise ValueError(f"{str(path)!r} is damaged: it lacks {', '.join(missing)}.")
+    for key, (expected, valid) in _METADATA_TYPES.items():
+        if key in metadata and not valid(metadata[key]):
+            raise ValueError(f"{str(path)!r} is damaged: its {key} is {metadata[key]!r}, not {expected}.")
+    if len(metadata["stage_history"]) > metadata["stage"]:  # fewer: imported from the original tool
+        raise ValueError(
+            f"{str(path)!r} is damaged: its stage_history has more records than its {metadata['stage']} stages."
+        )
     return metadata
 
 

@@ -52,6 +52,10 @@ class EpochProgressBar(ProgressBar):
             self._bar.close()
             self._bar = None
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Closed now, the bar ends its line before the error is told, not after it when the process exits.
+        self.on_train_end(trainer, pl_module)
+
 
 def progress_callbacks(trainer_kwargs: Mapping[str, Any], description: str, metrics: Mapping[str, str]) -> list:
     """``[EpochProgressBar(...)]``, or nothing when `trainer_kwargs` turn the progress bar off."""
