@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import threading
 from collections.abc import Iterator
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
-_ACTIONS = {"train": "training", "pretrain": "pretraining", "predict": "predicting", "demo": "the demo"}
+_ACTIONS = {"train": "training", "pretrain": "pretraining", "predict": "predicting", "demo": "demo"}
 
 
 @contextlib.contextmanager
@@ -47,10 +48,11 @@ def interruption(args: argparse.Namespace, signum: int) -> str:
     """One line: which command the signal interrupted, and that what it writes is unchanged."""
     action = _ACTIONS.get(args.command, args.command)
     name = signal.Signals(signum).name
-    if args.command == "pretrain":
-        kept = f"the encoder in {str(args.output)!r} is unchanged"
-    elif getattr(args, "model_dir", None) is not None:
-        kept = f"the model in {str(args.model_dir)!r} is unchanged"
-    else:
+    what, path = ("encoder", args.output) if args.command == "pretrain" else ("model", getattr(args, "model_dir", None))
+    if path is None:
         kept = "nothing was saved"
+    elif os.path.lexists(path):
+        kept = f"the {what} in {str(path)!r} is unchanged"
+    else:
+        kept = f"no {what} was saved to {str(path)!r}"
     return f"scanpy-canal: {action} interrupted by {name}; {kept}."
