@@ -377,3 +377,17 @@ def test_sigterm_during_a_stage_from_python_exits_143_after_the_rollback(saved_p
         model.train(register(small_stream.train[1]), max_epochs=3, callbacks=[Terminate()], **QUIET)
     assert stopped.value.code == 128 + signal.SIGTERM
     assert model.stage == 1 and fingerprint(model) == before
+
+
+def test_the_interruption_line_says_what_was_stopped_and_what_is_left(saved_pair, tmp_path):
+    from argparse import Namespace
+
+    from scanpy_canal.cli._signals import interruption
+
+    model, missing = saved_pair[0], tmp_path / "encoder"
+    assert interruption(Namespace(command="predict", model_dir=model), signal.SIGINT) == (
+        f"scanpy-canal: predicting interrupted by SIGINT; the model in {str(model)!r} is unchanged."
+    )
+    assert interruption(Namespace(command="pretrain", output=missing), signal.SIGTERM) == (
+        f"scanpy-canal: pretraining interrupted by SIGTERM; no encoder was saved to {str(missing)!r}."
+    )
