@@ -20,6 +20,7 @@ from conftest import QUIET, make_model, register
 import scanpy_canal as canal
 from scanpy_canal import _directories, _snapshot
 from scanpy_canal.cli import main
+from scanpy_canal.nn import CheckpointError
 
 POSIX = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and file systems")
 #: Saves the models of the directories argv[2] and argv[3] to argv[1], alternately, for argv[4] seconds; prints the
@@ -299,6 +300,23 @@ def test_every_damaged_model_file_is_named_and_never_loads_wrong(saved_pair, tmp
                 outcomes.append((name, damage, "the same model" if loaded == expected else "a wrong model"))
     assert len(outcomes) == 35
     assert {outcome for _, _, outcome in outcomes} <= {"named", "the same model"}, outcomes
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "said"),
+    [("start", 7, "not 'pretrained' or 'random'"), ("stage_history", "x", "not a list"), ("genes", {}, "not a list")],
+)
+def test_an_entry_of_model_json_of_the_wrong_type_is_named(saved_pair, tmp_path, key, value, said):
+    path = tmp_path / "model"
+    shutil.copytree(saved_pair[0], path)
+    metadata = json.loads((path / "model.json").read_text())
+    (path / "model.json").write_text(json.dumps(metadata | {key: value}))
+    with pytest.raises(CheckpointError, match="model.json' does not match its own checksum"):
+        canal.CANAL.load(path)
+    del metadata["metadata_sha256"]  # as if edited by hand, or written before the digest was recorded
+    (path / "model.json").write_text(json.dumps(metadata | {key: value}))
+    with pytest.raises(ValueError, match=f"model.json' is damaged: its {key} is .*, {said}"):
+        canal.CANAL.load(path)
 
 
 @POSIX

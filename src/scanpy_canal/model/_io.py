@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import pickle
+import reprlib
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
@@ -146,10 +147,6 @@ def _read_metadata(directory: Path) -> dict:
         metadata = read_json(path, error=ValueError)
     except UnicodeDecodeError as error:
         raise ValueError(f"{str(path)!r} is damaged: it is not text ({error}).") from error
-    if isinstance(metadata, dict) and SELF_DIGEST in metadata and metadata[SELF_DIGEST] != _metadata_digest(metadata):
-        raise CheckpointError(
-            f"{str(path)!r} does not match its own checksum: it was damaged or changed after it was saved."
-        )
     version = metadata.get("format_version") if isinstance(metadata, dict) else None
     if not isinstance(version, int):
         raise ValueError(f"{str(path)!r} has no valid format_version; it was not written by scanpy-canal.")
@@ -160,12 +157,17 @@ def _read_metadata(directory: Path) -> dict:
         )
     if version < 1:
         raise ValueError(f"{str(path)!r} has an unknown format_version {version}.")
+    # After the version: a newer format may record its digest otherwise.
+    if SELF_DIGEST in metadata and metadata[SELF_DIGEST] != _metadata_digest(metadata):
+        raise CheckpointError(
+            f"{str(path)!r} does not match its own checksum: it was damaged or changed after it was saved."
+        )
     missing = [key for key in _METADATA_KEYS if key not in metadata]
     if missing:
         raise ValueError(f"{str(path)!r} is damaged: it lacks {', '.join(missing)}.")
     for key, (expected, valid) in _METADATA_TYPES.items():
         if key in metadata and not valid(metadata[key]):
-            raise ValueError(f"{str(path)!r} is damaged: its {key} is {metadata[key]!r}, not {expected}.")
+            raise ValueError(f"{str(path)!r} is damaged: its {key} is {reprlib.repr(metadata[key])}, not {expected}.")
     if len(metadata["stage_history"]) > metadata["stage"]:  # fewer: imported from the original tool
         raise ValueError(
             f"{str(path)!r} is damaged: its stage_history has more records than its {metadata['stage']} stages."
