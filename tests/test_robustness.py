@@ -11,15 +11,18 @@ import signal
 import subprocess
 import sys
 import time
+from argparse import Namespace
 from collections.abc import Iterator
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 from conftest import QUIET, make_model, register
 
 import scanpy_canal as canal
 from scanpy_canal import _directories, _snapshot
 from scanpy_canal.cli import main
+from scanpy_canal.cli._signals import interruption
 from scanpy_canal.nn import CheckpointError
 
 POSIX = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and file systems")
@@ -96,23 +99,21 @@ def test_a_swap_during_a_read_makes_the_read_start_again(saved_pair, tmp_path):
 
 def test_an_error_is_believed_only_when_a_second_read_without_a_swap_repeats_it(tmp_path):
     (tmp_path / "model").mkdir()
-    outcomes = [ValueError("first read"), "content"]
 
-    def flaky(directory: Path) -> str:
-        outcome = outcomes.pop(0)
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
+    def reader(outcomes: list):
+        def read(directory: Path) -> str:
+            outcome = outcomes.pop(0)
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
 
-    assert _snapshot.read_consistently(tmp_path / "model", flaky) == "content"
-    errors = [ValueError("first read"), ValueError("second read")]
-    with pytest.raises(ValueError, match="second read"):
-        _snapshot.read_consistently(tmp_path / "model", lambda directory: flaky_all(errors))
-    assert not errors, "read twice, no more"
+        return read
 
-
-def flaky_all(errors: list[Exception]) -> None:
-    raise errors.pop(0)
+    assert _snapshot.read_consistently(tmp_path / "model", reader([ValueError("first"), "content"])) == "content"
+    outcomes = [ValueError("first"), ValueError("second"), "never read"]
+    with pytest.raises(ValueError, match="second"):
+        _snapshot.read_consistently(tmp_path / "model", reader(outcomes))
+    assert outcomes == ["never read"]
 
 
 @POSIX
@@ -144,18 +145,15 @@ def test_readers_never_see_a_false_damage_while_a_writer_saves(saved_pair, tmp_p
     assert problems == [] and found["first"] + found["second"] >= 10
 
 
-# ------------------------------------------------------------------------------------------ failed saves
+def failing(function, code: int, when=lambda *args: True):
+    """`function`, but raising OSError `code` when `when(*args)`."""
 
+    def call(*args, **kwargs):
+        if when(*args):
+            raise OSError(code, os.strerror(code))
+        return function(*args, **kwargs)
 
-def container_failure(code: int):
-    mkdir = os.mkdir
-
-    def failing(path, *args, **kwargs):
-        if str(path).endswith(_directories.SUFFIX):
-            raise OSError(code, os.strerror(code), str(path))
-        return mkdir(path, *args, **kwargs)
-
-    return failing
+    return call
 
 
 @pytest.mark.parametrize(
@@ -171,17 +169,16 @@ def test_a_failed_save_says_why_in_one_sentence_and_leaves_nothing(trained, tmp_
     trained.save(path)
     before = files_of(path)
     if where == "fsync":  # the disk fills up as the files are flushed
-
-        def full(fd):
-            raise OSError(code, os.strerror(code))
-
-        monkeypatch.setattr(os, "fsync", full)
-    else:
-        monkeypatch.setattr(os, "mkdir", container_failure(code))
+        monkeypatch.setattr(os, "fsync", failing(os.fsync, code))
+    else:  # the staging directory cannot be made
+        staging = lambda target, *args: str(target).endswith(_directories.SUFFIX)
+        monkeypatch.setattr(os, "mkdir", failing(os.mkdir, code, staging))
     with pytest.raises(OSError) as caught:
         trained.save(path, overwrite=True)
-    message = str(caught.value)
-    assert message == f"Could not save the model to {str(path)!r}: {cause}; the model saved there before is unchanged."
+    assert (
+        str(caught.value)
+        == f"Could not save the model to {str(path)!r}: {cause}; the model saved there before is unchanged."
+    )
     assert caught.value.errno == code
     assert files_of(path) == before and [entry.name for entry in tmp_path.iterdir()] == ["model"]
     with pytest.raises(OSError, match=f"{cause}; no model was saved there"):
@@ -214,9 +211,6 @@ def test_a_full_disk_leaves_the_saved_model_and_says_so(trained, tiny_file_syste
     assert files_of(path) == before
     assert sorted(entry.name for entry in tiny_file_system.iterdir()) == ["ballast", "model"]
     assert fingerprint(canal.CANAL.load(path)) == fingerprint(trained)
-
-
-# --------------------------------------------------------------------------------------- mistakes that are said
 
 
 def test_an_untrained_model_refuses_to_predict_embed_or_save(small_stream, tmp_path):
@@ -382,8 +376,6 @@ def test_a_signal_during_cli_train_fails_the_run_and_leaves_the_model(saved_pair
 @POSIX
 def test_sigterm_during_a_stage_from_python_exits_143_after_the_rollback(saved_pair, small_stream):
     """Lightning alone answers SIGTERM with a SystemExit of status 0: a script would end as if it had succeeded."""
-    import lightning.pytorch as pl
-
     model = canal.CANAL.load(saved_pair[0])
     before = fingerprint(model)
 
@@ -398,10 +390,6 @@ def test_sigterm_during_a_stage_from_python_exits_143_after_the_rollback(saved_p
 
 
 def test_the_interruption_line_says_what_was_stopped_and_what_is_left(saved_pair, tmp_path):
-    from argparse import Namespace
-
-    from scanpy_canal.cli._signals import interruption
-
     model, missing = saved_pair[0], tmp_path / "encoder"
     assert interruption(Namespace(command="predict", model_dir=model), signal.SIGINT) == (
         f"scanpy-canal: predicting interrupted by SIGINT; the model in {str(model)!r} is unchanged."
