@@ -12,10 +12,18 @@ import pandas as pd
 from scvi.data import AnnDataManager
 from scvi.model.base import BaseModelClass
 
-from scanpy_canal.nn._gene_embedding import coexpression_embedding
-from scanpy_canal.pp import align_genes
+from scanpy_canal.nn import coexpression_embedding
+from scanpy_canal.pp import align_genes, gene_names
 
-from ._data import check_expression, layer_matrix, read_labels, refuse_view, registration_fields, setup_args
+from ._data import (
+    check_expression,
+    layer_matrix,
+    read_labels,
+    refuse_view,
+    registered_gene_symbols,
+    registration_fields,
+    setup_args,
+)
 from ._defaults import check_gene_embedding, start_default, with_start_defaults
 from ._inference import InferenceMixin
 from ._io import SaveLoadMixin
@@ -105,13 +113,14 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         refuse_view(adata)
         super().__init__(adata, registry)
         labels_key, layer = setup_args(type(self), adata)
+        gene_symbols = registered_gene_symbols(type(self), adata)
         if labels_key is None:
             raise ValueError("CANAL trains on labelled data: call `CANAL.setup_anndata(adata, labels_key=...)` first.")
         x = layer_matrix(adata, layer)
         check_expression(x, what="the stage-1 data")
         panel, encoder = initial_panel(
             x,
-            adata.var_names,
+            gene_names(adata, gene_symbols),
             genes=genes,
             n_top_genes=n_top_genes,
             pretrained=pretrained,
@@ -133,39 +142,20 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         if encoder is not None:
             self.module.load_encoder(encoder)
         elif gene_embedding == "coexpression":
-            panel_values = align_genes(adata, panel, layer=layer).X
+            panel_values = align_genes(adata, panel, layer=layer, gene_symbols=gene_symbols).X
             self.module.set_gene_table(coexpression_embedding(panel_values, self.arch_["dim"], seed=seed))
         self.init_params_ = self._get_init_params(locals())
 
-    # ----------------------------------------------------------------------------------------------------- state
-    @property
-    def stage(self) -> int:
-        """Number of completed stages."""
-        return self.stage_
-
-    @property
-    def cell_types(self) -> list[str]:
-        """Cell types the model knows, in output-row order (older stages first)."""
-        return list(self.cell_types_)
-
-    @property
-    def genes(self) -> list[str]:
-        """The gene panel, in sequence order."""
-        return list(self.genes_)
-
-    @property
-    def example_bank(self) -> ad.AnnData | None:
-        """The replay examples (X in the gene panel; obs ``cell_type``, ``stage`` and ``rank``), `None` before stage 1."""
-        return self.example_bank_
-
-    @property
-    def history(self) -> pd.DataFrame:
-        """Per-epoch training metrics, one block of rows per stage (column ``stage``)."""
-        return self.training_log_
-
     # ------------------------------------------------------------------------------------------------ setup
     @classmethod
-    def setup_anndata(cls, adata: ad.AnnData, labels_key: str | None = None, layer: str | None = None, **kwargs):
+    def setup_anndata(
+        cls,
+        adata: ad.AnnData,
+        labels_key: str | None = None,
+        layer: str | None = None,
+        gene_symbols: str | None = None,
+        **kwargs,
+    ):
         """Register `adata` for CANAL.
 
         Parameters
@@ -176,6 +166,11 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
             Column of ``adata.obs`` holding cell types (needed to train; every cell must have one).
         layer
             Layer to read instead of X.
+        gene_symbols
+            Column of ``adata.var`` holding the gene names, for when ``var_names`` are e.g. Ensembl IDs (see
+            :func:`scanpy_canal.pp.align_genes`). Given here, as the layer is, because it says how to read this data
+            wherever the model reads it: choosing a new model's panel, training a stage, predicting these cells.
+            Cells that are not registered take it as an argument of :meth:`predict`.
         **kwargs
             Passed to scvi-tools' field registration.
 
@@ -186,7 +181,7 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         manager = AnnDataManager(
-            fields=registration_fields(adata, labels_key, layer), setup_method_args=setup_method_args
+            fields=registration_fields(adata, labels_key, layer, gene_symbols), setup_method_args=setup_method_args
         )
         manager.register_fields(adata, **kwargs)
         cls.register_manager(manager)
@@ -337,7 +332,7 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
             Cells read, aligned and predicted at a time; a backed AnnData is read chunk by chunk, in bounded memory.
         gene_symbols
             Column of ``adata.var`` holding the gene names to match the panel with, for when ``var_names`` are e.g.
-            Ensembl IDs (see :func:`scanpy_canal.pp.align_genes`).
+            Ensembl IDs (see :func:`scanpy_canal.pp.align_genes`). Default: the one `adata` was registered with.
         min_gene_overlap
             Smallest fraction of the panel's genes the query must have; with fewer it is an error (0 allows any).
         mod
@@ -348,7 +343,7 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         An array of cell-type names, or with `soft` a DataFrame of probabilities (cells x cell types).
         """
         options = from_arguments(PredictOptions, locals())
-        outputs = self._predict_outputs(adata, options)
+        outputs = self.predict_outputs(adata, options)
         return outputs.probabilities if soft else outputs.labels
 
     def get_latent_representation(
@@ -366,7 +361,7 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
 
         The options are those of :meth:`predict`.
         """
-        return self._predict_outputs(adata, from_arguments(PredictOptions, locals())).embedding
+        return self.predict_outputs(adata, from_arguments(PredictOptions, locals())).embedding
 
     def get_novelty(
         self,
@@ -395,6 +390,6 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         >>> novelty = model.get_novelty(query)  # doctest: +SKIP
         >>> labels = novelty["prediction"].where(novelty["pvalue"] > 0.01, "Unassigned")  # doctest: +SKIP
         """
-        outputs = self._predict_outputs(adata, from_arguments(PredictOptions, {**locals(), "novel": True}))
+        outputs = self.predict_outputs(adata, from_arguments(PredictOptions, {**locals(), "novel": True}))
         columns = {"prediction": outputs.probabilities.idxmax(axis=1), "score": outputs.uncertainty}
         return pd.DataFrame({**columns, "pvalue": outputs.pvalue}, index=outputs.probabilities.index)

@@ -31,7 +31,14 @@ from scanpy_canal.pp import align_genes
 
 from ._bank import update_bank
 from ._conformal import update_calibration_cells
-from ._data import balanced_class_weights, check_expression, read_labels, setup_args, split_stage
+from ._data import (
+    balanced_class_weights,
+    check_expression,
+    read_labels,
+    registered_gene_symbols,
+    setup_args,
+    split_stage,
+)
 from ._module import ROW_KEY
 from ._options import StageSettings
 from ._progress import progress_callbacks
@@ -122,7 +129,7 @@ class StageTrainingMixin:
         if labels_key is None:
             raise ValueError("Register the stage's data first: `CANAL.setup_anndata(adata, labels_key=...)`.")
         labels = read_labels(adata, labels_key)
-        data = align_genes(adata, self.genes_, layer=layer)
+        data = align_genes(adata, self.genes_, layer=layer, gene_symbols=registered_gene_symbols(type(self), adata))
         check_expression(data.X, what=f"the stage-{stage} data")
         if len(set(self.cell_types_) | set(labels)) == 1:
             logger.warning(

@@ -86,3 +86,28 @@ class ModelStateMixin:
             f"CANAL model: {len(self.genes_)} genes, {len(self.cell_types_)} cell types, stage {self.stage_}, "
             f"encoder dim {self.arch_['dim']} depth {self.arch_['depth']}"
         )
+
+    @property
+    def stage(self) -> int:
+        """Number of completed stages."""
+        return self.stage_
+
+    @property
+    def cell_types(self) -> list[str]:
+        """Cell types the model knows, in output-row order (older stages first)."""
+        return list(self.cell_types_)
+
+    @property
+    def genes(self) -> list[str]:
+        """The gene panel, in sequence order."""
+        return list(self.genes_)
+
+    @property
+    def example_bank(self) -> ad.AnnData | None:
+        """The replay examples (X in the gene panel; obs ``cell_type``, ``stage`` and ``rank``), `None` before stage 1."""
+        return self.example_bank_
+
+    @property
+    def history(self) -> pd.DataFrame:
+        """Per-epoch training metrics, one block of rows per stage (column ``stage``)."""
+        return self.training_log_
