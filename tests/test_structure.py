@@ -1,4 +1,5 @@
-"""The layout rules of the package: short modules, imports in one direction, no import circles."""
+"""The layout rules of the package: short modules, imports in one direction, no import circles, no use of another
+package's private names, and a line in docs/code_map.md for every module."""
 
 import ast
 import re
