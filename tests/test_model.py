@@ -184,7 +184,7 @@ def test_cached_frozen_prefix_trains_like_recomputing_it(small_stream):
         model.train(max_epochs=2, lr=1e-2, cache_frozen=cache, callbacks=[Watch()], **QUIET)
         model.train(register(small_stream.train[1]), max_epochs=2, lr=1e-2, cache_frozen=cache, **QUIET)
         states.append(model.module.network.state_dict())
-        assert model.module.prefix_cache is None and model.module.network.performer.redraw_from == 0
+        assert model.module.frozen_cache is None and model.module.network.performer.redraw_from == 0
     assert prefixes == [1, 0]
     for key, value in states[0].items():
         assert torch.allclose(value, states[1][key], atol=1e-5), key

@@ -241,3 +241,18 @@ def test_align_genes_no_overlap(small):
 def test_align_genes_empty_panel(small):
     with pytest.raises(ValueError, match="empty"):
         align_genes(small, [])
+
+
+def test_one_gene_matcher_first_occurrence_wins_and_missing_names_match_nothing():
+    from scanpy_canal.pp import first_occurrences, gene_positions
+
+    names = ["A", None, "B", "A", "C"]
+    np.testing.assert_array_equal(first_occurrences(names), [True, False, True, False, True])
+    np.testing.assert_array_equal(gene_positions(names, ["C", "A", "Z", "B"]), [4, 0, -1, 2])
+
+
+def test_align_genes_blank_symbols_match_nothing(small):
+    small.var["symbol"] = ["A", " ", "", "D"]
+    aligned = align_genes(small, ["A", "D", ""], gene_symbols="symbol")
+    assert aligned.var["canal_found"].tolist() == [True, True, False]
+    np.testing.assert_array_equal(aligned.X.toarray()[:, 2], 0)

@@ -157,3 +157,22 @@ def test_a_stage_with_few_panel_genes_warns(small_stream, caplog):
     with sc.settings.verbosity.override("warning"):
         model.train(register(small_stream.train[1][:, :25]), max_epochs=1, **QUIET)
     assert "Only 25 of 60 genes found (41.7%)" in caplog.text
+
+
+def test_gene_symbols_at_training(small_stream, stream_query):
+    """Registered with ``gene_symbols``, Ensembl-named data trains the model the symbol-named data trains."""
+    by_symbol = canal.CANAL(register(small_stream.train[0]), seed=3, **TINY_ARCH)
+    stages = [_ensembl(data) for data in small_stream.train]
+    for data in stages:
+        canal.CANAL.setup_anndata(data, labels_key="cell_type", gene_symbols="symbol")
+    by_id = canal.CANAL(stages[0], seed=3, **TINY_ARCH)
+    assert by_id.genes == by_symbol.genes == list(small_stream.train[0].var_names)
+    for model, data in [(by_symbol, register(small_stream.train[1])), (by_id, stages[1])]:
+        model.train(max_epochs=1, **QUIET)
+        model.train(data, max_epochs=1, **QUIET)
+    np.testing.assert_array_equal(
+        by_id.predict(_ensembl(stream_query), gene_symbols="symbol"), by_symbol.predict(stream_query)
+    )
+    np.testing.assert_array_equal(by_id.predict(), by_symbol.predict())  # the stage-1 data, read as registered
+    with pytest.raises(KeyError, match="'gene_name' is not a column"):
+        canal.CANAL.setup_anndata(stages[0], labels_key="cell_type", gene_symbols="gene_name")

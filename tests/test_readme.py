@@ -47,6 +47,14 @@ def test_ci_runs_the_readme_test_command():
     assert command in (ROOT / ".ci" / "run").read_text()
 
 
+def test_a_new_machine_needs_two_commands():
+    """Above the line: the demo and the tests, each one command from a fresh clone (lines joined by ``\\``)."""
+    commands = code_blocks(README.split("\n---\n", 1)[0], "bash")
+    assert len(commands) == 2 and any("scanpy-canal demo" in command for command in commands)
+    for command in commands:
+        assert command.startswith("python3 -m venv") and "\n" not in command.replace("\\\n", ""), command
+
+
 def test_code_fits_the_documentation_code_boxes():
     code = {
         f"{path.name}, block {index}": block

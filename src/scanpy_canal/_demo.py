@@ -134,8 +134,7 @@ def run_stream(
     """
     from sklearn.metrics import roc_auc_score
 
-    from scanpy_canal.model import CANAL
-    from scanpy_canal.model._options import PredictOptions
+    from scanpy_canal.model import CANAL, PredictOptions
 
     options = PredictOptions(novel=novel)
     names = [f"stage {t + 1}" for t in range(stream.n_stages)]
@@ -167,7 +166,7 @@ def run_stream(
         seconds.append(time.perf_counter() - start)
         for j, test in enumerate(stream.test[: t + 1]):
             truth = test.obs[stream.labels_key]
-            outputs = model._predict_outputs(test, options)  # one forward pass: closed-set and novel labels
+            outputs = model.predict_outputs(test, options)  # one forward pass: closed-set and novel labels
             scores = evaluate(truth, outputs.probabilities.idxmax(axis=1))
             accuracy.iloc[t, j], macro_f1.iloc[t, j] = scores["accuracy"], scores["macro_f1"]
             if novel:
@@ -180,7 +179,7 @@ def run_stream(
     held_out = ad.concat(stream.test)
     with_novel = novel and stream.novel is not None
     query = ad.concat([held_out, stream.novel]) if with_novel else held_out
-    outputs = model._predict_outputs(query, options)
+    outputs = model.predict_outputs(query, options)
     closed = outputs.probabilities.idxmax(axis=1).to_numpy()[: held_out.n_obs]
     scores = evaluate(held_out.obs[stream.labels_key], closed)
     final.update(macro_f1=scores["macro_f1"], ari=scores["ari"])
@@ -211,8 +210,7 @@ def _initial_model(
     log: Callable[[str], None],
 ):
     """The untrained model on the first stage's cells, started from given, freshly pretrained or random weights."""
-    from scanpy_canal.model import CANAL, pretrain
-    from scanpy_canal.model._data import highly_variable_genes
+    from scanpy_canal.model import CANAL, highly_variable_genes, pretrain
 
     if pretrain_epochs < 0:
         raise ValueError(f"pretrain_epochs must be 0 or more, got {pretrain_epochs}.")

@@ -117,7 +117,7 @@ def read_cells(args: argparse.Namespace, *, backed: bool = False) -> tuple[AnnDa
             data = md.read_h5mu(args.data)
     except Exception as error:  # h5py and anndata raise many types for a damaged file
         raise ValueError(f"cannot read {str(args.data)!r} as an {kind} file: {_first_line(error)}.") from error
-    from scanpy_canal.model._data import modality
+    from scanpy_canal.model import modality
 
     return data, modality(data, args.mod or DEFAULT_MOD)
 

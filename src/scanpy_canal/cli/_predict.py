@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> None:
     with reading_backed(args.data) if backed else contextlib.nullcontext():
         _annotate(adata, model, args)
     if data is not adata:  # a MuData: the modality's columns also in its obs, as canal.tl.annotate writes them
-        from scanpy_canal.tl._annotate import mirror_obs
+        from scanpy_canal.tl import mirror_obs
 
         mirror_obs(data, adata, args.mod or DEFAULT_MOD, _obs_columns(adata, args.key_added))
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -150,8 +150,8 @@ def _annotate(adata: AnnData, model: CANAL, args: argparse.Namespace) -> None:
 
     With ``--normalize``, the values are normalised in a copy: the output's X and layers stay those of the input.
     """
-    from scanpy_canal.model._options import PredictOptions, from_arguments
-    from scanpy_canal.tl._annotate import write_annotation
+    from scanpy_canal.model import PredictOptions, from_arguments
+    from scanpy_canal.tl import write_annotation
 
     values, layer = (_normalized(adata, args.layer), None) if args.normalize else (adata, args.layer)
     kept = {key: values.uns[key] for key in _SCVI_REGISTRATION_KEYS if key in values.uns}

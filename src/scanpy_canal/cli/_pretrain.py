@@ -99,8 +99,7 @@ def run(args: argparse.Namespace) -> None:
 def _pretrain_unlocked(args: argparse.Namespace) -> None:
     from scanpy_canal._demo import final_masked_accuracy
     from scanpy_canal.model import pretrain
-    from scanpy_canal.nn import read_vocabulary
-    from scanpy_canal.nn._pretrained import check_destination
+    from scanpy_canal.nn import check_destination, read_vocabulary
 
     check_destination(args.output, overwrite=args.overwrite)  # before hours of training, not after
     genes = None if args.genes_file is None else read_vocabulary(args.genes_file)

@@ -127,9 +127,7 @@ def _train_next_stage(args: argparse.Namespace) -> None:
 
     model = CANAL.load(args.model_dir) if _continues_a_model(args) else None
     adata, layer = read_values(args)
-    if args.gene_symbols is not None:
-        adata = _with_gene_symbols(adata, args.gene_symbols)
-    CANAL.setup_anndata(adata, labels_key=args.labels_key, layer=layer)
+    CANAL.setup_anndata(adata, labels_key=args.labels_key, layer=layer, gene_symbols=args.gene_symbols)
     model = _new_model(adata, args) if model is None else model
     try:
         model.train(
@@ -159,19 +157,6 @@ def _holds_model(directory: Path) -> bool:
     if directory.exists() and not (directory.is_dir() and not any(directory.iterdir())):
         raise FileExistsError(f"--model-dir {str(directory)!r} exists and is not a saved CANAL model.")
     return False
-
-
-def _with_gene_symbols(adata: AnnData, column: str) -> AnnData:
-    """`adata` with the names in ``var[column]`` as var_names; genes without one are left out."""
-    import pandas as pd
-
-    if column not in adata.var.columns:
-        raise KeyError(f"--gene-symbols {column!r} is not a column of var; available: {list(adata.var.columns)}.")
-    symbols = adata.var[column]
-    named = (symbols.notna() & (symbols.astype(str).str.strip() != "")).to_numpy()
-    adata = adata if named.all() else adata[:, named].copy()
-    adata.var_names = pd.Index(symbols.to_numpy()[named].astype(str))
-    return adata
 
 
 def _new_model(adata: AnnData, args: argparse.Namespace) -> CANAL:

@@ -7,7 +7,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from scanpy_canal.pp._normalize import TARGET_SUM
+from scanpy_canal.pp import TARGET_SUM
 
 from ._stream import Stream, check_test_size, set_labels, split_stratified
 

@@ -15,7 +15,7 @@ from scvi import REGISTRY_KEYS
 from scvi.data._constants import _SCVI_UUID_KEY
 from scvi.data.fields import CategoricalObsField, LayerField
 
-from scanpy_canal.pp._normalize import is_natural_log1p
+from scanpy_canal.pp import gene_names, is_natural_log1p
 
 if TYPE_CHECKING:
     from mudata import MuData
@@ -37,21 +37,34 @@ def refuse_view(adata: ad.AnnData) -> None:
 
 def setup_args(model_cls: type[BaseModelClass], adata: ad.AnnData) -> tuple[str | None, str | None]:
     """``(labels_key, layer)`` registered for `adata`, or for the AnnData it was copied or subset from."""
-    # scvi's own lookup refuses copies; the setup arguments hold for them all the same.
-    manager = model_cls._setup_adata_manager_store.get(adata.uns.get(_SCVI_UUID_KEY))
-    if manager is None:
-        return None, None
-    args = manager.registry["setup_args"]
+    args = _registered(model_cls, adata)
     return args.get("labels_key"), args.get("layer")
 
 
-def registration_fields(adata: ad.AnnData, labels_key: str | None, layer: str | None) -> list:
-    """The scvi-tools fields that register `adata` for CANAL: its values and, with a `labels_key`, its cell types."""
+def registered_gene_symbols(model_cls: type[BaseModelClass], adata: ad.AnnData) -> str | None:
+    """The ``gene_symbols`` registered for `adata` (see :func:`setup_args`), `None` if none or unregistered."""
+    return _registered(model_cls, adata).get("gene_symbols")
+
+
+def _registered(model_cls: type[BaseModelClass], adata: ad.AnnData) -> dict:
+    # scvi's own lookup refuses copies; the setup arguments hold for them all the same.
+    manager = model_cls._setup_adata_manager_store.get(adata.uns.get(_SCVI_UUID_KEY))
+    return {} if manager is None else manager.registry["setup_args"]
+
+
+def registration_fields(
+    adata: ad.AnnData, labels_key: str | None, layer: str | None, gene_symbols: str | None = None
+) -> list:
+    """The scvi-tools fields that register `adata` for CANAL: its values and, with a `labels_key`, its cell types.
+
+    `gene_symbols` is only checked: the setup arguments record it.
+    """
     refuse_view(adata)
     if adata.n_obs == 0:
         raise ValueError("adata has no cells.")
     if layer is not None and layer not in adata.layers:
         raise KeyError(f"Layer {layer!r} not found; available layers: {list(adata.layers)}.")
+    gene_names(adata, gene_symbols)  # an unknown column is an error now, not at training
     fields = [LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False, correct_data_format=False)]
     if labels_key is not None:
         read_labels(adata, labels_key)

@@ -13,10 +13,10 @@ import torch
 from scipy import sparse
 
 from scanpy_canal.nn import PerformerLM, tokenize
-from scanpy_canal.pp._align import panel_columns, scatter_columns
+from scanpy_canal.pp import panel_columns, scatter_columns
 
 from ._conformal import conformal_pvalues, score_thresholds
-from ._data import check_expression, layer_matrix, modality, setup_args
+from ._data import check_expression, layer_matrix, modality, registered_gene_symbols, setup_args
 from ._novelty import calibrated_reference, mixup_reference
 from ._options import Precision, PredictOptions, check_precision
 from ._scores import BANK_SCORES, ScoreReference
@@ -82,8 +82,9 @@ class InferenceMixin:
     def _query_chunks(self, adata: ad.AnnData, options: PredictOptions) -> Iterator[sparse.csr_matrix]:
         """The query's values in the gene panel, ``options.chunk_size`` cells at a time (from disk when backed)."""
         _, layer = setup_args(type(self), adata)
+        gene_symbols = options.gene_symbols or registered_gene_symbols(type(self), adata)
         columns, found = panel_columns(
-            adata, self.genes_, gene_symbols=options.gene_symbols, min_overlap=options.min_gene_overlap
+            adata, self.genes_, gene_symbols=gene_symbols, min_overlap=options.min_gene_overlap
         )
         x = layer_matrix(adata, layer)
         for start in range(0, adata.n_obs, options.chunk_size):
@@ -91,14 +92,37 @@ class InferenceMixin:
             check_expression(chunk, what="the query")
             yield chunk
 
-    def _predict_outputs(self, data: ad.AnnData | MuData | None, options: PredictOptions) -> Outputs:
-        """Labels, probabilities and embedding of every cell of `data` (default: the model's data) in one pass."""
+    def predict_outputs(
+        self, adata: ad.AnnData | MuData | None = None, options: PredictOptions | None = None
+    ) -> Outputs:
+        """Everything :meth:`predict` knows about each cell, from one forward pass: for tools built on the model.
+
+        Parameters
+        ----------
+        adata
+            The cells, as for :meth:`predict`; default: the stage-1 data.
+        options
+            The options of :meth:`predict` (default: its defaults), e.g.
+            ``PredictOptions(novel=True, alpha=0.01)``.
+
+        Returns
+        -------
+        The labels (``"Unassigned"`` for novel cells when ``options.novel``), the class probabilities, the embedding
+        and, with ``options.novel``, each cell's novelty score, p-value and the thresholds used.
+
+        Examples
+        --------
+        >>> from scanpy_canal.model import PredictOptions
+        >>> outputs = model.predict_outputs(query, PredictOptions(novel=True))  # doctest: +SKIP
+        >>> closed_set = outputs.probabilities.idxmax(axis=1)  # doctest: +SKIP
+        """
         if self.stage_ == 0:
             raise ValueError(
                 "The model has trained no stage: its outputs would come from untrained weights. Train a stage first "
                 "(`model.train()`)."
             )
-        adata = modality(self.adata if data is None else data, options.mod)
+        options = PredictOptions() if options is None else options
+        adata = modality(self.adata if adata is None else adata, options.mod)
         if adata is None:
             raise ValueError("Pass the cells to annotate.")
         if adata.n_obs == 0:

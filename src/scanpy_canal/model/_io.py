@@ -21,8 +21,7 @@ from scvi.model.base import BaseModelClass
 from scanpy_canal._directories import check_checksums, file_checksums, writer_lock
 from scanpy_canal._snapshot import read_consistently, said_write_errors
 from scanpy_canal._version import __version__
-from scanpy_canal.nn import CheckpointError
-from scanpy_canal.nn._pretrained import read_json, staged_directory
+from scanpy_canal.nn import CheckpointError, read_json, staged_directory
 
 #: 2: the calibration cells of every stage in their own file (1: the last stage's manifold vectors in weights.pt).
 FORMAT_VERSION = 2

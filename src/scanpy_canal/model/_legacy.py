@@ -17,13 +17,12 @@ import pandas as pd
 import torch
 from scipy import sparse
 
-from scanpy_canal.nn import CheckpointError, read_vocabulary
-from scanpy_canal.nn._checkpoint import infer_config, load_weights
+from scanpy_canal.nn import CheckpointError, infer_config, load_weights
 from scanpy_canal.pp import align_genes
 
-from ._data import h5ad_var_names
 from ._io import Model
 from ._module import DEFAULT_ARCH
+from ._panel import read_genes
 
 logger = logging.getLogger("scanpy_canal")
 
@@ -84,10 +83,7 @@ def legacy_panel(
     data to, from which ``highly_variable_idx`` picks the panel. The two cannot be confused: a vocabulary of exactly
     `n_positions` genes has ``highly_variable_idx = 0, 1, ...`` (ascending, distinct), so it is its own panel.
     """
-    if isinstance(genes, str | os.PathLike) and str(genes).endswith(".h5ad"):
-        names = h5ad_var_names(genes)
-    else:
-        names = read_vocabulary(genes)
+    names = read_genes(genes)
     if len(names) == n_positions:
         return names
     if highly_variable_idx is None:

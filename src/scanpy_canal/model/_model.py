@@ -12,10 +12,18 @@ import pandas as pd
 from scvi.data import AnnDataManager
 from scvi.model.base import BaseModelClass
 
-from scanpy_canal.nn._gene_embedding import coexpression_embedding
-from scanpy_canal.pp import align_genes
+from scanpy_canal.nn import coexpression_embedding
+from scanpy_canal.pp import align_genes, gene_names
 
-from ._data import check_expression, layer_matrix, read_labels, refuse_view, registration_fields, setup_args
+from ._data import (
+    check_expression,
+    layer_matrix,
+    read_labels,
+    refuse_view,
+    registered_gene_symbols,
+    registration_fields,
+    setup_args,
+)
 from ._defaults import check_gene_embedding, start_default, with_start_defaults
 from ._inference import InferenceMixin
 from ._io import SaveLoadMixin
@@ -105,13 +113,14 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         refuse_view(adata)
         super().__init__(adata, registry)
         labels_key, layer = setup_args(type(self), adata)
+        gene_symbols = registered_gene_symbols(type(self), adata)
         if labels_key is None:
             raise ValueError("CANAL trains on labelled data: call `CANAL.setup_anndata(adata, labels_key=...)` first.")
         x = layer_matrix(adata, layer)
         check_expression(x, what="the stage-1 data")
         panel, encoder = initial_panel(
             x,
-            adata.var_names,
+            gene_names(adata, gene_symbols),
             genes=genes,
             n_top_genes=n_top_genes,
             pretrained=pretrained,
@@ -133,13 +142,20 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         if encoder is not None:
             self.module.load_encoder(encoder)
         elif gene_embedding == "coexpression":
-            panel_values = align_genes(adata, panel, layer=layer).X
+            panel_values = align_genes(adata, panel, layer=layer, gene_symbols=gene_symbols).X
             self.module.set_gene_table(coexpression_embedding(panel_values, self.arch_["dim"], seed=seed))
         self.init_params_ = self._get_init_params(locals())
 
     # ------------------------------------------------------------------------------------------------ setup
     @classmethod
-    def setup_anndata(cls, adata: ad.AnnData, labels_key: str | None = None, layer: str | None = None, **kwargs):
+    def setup_anndata(
+        cls,
+        adata: ad.AnnData,
+        labels_key: str | None = None,
+        layer: str | None = None,
+        gene_symbols: str | None = None,
+        **kwargs,
+    ):
         """Register `adata` for CANAL.
 
         Parameters
@@ -150,6 +166,11 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
             Column of ``adata.obs`` holding cell types (needed to train; every cell must have one).
         layer
             Layer to read instead of X.
+        gene_symbols
+            Column of ``adata.var`` holding the gene names, for when ``var_names`` are e.g. Ensembl IDs (see
+            :func:`scanpy_canal.pp.align_genes`). Given here, as the layer is, because it says how to read this data
+            wherever the model reads it: choosing a new model's panel, training a stage, predicting these cells.
+            Cells that are not registered take it as an argument of :meth:`predict`.
         **kwargs
             Passed to scvi-tools' field registration.
 
@@ -160,7 +181,7 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         manager = AnnDataManager(
-            fields=registration_fields(adata, labels_key, layer), setup_method_args=setup_method_args
+            fields=registration_fields(adata, labels_key, layer, gene_symbols), setup_method_args=setup_method_args
         )
         manager.register_fields(adata, **kwargs)
         cls.register_manager(manager)
@@ -316,7 +337,7 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
             Cells read, aligned and predicted at a time; a backed AnnData is read chunk by chunk, in bounded memory.
         gene_symbols
             Column of ``adata.var`` holding the gene names to match the panel with, for when ``var_names`` are e.g.
-            Ensembl IDs (see :func:`scanpy_canal.pp.align_genes`).
+            Ensembl IDs (see :func:`scanpy_canal.pp.align_genes`). Default: the one `adata` was registered with.
         min_gene_overlap
             Smallest fraction of the panel's genes the query must have; with fewer it is an error (0 allows any).
         mod
@@ -327,7 +348,7 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         An array of cell-type names, or with `soft` a DataFrame of probabilities (cells x cell types).
         """
         options = from_arguments(PredictOptions, locals())
-        outputs = self._predict_outputs(adata, options)
+        outputs = self.predict_outputs(adata, options)
         return outputs.probabilities if soft else outputs.labels
 
     def get_latent_representation(
@@ -345,7 +366,7 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
 
         The options are those of :meth:`predict`.
         """
-        return self._predict_outputs(adata, from_arguments(PredictOptions, locals())).embedding
+        return self.predict_outputs(adata, from_arguments(PredictOptions, locals())).embedding
 
     def get_novelty(
         self,
@@ -374,6 +395,6 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         >>> novelty = model.get_novelty(query)  # doctest: +SKIP
         >>> labels = novelty["prediction"].where(novelty["pvalue"] > 0.01, "Unassigned")  # doctest: +SKIP
         """
-        outputs = self._predict_outputs(adata, from_arguments(PredictOptions, {**locals(), "novel": True}))
+        outputs = self.predict_outputs(adata, from_arguments(PredictOptions, {**locals(), "novel": True}))
         columns = {"prediction": outputs.probabilities.idxmax(axis=1), "score": outputs.uncertainty}
         return pd.DataFrame({**columns, "pvalue": outputs.pvalue}, index=outputs.probabilities.index)

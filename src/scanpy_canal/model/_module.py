@@ -43,7 +43,7 @@ class CANALModule(BaseModuleClass):
         set_trainable(self.network, blocks=trainable_blocks)
         self.teacher: PerformerLM | None = None
         self.teacher_embedding: torch.Tensor | None = None
-        self.prefix_cache: torch.Tensor | None = None
+        self.frozen_cache: torch.Tensor | None = None
         #: Per-class weights of the stage's training loss (`None`: unweighted).
         self.class_weight: torch.Tensor | None = None
 
@@ -89,19 +89,19 @@ class CANALModule(BaseModuleClass):
 
     def finish_stage(self) -> None:
         """Drop the teacher, the class weights and the per-stage caches (only needed while a stage trains)."""
-        self.teacher = self.teacher_embedding = self.prefix_cache = self.class_weight = None
+        self.teacher = self.teacher_embedding = self.frozen_cache = self.class_weight = None
         self.network.performer.redraw_from = 0
 
     @property
     def cached_blocks(self) -> int:
-        """Blocks whose output is read from :attr:`prefix_cache` instead of being computed (0 without a cache)."""
-        return 0 if self.prefix_cache is None else self.network.performer.redraw_from
+        """Blocks whose output is read from :attr:`frozen_cache` instead of being computed (0 without a cache)."""
+        return 0 if self.frozen_cache is None else self.network.performer.redraw_from
 
     @torch.no_grad()
-    def prepare_stage(self, x, *, cache_prefix: bool, batch_size: int) -> None:
+    def prepare_stage(self, x, *, cache_frozen: bool, batch_size: int) -> None:
         """Compute once per training cell what cannot change while the stage trains.
 
-        The teacher's embeddings: it is frozen, in eval mode, with fixed random features. With `cache_prefix`, also the
+        The teacher's embeddings: it is frozen, in eval mode, with fixed random features. With `cache_frozen`, also the
         hidden states after the frozen prefix of blocks (:func:`~scanpy_canal.nn.frozen_prefix`); the features of those
         blocks are then no longer redrawn during the stage. The teacher starts from the same prefix: its frozen blocks
         are a copy of the student's. The class weights move to the training device.
@@ -110,30 +110,30 @@ class CANALModule(BaseModuleClass):
         ----------
         x
             The stage's training matrix (cells in the order of the ``row`` field), in the gene panel.
-        cache_prefix
-            Keep the prefix's hidden states, on the module's device.
+        cache_frozen
+            Keep the frozen blocks' hidden states (the frozen-block cache), on the module's device.
         batch_size
             Cells per forward pass.
         """
         if self.class_weight is not None:
             self.class_weight = self.class_weight.to(self.device)
-        stop = frozen_prefix(self.network) if cache_prefix else 0
+        stop = frozen_prefix(self.network) if cache_frozen else 0
         self.network.performer.redraw_from = stop
-        if not cache_prefix and self.teacher is None:
+        if not cache_frozen and self.teacher is None:
             return  # nothing is fixed for the whole stage: stage 1 without the cache
-        prefix, teacher = [], []
+        frozen, teacher = [], []
         was_training = self.network.training
         self.network.eval()
         for start in range(0, x.shape[0], batch_size):
             hidden = self.network.hidden_states(tokenize(x[start : start + batch_size]).to(self.device), stop)
-            if cache_prefix:
-                prefix.append(hidden)
+            if cache_frozen:
+                frozen.append(hidden)
             if self.teacher is not None:
                 teacher.append(self.teacher.forward_from(hidden, stop)[1])
         self.network.train(was_training)
         self.teacher = None
         self.teacher_embedding = torch.cat(teacher) if teacher else None
-        self.prefix_cache = torch.cat(prefix) if cache_prefix else None
+        self.frozen_cache = torch.cat(frozen) if cache_frozen else None
 
     def _get_inference_input(self, tensors: dict[str, torch.Tensor], **kwargs) -> dict[str, torch.Tensor | None]:
         return {"x": tensors[REGISTRY_KEYS.X_KEY], "rows": tensors.get(ROW_KEY)}
@@ -147,8 +147,8 @@ class CANALModule(BaseModuleClass):
         """
         if rows is not None:
             rows = rows.view(-1).long()
-        if self.prefix_cache is not None:
-            hidden = self.prefix_cache[rows]
+        if self.frozen_cache is not None:
+            hidden = self.frozen_cache[rows]
         else:
             hidden = self.network.embed(tokenize(x))
         manifold, embedding, logits = self.network.forward_from(hidden, self.cached_blocks)

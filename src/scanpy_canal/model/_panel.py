@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import pandas as pd
 
 from scanpy_canal._directories import readable_directory
-from scanpy_canal.nn import PerformerLM, load_pretrained, read_vocabulary
-from scanpy_canal.nn._pretrained import GENES_FILE
+from scanpy_canal.nn import GENES_FILE, PerformerLM, load_pretrained, read_vocabulary
+from scanpy_canal.pp import first_occurrences
 
 from ._data import h5ad_var_names, highly_variable_genes
 
@@ -18,7 +18,7 @@ Vocabulary = Sequence[str] | str | os.PathLike
 
 def initial_panel(
     x,
-    var_names: pd.Index,
+    names: pd.Index,
     *,
     genes: Sequence[str] | None,
     n_top_genes: int | None,
@@ -27,15 +27,14 @@ def initial_panel(
 ) -> tuple[list[str], PerformerLM | None]:
     """The panel of a new model on stage-1 values `x`, and the pretrained encoder on it (`None` without one).
 
-    See :class:`~scanpy_canal.CANAL` for the arguments. With pretrained weights and no fixed `genes`, the highly
+    `names` are the names of the columns of `x` (see :func:`scanpy_canal.pp.align_genes`); see
+    :class:`~scanpy_canal.CANAL` for the other arguments. With pretrained weights and no fixed `genes`, the highly
     variable genes are chosen among those the weights know, so the panel keeps the size asked for; genes of the
     panel the weights lack are left out, with a warning.
     """
-    vocabulary = pretrained_genes
-    if isinstance(vocabulary, str | os.PathLike) and str(vocabulary).endswith(".h5ad"):
-        vocabulary = h5ad_var_names(vocabulary)
+    vocabulary = None if pretrained is None or pretrained_genes is None else read_genes(pretrained_genes)
     candidates = None if pretrained is None or genes is not None else _vocabulary(pretrained, vocabulary)
-    panel = choose_panel(x, var_names, genes, n_top_genes, candidates=candidates)
+    panel = choose_panel(x, names, genes, n_top_genes, candidates=candidates)
     if pretrained is None:
         return panel, None
     encoder, panel = load_pretrained(pretrained, vocabulary=vocabulary, genes=panel)
@@ -43,24 +42,31 @@ def initial_panel(
 
 
 def choose_panel(
-    x, var_names: pd.Index, genes: Sequence[str] | None, n_top_genes: int | None, *, candidates: list[str] | None
+    x, names: pd.Index, genes: Sequence[str] | None, n_top_genes: int | None, *, candidates: list[str] | None
 ) -> list[str]:
     """`genes`, or the `n_top_genes` most variable (or all) genes of the data among the `candidates`."""
     if genes is not None and n_top_genes is not None:
         raise ValueError("Give either `genes` or `n_top_genes`, not both.")
     if genes is not None:
         return [str(g) for g in genes]
-    names = pd.Index(var_names.astype(str))
-    usable = ~names.duplicated()  # a duplicated name counts once, with its first column, as in `align_genes`
+    usable = first_occurrences(names)  # the columns `align_genes` takes
     if candidates is not None:  # choose among the genes the pretrained weights know, so the panel keeps its size
         usable &= names.isin(candidates)
         if not usable.any():
             raise ValueError("None of the data's genes is in the pretrained weights' vocabulary.")
     if not usable.all():
         x, names = x[:, usable], names[usable]
+    names = pd.Index(names.astype(str))
     if n_top_genes is not None:
         return highly_variable_genes(x, names, n_top_genes)
     return list(names)
+
+
+def read_genes(source: Vocabulary) -> list[str]:
+    """A list of gene names given as names, a text file with one per line, or an ``.h5ad`` file's ``var_names``."""
+    if isinstance(source, str | os.PathLike) and str(source).endswith(".h5ad"):
+        return h5ad_var_names(source)
+    return read_vocabulary(source)
 
 
 def _vocabulary(path: str | os.PathLike, vocabulary: Vocabulary | None) -> list[str] | None:

@@ -20,8 +20,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from scanpy_canal._logging import quiet_training
 from scanpy_canal._snapshot import said_write_errors
-from scanpy_canal.nn import PerformerLM, mask_tokens, masked_accuracy_counts, masked_lm_loss, tokenize
-from scanpy_canal.nn._pretrained import check_destination, staged_directory, write_pretrained
+from scanpy_canal.nn import (
+    PerformerLM,
+    check_destination,
+    mask_tokens,
+    masked_accuracy_counts,
+    masked_lm_loss,
+    staged_directory,
+    tokenize,
+    write_pretrained,
+)
 from scanpy_canal.pp import align_genes
 
 from . import _results

@@ -37,6 +37,7 @@ from ._data import (
     cell_fingerprints,
     check_expression,
     read_labels,
+    registered_gene_symbols,
     setup_args,
     split_stage,
 )
@@ -48,8 +49,8 @@ from ._training_plan import MIN_LR, BestEpochEarlyStopping, stage_outcome
 
 logger = logging.getLogger("scanpy_canal")
 
-#: Largest frozen-prefix cache that ``cache_frozen=None`` keeps (hidden states of every training cell).
-PREFIX_CACHE_BUDGET = 4 * 2**30
+#: Largest frozen-block cache that ``cache_frozen=None`` keeps (hidden states of every training cell).
+FROZEN_CACHE_BUDGET = 4 * 2**30
 #: What a failed stage puts back, besides the network.
 _ROLLED_BACK = ("cell_types_", "stage_", "example_bank_", "calibration_cells_")
 _LIGHTNING_PRECISION = {"32": "32-true", "bf16": "bf16-mixed"}
@@ -133,7 +134,7 @@ class StageTrainingMixin:
         if labels_key is None:
             raise ValueError("Register the stage's data first: `CANAL.setup_anndata(adata, labels_key=...)`.")
         labels = read_labels(adata, labels_key)
-        data = align_genes(adata, self.genes_, layer=layer)
+        data = align_genes(adata, self.genes_, layer=layer, gene_symbols=registered_gene_symbols(type(self), adata))
         check_expression(data.X, what=f"the stage-{stage} data")
         if len(set(self.cell_types_) | set(labels)) == 1:
             logger.warning(
@@ -208,7 +209,7 @@ class StageTrainingMixin:
         plan = self._training_plan_cls(
             self.module,
             cells=cells.training.X,
-            cache_prefix=self._use_prefix_cache(settings.cache_frozen, cells.training.n_obs),
+            cache_frozen=self._cache_frozen(settings.cache_frozen, cells.training.n_obs),
             lr=settings.lr,
             label_smoothing=settings.label_smoothing,
             distill_weight=distill_weight,
@@ -248,18 +249,19 @@ class StageTrainingMixin:
         summary, epochs = stage_outcome(runner.trainer.callback_metrics)
         return _Fit(val_idx, distill_weight, summary, epochs)
 
-    def _use_prefix_cache(self, cache_frozen: bool | None, n_cells: int) -> bool:
+    def _cache_frozen(self, cache_frozen: bool | None, n_cells: int) -> bool:
+        """Whether the stage keeps the frozen-block cache: `cache_frozen`, or if `None` whether it fits the budget."""
         if cache_frozen is not None:
             return cache_frozen
         config = self.module.network.config
         size = n_cells * config["max_seq_len"] * config["dim"] * 4
-        if size > PREFIX_CACHE_BUDGET:
+        if size > FROZEN_CACHE_BUDGET:
             logger.info(
                 "Recomputing the frozen blocks at every step: caching them for %d cells would take %.1f GiB.",
                 n_cells,
                 size / 2**30,
             )
-        return size <= PREFIX_CACHE_BUDGET
+        return size <= FROZEN_CACHE_BUDGET
 
     # ------------------------------------------------------------------------------------------ after fitting
     def _refresh_bank_and_calibration(self, cells: _StageCells, fit: _Fit, stage: int, settings: StageSettings) -> None:

@@ -40,8 +40,8 @@ class CANALTrainingPlan(TrainingPlan):
     cells
         The stage's training matrix, from which the module's per-stage caches are computed when fitting starts (on
         the training device, in every process).
-    cache_prefix
-        Cache the hidden states of the frozen prefix of blocks (see :meth:`CANALModule.prepare_stage`).
+    cache_frozen
+        Cache the hidden states of the frozen blocks (see :meth:`CANALModule.prepare_stage`).
     lr
         Peak learning rate of the schedule.
     **loss_kwargs
@@ -53,18 +53,18 @@ class CANALTrainingPlan(TrainingPlan):
         module,
         *,
         cells,
-        cache_prefix: bool = True,
+        cache_frozen: bool = True,
         lr: float = 2e-4,
         **loss_kwargs,
     ):
         super().__init__(module, lr=lr, **loss_kwargs)
         self.cells = cells
-        self.cache_prefix = cache_prefix
+        self.cache_frozen = cache_frozen
 
     def on_fit_start(self) -> None:
-        """Compute the teacher embeddings and the prefix cache on the device the stage trains on."""
+        """Compute the teacher embeddings and the frozen-block cache on the device the stage trains on."""
         batch_size = self.module.inference_batch_size(self.device)
-        self.module.prepare_stage(self.cells, cache_prefix=self.cache_prefix, batch_size=batch_size)
+        self.module.prepare_stage(self.cells, cache_frozen=self.cache_frozen, batch_size=batch_size)
 
     def on_fit_end(self) -> None:
         """Free the per-stage caches, and record the per-epoch metrics where the main process can read them."""

@@ -13,7 +13,13 @@ from typing import Any
 
 import torch
 
-from scanpy_canal._directories import check_checksums, file_checksums, replace_directory, writer_lock
+from scanpy_canal._directories import (
+    check_checksums,
+    file_checksums,
+    replace_directory,
+    writer_lock,
+)
+from scanpy_canal._genes import gene_positions
 from scanpy_canal._snapshot import read_consistently, said_write_errors
 from scanpy_canal._version import __version__
 
@@ -213,11 +219,10 @@ def _read_source(
 
 def _positions(vocabulary: list[str], genes: Sequence[str], source: str) -> tuple[list[int], list[str]]:
     """Positional rows of the `genes` found in `vocabulary` (first occurrence), and those genes."""
-    first: dict[str, int] = {}
-    for index, name in enumerate(vocabulary):
-        first.setdefault(name, index)
-    kept = [str(gene) for gene in genes if str(gene) in first]
-    missing = [str(gene) for gene in genes if str(gene) not in first]
+    genes = [str(gene) for gene in genes]
+    rows = gene_positions(vocabulary, genes)
+    kept = [gene for gene, row in zip(genes, rows, strict=True) if row >= 0]
+    missing = [gene for gene, row in zip(genes, rows, strict=True) if row < 0]
     if not kept:
         raise ValueError(f"None of the {len(genes)} genes is in the vocabulary of {source}.")
     if missing:
@@ -228,7 +233,7 @@ def _positions(vocabulary: list[str], genes: Sequence[str], source: str) -> tupl
             source,
             ", ".join(missing[:_N_EXAMPLES]),
         )
-    return [first[gene] for gene in kept], kept
+    return [int(row) for row in rows if row >= 0], kept
 
 
 def load_pretrained(

@@ -11,6 +11,8 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
+from scanpy_canal._genes import first_occurrences, gene_positions
+
 logger = logging.getLogger("scanpy_canal")
 
 _N_EXAMPLES = 5
@@ -40,7 +42,7 @@ def align_genes(
         The gene panel, e.g. ``model.genes``. Must not contain duplicates.
     gene_symbols
         Column of ``adata.var`` holding the gene names to match, for when ``var_names`` are e.g. Ensembl IDs.
-        By default ``adata.var_names`` are matched.
+        By default ``adata.var_names`` are matched. A gene whose entry is missing or blank matches nothing.
     layer
         Take the values from ``adata.layers[layer]`` instead of ``adata.X``.
 
@@ -95,9 +97,9 @@ def panel_columns(
     `min_overlap` of the panel is an error. See :func:`align_genes` for the rules.
     """
     target = _target_genes(genes)
-    names = _source_names(adata, gene_symbols)
-    usable = _usable_columns(names)
-    position = pd.Index(names[usable]).get_indexer(target)
+    names = gene_names(adata, gene_symbols)
+    _warn_duplicates(names)
+    position = gene_positions(names, target)
     found = position >= 0
     n_found = int(found.sum())
     if n_found == 0:
@@ -118,7 +120,7 @@ def panel_columns(
             _source(gene_symbols),
             _symbols_hint(names, gene_symbols),
         )
-    return np.flatnonzero(usable)[position[found]], found
+    return position[found], found
 
 
 def _target_genes(genes: Sequence[str] | pd.Index) -> pd.Index:
@@ -135,7 +137,8 @@ def _target_genes(genes: Sequence[str] | pd.Index) -> pd.Index:
     return target
 
 
-def _source_names(adata: AnnData, gene_symbols: str | None) -> pd.Index:
+def gene_names(adata: AnnData, gene_symbols: str | None = None) -> pd.Index:
+    """The names genes are matched by: ``var_names``, or the column `gene_symbols` of ``var`` (blank ones `None`)."""
     if gene_symbols is None:
         return pd.Index(adata.var_names.astype(str))
     if gene_symbols not in adata.var.columns:
@@ -143,21 +146,20 @@ def _source_names(adata: AnnData, gene_symbols: str | None) -> pd.Index:
             f"gene_symbols={gene_symbols!r} is not a column of adata.var; available: {list(adata.var.columns)}."
         )
     symbols = adata.var[gene_symbols]
-    return pd.Index(symbols.astype(object).where(symbols.notna(), None).to_numpy(), dtype=object)
+    named = symbols.notna() & (symbols.astype(str).str.strip() != "")
+    return pd.Index(symbols.astype(object).where(named, None).to_numpy(), dtype=object)
 
 
-def _usable_columns(names: pd.Index) -> np.ndarray:
-    """Columns whose name is set and seen for the first time; warns how many duplicates are dropped."""
-    present = ~pd.isna(names)
-    first = ~names.duplicated(keep="first")
-    n_dropped = int(np.count_nonzero(present & ~first))
-    if n_dropped:
-        examples = _examples(names[present & ~first].unique())
+def _warn_duplicates(names: pd.Index) -> None:
+    """Warn how many genes are not matched because an earlier gene has their name."""
+    dropped = ~pd.isna(names) & ~first_occurrences(names)
+    if dropped.any():
+        examples = _examples(names[dropped].unique())
         warnings.warn(
-            f"{n_dropped} genes have a duplicated name in adata (e.g. {examples}); the first occurrence is kept.",
+            f"{int(dropped.sum())} genes have a duplicated name in adata (e.g. {examples}); the first occurrence is "
+            "kept.",
             stacklevel=3,
         )
-    return present & first
 
 
 def scatter_columns(values, found: np.ndarray) -> sp.csr_matrix:

@@ -15,8 +15,7 @@ from ._majority import majority_votes, over_clusters
 if TYPE_CHECKING:
     from mudata import MuData
 
-    from scanpy_canal.model import CANAL
-    from scanpy_canal.model._options import PredictOptions
+    from scanpy_canal.model import CANAL, PredictOptions
 
 
 _NOVELTY_PARAMS = ("novel", "temperature", "threshold", "alpha", "score", "seed")
@@ -124,8 +123,7 @@ def annotate(
     >>> sc.tl.umap(query)  # doctest: +SKIP
     >>> sc.pl.umap(query, color=["canal_prediction", "canal_uncertainty"])  # doctest: +SKIP
     """
-    from scanpy_canal.model import CANAL
-    from scanpy_canal.model._options import PredictOptions, from_arguments
+    from scanpy_canal.model import CANAL, PredictOptions, from_arguments
 
     options = from_arguments(PredictOptions, locals())  # checked before a model is loaded or a cell is read
     if over_clustering is not None and not majority_voting:
@@ -147,10 +145,10 @@ def write_annotation(
     over_clustering: str | Sequence | None = None,
 ) -> None:
     """Predict `data` with `options` and write the keys :func:`annotate` documents, in place."""
-    from scanpy_canal.model._data import modality
+    from scanpy_canal.model import modality
 
     adata, mod = modality(data, options.mod), options.mod
-    outputs = model._predict_outputs(adata, options)
+    outputs = model.predict_outputs(adata, options)
     categories = model.cell_types + (["Unassigned"] if options.novel else [])
     predictions = pd.Categorical(outputs.labels, categories=categories)
     columns = {
@@ -211,7 +209,7 @@ def unassign(adata: AnnData, *, alpha: float, key: str = "canal") -> None:
     >>> canal.tl.annotate(query, model, novel=True)  # doctest: +SKIP
     >>> canal.tl.unassign(query, alpha=0.01)  # doctest: +SKIP
     """
-    from scanpy_canal.model._options import PredictOptions
+    from scanpy_canal.model import PredictOptions
 
     PredictOptions(alpha=alpha)  # checks it
     pvalue = f"{key}_novelty_pvalue"
