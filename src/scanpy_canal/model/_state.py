@@ -23,6 +23,31 @@ class ModelStateMixin:
     network in ``obsm["manifold"]``.
     """
 
+    @property
+    def stage(self) -> int:
+        """Number of completed stages."""
+        return self.stage_
+
+    @property
+    def cell_types(self) -> list[str]:
+        """Cell types the model knows, in output-row order (older stages first)."""
+        return list(self.cell_types_)
+
+    @property
+    def genes(self) -> list[str]:
+        """The gene panel, in sequence order."""
+        return list(self.genes_)
+
+    @property
+    def example_bank(self) -> ad.AnnData | None:
+        """The replay examples (X in the gene panel; obs ``cell_type``, ``stage`` and ``rank``), `None` before stage 1."""
+        return self.example_bank_
+
+    @property
+    def history(self) -> pd.DataFrame:
+        """Per-epoch training metrics, one block of rows per stage (column ``stage``)."""
+        return self.training_log_
+
     def _build(
         self,
         *,

@@ -1,5 +1,6 @@
 """Pure-PyTorch building blocks: the scBERT Performer encoder, the CANAL head, tokens, masking and checkpoints."""
 
+from ._attention import exact_attention
 from ._checkpoint import CheckpointError, encoder_from_state_dict, load_scbert_checkpoint, read_state_dict
 from ._head import CANALHead, frozen_prefix, set_trainable
 from ._masking import IGNORE_INDEX, MASK_TOKEN, mask_tokens, masked_accuracy_counts, masked_lm_loss
@@ -16,6 +17,7 @@ __all__ = [
     "PerformerLM",
     "SCBERT_CONFIG",
     "encoder_from_state_dict",
+    "exact_attention",
     "frozen_prefix",
     "load_pretrained",
     "load_scbert_checkpoint",
