@@ -141,3 +141,16 @@ def test_progress_bar_moves_every_batch(small_stream, capsys):
     assert "batch" in err and "Stage 1: 100%" in err
     total = int(err.split("Stage 1: 100%|")[1].split("/")[1].split(" ")[0])
     assert total > 2  # batches, not epochs
+
+
+def test_a_long_pass_is_announced_once_from_its_first_batches(monkeypatch, caplog):
+    from scanpy_canal.model import _progress
+
+    monkeypatch.setattr(_progress, "LONG_STAGE_S", 0)
+    timer = _progress.PassTimer(100, 10, "Computing the frozen blocks", {"dim": 200, "depth": 6, "max_seq_len": 1001})
+    with caplog.at_level(logging.INFO, logger="scanpy_canal"):
+        for _ in range(10):
+            timer.batch_done(torch.device("cpu"))
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and said[0].startswith("Computing the frozen blocks for 100 cells: about")
+    assert "dim 200, 6 blocks, 1,001 tokens" in said[0] and "a smaller encoder" in said[0]

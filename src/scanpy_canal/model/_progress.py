@@ -114,20 +114,47 @@ class StageTimeEstimate(Callback):
         if not math.isfinite(batches):
             return
         seconds = per_batch * batches * trainer.max_epochs
-        config = getattr(pl_module.module.network, "config", {})
-        encoder = ", ".join(f"{key} {config[key]:,}" for key in ("dim", "depth", "max_seq_len") if key in config)
-        device = pl_module.device.type
-        message = (
-            f"{self.description}: about {duration(seconds)} for up to {trainer.max_epochs} epochs of {batches} batches "
-            f"({per_batch:.2f} s per batch measured on the {device}; encoder {encoder})."
+        what = (
+            f"{self.description}: about {duration(seconds)} for up to {trainer.max_epochs} epochs of {batches} batches"
         )
-        if seconds < LONG_STAGE_S:
-            logger.info(message)
+        announce(what, seconds, per_batch, pl_module.module.network.config, pl_module.device.type)
+
+
+def announce(what: str, seconds: float, per_batch: float, config: Mapping[str, Any], device: str) -> None:
+    """Log an expected duration: information, or from :data:`LONG_STAGE_S` on a warning with what would be faster."""
+    encoder = f"dim {config['dim']}, {config['depth']} blocks, {config['max_seq_len']:,} tokens"
+    message = f"{what} ({per_batch:.2f} s per batch measured on the {device}; encoder {encoder})."
+    if seconds < LONG_STAGE_S:
+        logger.info(message)
+        return
+    advice = "A GPU, or a smaller encoder (dim=64, depth=2, heads=4, dim_head=16; --dim 64 ... on the command line)"
+    if device == "cuda":
+        advice = "More GPUs (devices, strategy='ddp'), fewer epochs or a smaller encoder"
+    logger.warning("%s %s would be faster.", message, advice)
+
+
+class PassTimer:
+    """Say once, from its first batches, how long a pass of `n_cells` cells in batches of `batch_size` will take."""
+
+    def __init__(self, n_cells: int, batch_size: int, what: str, config: Mapping[str, Any]):
+        self.n_batches = math.ceil(n_cells / batch_size)
+        self.what, self.config, self.n_cells = what, config, n_cells
+        self._started: float | None = None
+        self._done = 0
+
+    def batch_done(self, device: torch.device) -> None:
+        if self._done > TIMED_BATCHES or self.n_batches <= TIMED_BATCHES + 1:
             return
-        advice = "a GPU (accelerator='gpu') or a smaller encoder (e.g. dim=64, depth=2, heads=4, dim_head=16)"
-        if device == "cuda":
-            advice = "more GPUs (devices, strategy='ddp'), fewer epochs or a smaller encoder"
-        logger.warning("%s %s would be faster.", message, advice[0].upper() + advice[1:])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if self._started is None:  # the first batch warms up
+            self._started = time.perf_counter()
+        self._done += 1
+        if self._done == TIMED_BATCHES + 1:
+            per_batch = (time.perf_counter() - self._started) / TIMED_BATCHES
+            seconds = per_batch * self.n_batches
+            what = f"{self.what} for {self.n_cells:,} cells: about {duration(seconds)}"
+            announce(what, seconds, per_batch, self.config, device.type)
 
 
 def duration(seconds: float) -> str:

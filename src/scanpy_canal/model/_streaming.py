@@ -25,8 +25,8 @@ from scanpy_canal.nn import PerformerLM, exact_attention, tokenize
 from ._precision import resolve_precision
 
 _OUTPUTS = ("manifold", "embedding", "logits")
-#: Queries from this many cells on are predicted by a compiled network on a GPU, unless `compile` says otherwise: the
-#: compilation (about a minute) then costs less than it saves.
+#: Queries from this many cells on are predicted by a compiled network on a GPU, unless `compile` says otherwise: on an
+#: H200 compiling took 19 s and raised bfloat16 prediction from 1,728 to 3,950 cells/s, a gain from about 60,000 cells.
 AUTO_COMPILE_CELLS = 100_000
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
