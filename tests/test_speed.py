@@ -52,7 +52,8 @@ def test_bf16_on_a_cpu_without_it_warns_what_it_costs(monkeypatch):
         resolve_precision("bf16", "cpu")
 
 
-def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path, monkeypatch):
+    monkeypatch.undo()  # the real reader, not conftest's stand-in
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu avx2\n")
     assert {"avx2", "avx512_bf16"} <= _precision.cpu_flags(str(cpuinfo))
@@ -110,10 +111,10 @@ def test_two_process_annotation_equals_one_process_in_order(trained, stream_quer
     from scanpy_canal import tl
 
     monkeypatch.chdir(tmp_path)
-    expected = tl.annotate(stream_query, trained, novel=True, copy=True)
+    expected = tl.annotate(stream_query, trained, novel=True, precision="32", copy=True)
     # two spawned processes on the CPU (gloo), the cells in uneven chunks shared unevenly between them
     distributed = tl.annotate(
-        stream_query, trained, novel=True, devices=2, strategy="ddp_spawn", chunk_size=17, copy=True
+        stream_query, trained, novel=True, precision="32", devices=2, strategy="ddp_spawn", chunk_size=17, copy=True
     )
     assert list(distributed.obs_names) == list(stream_query.obs_names)
     np.testing.assert_allclose(distributed.obsm["canal_probabilities"], expected.obsm["canal_probabilities"], atol=1e-6)
