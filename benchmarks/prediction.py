@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
     report["cells_per_s"] = results
 
-    full, reduced = model.predict(query, soft=True), model.predict(query, soft=True, precision="bf16")
+    full, reduced = model.predict(query, soft=True, precision="32"), model.predict(query, soft=True, precision="bf16")
     report["bf16_vs_fp32"] = {
         "label_agreement": float((full.idxmax(axis=1) == reduced.idxmax(axis=1)).mean()),
         "max_probability_difference": float(np.abs(full.to_numpy() - reduced.to_numpy()).max()),

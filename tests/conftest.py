@@ -24,6 +24,15 @@ def _no_lightning_logs():
     assert not written, f"the test wrote {written}: give the Trainer a logger that keeps to memory"
 
 
+@pytest.fixture(autouse=True)
+def _float32_by_default(monkeypatch):
+    """``precision="auto"`` picks float32 in every test, as on a CPU without native bfloat16 (CI's), so that the
+    tolerances of the tests hold on any machine; ``tests/test_speed.py`` checks the choice by device."""
+    from scanpy_canal.model import _precision
+
+    monkeypatch.setattr(_precision, "cpu_flags", lambda: frozenset())
+
+
 @pytest.fixture(scope="session")
 def small_stream():
     """Two stages of synthetic data; stage 2 brings two new types and one type is never trained."""

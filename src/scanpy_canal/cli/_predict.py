@@ -13,6 +13,7 @@ from ._common import (
     add_mod_option,
     add_normalize_option,
     check_data,
+    devices,
     is_mudata_file,
     mudata_quietly,
     positive,
@@ -96,8 +97,31 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--chunk-size", type=positive(int), default=10_000, help="cells read and predicted at a time (default: 10000)"
     )
     predict.add_argument(
-        "--precision", choices=["32", "bf16"], default="32", help="float32, or bfloat16 autocast (default: 32)"
+        "--precision",
+        choices=["auto", "32", "bf16"],
+        default="auto",
+        help="float32, or bfloat16 autocast (default: auto, bfloat16 where the device computes it natively)",
     )
+    predict.add_argument(
+        "--attention",
+        choices=["favor", "exact"],
+        default="favor",
+        help="exact: softmax attention instead of the FAVOR+ the model was trained with (default: favor)",
+    )
+    predict.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the network through torch.compile (default: on a GPU, from 100,000 cells)",
+    )
+    predict.add_argument(
+        "--devices",
+        type=devices,
+        default=None,
+        help="predict through Lightning on these devices (a count, -1 for all, or 0,1), each process a share of the "
+        "chunks (default: one process, on the CPU; 1 for one GPU)",
+    )
+    predict.add_argument("--strategy", default="auto", help="with --devices: Lightning strategy, e.g. ddp")
     predict.set_defaults(run=run)
 
 

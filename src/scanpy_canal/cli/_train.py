@@ -68,6 +68,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     add_lightning_options(train, strategy_example="ddp_find_unused_parameters_true")
     train.add_argument("--batch-size", type=positive(int), default=16, help="cells per minibatch (default: 16)")
+    train.add_argument(
+        "--precision",
+        choices=["auto", "32", "bf16"],
+        default="auto",
+        help="float32, or bfloat16 autocast (default: auto, bfloat16 where the device computes it natively)",
+    )
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.add_argument(
         "--wait",
@@ -136,6 +142,7 @@ def _train_next_stage(args: argparse.Namespace) -> None:
             max_epochs=args.epochs,
             batch_size=args.batch_size,
             lr=args.lr,
+            precision=args.precision,
             accelerator=args.accelerator,
             devices=args.devices,
             strategy=args.strategy,

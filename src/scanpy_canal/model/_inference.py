@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from scipy import sparse
 
-from scanpy_canal.nn import PerformerLM, tokenize
+from scanpy_canal.nn import PerformerLM
 from scanpy_canal.pp import panel_columns, scatter_columns
 
 from ._conformal import conformal_pvalues, score_thresholds
@@ -20,6 +20,7 @@ from ._data import check_expression, layer_matrix, modality, registered_gene_sym
 from ._novelty import calibrated_reference, mixup_reference
 from ._options import Precision, PredictOptions, check_precision
 from ._scores import BANK_SCORES, ScoreReference
+from ._streaming import ForwardSettings, forward_chunks, forward_settings
 
 if TYPE_CHECKING:
     from mudata import MuData
@@ -46,23 +47,11 @@ class Outputs:
     type_thresholds: dict[str, float] = field(default_factory=dict)
 
 
-@torch.inference_mode()
 def forward_in_batches(
     network: PerformerLM, x: sparse.csr_matrix | np.ndarray, batch_size: int, precision: Precision = "32"
 ) -> dict[str, torch.Tensor]:
     """Manifold, embedding and logits (float32, on the CPU) of every row of `x`; `network` is put in eval mode."""
-    network.eval()
-    device = next(network.parameters()).device
-    outputs: dict[str, list[torch.Tensor]] = {"manifold": [], "embedding": [], "logits": []}
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=check_precision(precision) == "bf16"):
-        for start in range(0, x.shape[0], batch_size):
-            tokens = tokenize(x[start : start + batch_size])
-            if device.type == "cuda":  # page-locked memory lets the copy overlap the previous batch's work
-                tokens = tokens.pin_memory()
-            tokens = tokens.to(device, non_blocking=True)
-            for key, value in zip(outputs, network(tokens), strict=True):
-                outputs[key].append(value.float().cpu())
-    return {key: torch.cat(values) for key, values in outputs.items()}
+    return forward_chunks(network, [x], ForwardSettings(batch_size, check_precision(precision)))
 
 
 class InferenceMixin:
@@ -78,6 +67,17 @@ class InferenceMixin:
         network = self.module.network
         batch_size = batch_size or self.module.inference_batch_size(next(network.parameters()).device)
         return forward_in_batches(network, x, batch_size, precision)
+
+    def _forward_query(self, adata: ad.AnnData, options: PredictOptions) -> dict[str, torch.Tensor]:
+        """Manifold, embedding and logits of every cell of `adata`, here or on the `devices` of `options`."""
+        if options.devices is not None:
+            from ._distributed import distributed_forward
+
+            return distributed_forward(self, adata, options)
+        network = self.module.network
+        device = next(network.parameters()).device
+        settings = forward_settings(options, self.module.inference_batch_size(device), device, adata.n_obs)
+        return forward_chunks(network, self._query_chunks(adata, options), settings)
 
     def _query_chunks(self, adata: ad.AnnData, options: PredictOptions) -> Iterator[sparse.csr_matrix]:
         """The query's values in the gene panel, ``options.chunk_size`` cells at a time (from disk when backed)."""
@@ -127,10 +127,7 @@ class InferenceMixin:
             raise ValueError("Pass the cells to annotate.")
         if adata.n_obs == 0:
             raise ValueError("The query has no cells.")
-        chunks = [
-            self._forward(chunk, options.batch_size, options.precision) for chunk in self._query_chunks(adata, options)
-        ]
-        forward = {key: torch.cat([chunk[key] for chunk in chunks]) for key in chunks[0]}
+        forward = self._forward_query(adata, options)
         probabilities = forward["logits"].softmax(dim=-1)
         labels = np.asarray(self.cell_types_, dtype=object)[probabilities.argmax(dim=-1).numpy()]
         outputs = Outputs(

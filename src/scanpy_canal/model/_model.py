@@ -204,7 +204,7 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         split_bank: bool = True,
         calibration_size: int = 2000,
         cache_frozen: bool | None = None,
-        precision: Precision = "32",
+        precision: Precision = "auto",
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
         repeated_cells: Literal["warn", "error"] = "warn",
@@ -263,7 +263,9 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
             (their random features are then not redrawn). `None` (default): when those of all training cells fit in
             4 GiB. `False`: recompute them at every step, as the original.
         precision
-            ``"32"`` (float32) or ``"bf16"`` (bfloat16 autocast through Lightning's ``"bf16-mixed"``, on CPU or GPU).
+            ``"auto"``: bfloat16 autocast (Lightning's ``"bf16-mixed"``) where the device computes it natively (GPUs,
+            CPUs with AVX-512 BF16 or AMX), float32 elsewhere; or ``"32"`` or ``"bf16"``. Before a long stage, its
+            expected duration on this device is logged, from its first batches.
         accelerator, devices
             Lightning's; ``accelerator="gpu", devices=-1, strategy="ddp_find_unused_parameters_true"`` trains on all
             GPUs (see :doc:`/multi_gpu`).
@@ -290,11 +292,15 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         threshold: Threshold = "conformal",
         alpha: float = 0.05,
         score: Score | None = None,
-        precision: Precision = "32",
+        precision: Precision = "auto",
         chunk_size: int = 10_000,
         gene_symbols: str | None = None,
         min_gene_overlap: float = 0.1,
         mod: str = "rna",
+        attention: Literal["favor", "exact"] = "favor",
+        compile: bool | None = None,
+        devices: int | list[int] | str | None = None,
+        strategy: str = "auto",
     ) -> np.ndarray | pd.DataFrame:
         """Predict cell types, calling cells of never-seen types ``"Unassigned"`` when `novel`.
 
@@ -332,7 +338,8 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
             ``"max_probability"`` (one minus it); ``"knn"``: distance to the 10th nearest example-bank cell in the
             embedding; ``"mahalanobis"``: to the nearest known type's bank cells. See :doc:`/method`.
         precision
-            ``"32"`` or ``"bf16"`` (bfloat16 autocast: faster on GPUs and some CPUs, slightly different probabilities).
+            ``"auto"``: bfloat16 autocast where the device computes it natively (GPUs, CPUs with AVX-512 BF16 or AMX;
+            faster, probabilities differ slightly), float32 elsewhere; or ``"32"`` or ``"bf16"``.
         chunk_size
             Cells read, aligned and predicted at a time; a backed AnnData is read chunk by chunk, in bounded memory.
         gene_symbols
@@ -342,6 +349,13 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
             Smallest fraction of the panel's genes the query must have; with fewer it is an error (0 allows any).
         mod
             The modality to predict when `adata` is a MuData.
+        attention, compile
+            ``attention="exact"``: softmax attention instead of the FAVOR+ estimate the network was trained with (see
+            :doc:`/multi_gpu`). `compile`: run the network through ``torch.compile`` (`None`: on a GPU, from 100,000
+            cells).
+        devices, strategy
+            Predict through Lightning on these devices (e.g. ``devices=4, strategy="ddp"``), each process a share of
+            the chunks; `None`: in this process, on the model's device.
 
         Returns
         -------
@@ -356,7 +370,7 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         adata: ad.AnnData | MuData | None = None,
         *,
         batch_size: int | None = None,
-        precision: Precision = "32",
+        precision: Precision = "auto",
         chunk_size: int = 10_000,
         gene_symbols: str | None = None,
         min_gene_overlap: float = 0.1,
@@ -375,7 +389,7 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         score: Score = DEFAULT_SCORE,
         temperature: float = 0.8,
         batch_size: int | None = None,
-        precision: Precision = "32",
+        precision: Precision = "auto",
         chunk_size: int = 10_000,
         gene_symbols: str | None = None,
         min_gene_overlap: float = 0.1,

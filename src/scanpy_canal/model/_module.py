@@ -13,6 +13,8 @@ from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 
 from scanpy_canal.nn import SCBERT_CONFIG, CANALHead, PerformerLM, frozen_prefix, set_trainable, tokenize
 
+from ._progress import PassTimer
+
 #: The encoder architecture when none is given: scBERT's (the sequence length follows the gene panel).
 DEFAULT_ARCH = {key: value for key, value in SCBERT_CONFIG.items() if key != "max_seq_len"}
 #: Registry key of the row index of each training cell, which looks up the per-stage caches.
@@ -124,12 +126,14 @@ class CANALModule(BaseModuleClass):
         frozen, teacher = [], []
         was_training = self.network.training
         self.network.eval()
+        timer = PassTimer(x.shape[0], batch_size, "Computing the frozen blocks once per stage", self.network.config)
         for start in range(0, x.shape[0], batch_size):
             hidden = self.network.hidden_states(tokenize(x[start : start + batch_size]).to(self.device), stop)
             if cache_frozen:
                 frozen.append(hidden)
             if self.teacher is not None:
                 teacher.append(self.teacher.forward_from(hidden, stop)[1])
+            timer.batch_done(self.device)
         self.network.train(was_training)
         self.teacher = None
         self.teacher_embedding = torch.cat(teacher) if teacher else None

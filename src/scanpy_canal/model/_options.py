@@ -12,7 +12,7 @@ from typing import Any, Literal, TypeVar
 from ._scores import SCORES, Score
 
 Threshold = Literal["conformal", "calibrated", "canal"] | float
-Precision = Literal["32", "bf16"]
+Precision = Literal["auto", "32", "bf16"]
 _Options = TypeVar("_Options")
 
 
@@ -22,9 +22,9 @@ def from_arguments(kind: type[_Options], arguments: Mapping[str, Any]) -> _Optio
 
 
 def check_precision(precision: str) -> str:
-    """`precision` if it is ``"32"`` or ``"bf16"``; an error otherwise."""
-    if precision not in ("32", "bf16"):
-        raise ValueError(f"precision must be '32' or 'bf16', got {precision!r}.")
+    """`precision` if it is ``"auto"``, ``"32"`` or ``"bf16"``; an error otherwise."""
+    if precision not in ("auto", "32", "bf16"):
+        raise ValueError(f"precision must be 'auto', '32' or 'bf16', got {precision!r}.")
     return precision
 
 
@@ -79,14 +79,24 @@ class PredictOptions:
     score: Score | None = None
     batch_size: int | None = None
     seed: int = 0
-    precision: Precision = "32"
+    precision: Precision = "auto"
     chunk_size: int = 10_000
     gene_symbols: str | None = None
     min_gene_overlap: float = 0.1
     mod: str = "rna"
+    attention: Literal["favor", "exact"] = "favor"
+    #: `None`: compiled on a GPU for queries of ``AUTO_COMPILE_CELLS`` cells or more.
+    compile: bool | None = None
+    #: `None`: in this process, on the model's device; else Lightning's devices (with `strategy`).
+    devices: int | list[int] | str | None = None
+    strategy: str = "auto"
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
+        if self.attention not in ("favor", "exact"):
+            raise ValueError(f"attention must be 'favor' or 'exact', got {self.attention!r}.")
+        if self.compile not in (None, True, False):
+            raise ValueError(f"compile must be True, False or None, got {self.compile!r}.")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of cells, got {self.chunk_size}.")
         if not (_is_number(self.min_gene_overlap) and 0 <= self.min_gene_overlap <= 1):

@@ -43,7 +43,8 @@ from ._data import (
 )
 from ._module import ROW_KEY
 from ._options import StageSettings
-from ._progress import progress_callbacks
+from ._precision import resolve_precision, training_device
+from ._progress import StageTimeEstimate, progress_callbacks
 from ._schedule import cosine_warm_restarts
 from ._training_plan import MIN_LR, BestEpochEarlyStopping, stage_outcome
 
@@ -225,6 +226,7 @@ class StageTrainingMixin:
         callbacks = [
             *trainer_kwargs.pop("callbacks", []),
             BestEpochEarlyStopping(patience=settings.early_stopping_patience),
+            StageTimeEstimate(f"Stage {stage}"),
             *progress_callbacks(trainer_kwargs, f"Stage {stage}", {"accuracy_validation": "validation accuracy"}),
         ]
         runner = TrainRunner(
@@ -234,7 +236,9 @@ class StageTrainingMixin:
             max_epochs=settings.max_epochs,
             accelerator=settings.accelerator,
             devices=settings.devices,
-            precision=_LIGHTNING_PRECISION[settings.precision],
+            precision=_LIGHTNING_PRECISION[
+                resolve_precision(settings.precision, training_device(settings.accelerator))
+            ],
             check_val_every_n_epoch=1,
             callbacks=callbacks,
             **trainer_kwargs,

@@ -1,5 +1,6 @@
 """Pure-PyTorch building blocks: the scBERT Performer encoder, the CANAL head, tokens, masking and checkpoints."""
 
+from ._attention import exact_attention
 from ._checkpoint import (
     CheckpointError,
     encoder_from_state_dict,
@@ -35,6 +36,7 @@ __all__ = [
     "PerformerLM",
     "SCBERT_CONFIG",
     "encoder_from_state_dict",
+    "exact_attention",
     "frozen_prefix",
     "load_pretrained",
     "load_scbert_checkpoint",

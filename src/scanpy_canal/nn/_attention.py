@@ -5,9 +5,12 @@ The key stabiliser's maximum is taken per sample, so a batch gives the same outp
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
@@ -157,14 +160,37 @@ class SelfAttention(nn.Module):
         self.to_v = nn.Linear(dim, inner_dim, bias=qkv_bias)
         self.to_out = nn.Linear(inner_dim, dim)
         self.dropout = nn.Dropout(dropout)
+        #: Softmax attention (``scaled_dot_product_attention``) in the global heads instead of FAVOR+; see
+        #: :func:`exact_attention`.
+        self.exact = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = (
             rearrange(proj(x), "b n (h d) -> b h n d", h=self.heads) for proj in (self.to_q, self.to_k, self.to_v)
         )
         g = self.global_heads
-        heads = [self.fast_attention(q[:, :g], k[:, :g], v[:, :g])] if g > 0 else []
+        attend = F.scaled_dot_product_attention if self.exact else self.fast_attention
+        heads = [attend(q[:, :g], k[:, :g], v[:, :g])] if g > 0 else []
         if self.local_attn is not None:
             heads.append(self.local_attn(q[:, g:], k[:, g:], v[:, g:]))
         out = rearrange(torch.cat(heads, dim=1), "b h n d -> b n (h d)")
         return self.dropout(self.to_out(out))
+
+
+@contextlib.contextmanager
+def exact_attention(network: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
+    """Within the block, the global heads of `network` compute exact softmax attention instead of FAVOR+.
+
+    FAVOR+ estimates softmax attention with random features; ``scaled_dot_product_attention`` (flash attention on
+    GPUs) computes it exactly, in time quadratic in the sequence length. A network trained with FAVOR+ gives somewhat
+    different outputs with exact attention: it is an option, measured in ``benchmarks/gpu_end_to_end.py``.
+    """
+    modules = [module for module in network.modules() if isinstance(module, SelfAttention)]
+    previous = [module.exact for module in modules]
+    for module in modules:
+        module.exact = enabled
+    try:
+        yield network
+    finally:
+        for module, value in zip(modules, previous, strict=True):
+            module.exact = value

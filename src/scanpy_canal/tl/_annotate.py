@@ -36,10 +36,14 @@ def annotate(
     alpha: float = 0.05,
     score: Literal["mix", "energy", "max_probability", "knn", "mahalanobis"] | None = None,
     seed: int = 0,
-    precision: Literal["32", "bf16"] = "32",
+    precision: Literal["auto", "32", "bf16"] = "auto",
     chunk_size: int = 10_000,
     gene_symbols: str | None = None,
     min_gene_overlap: float = 0.1,
+    attention: Literal["favor", "exact"] = "favor",
+    compile: bool | None = None,
+    devices: int | list[int] | str | None = None,
+    strategy: str = "auto",
     copy: bool = False,
 ) -> AnnData | MuData | None:
     """Annotate cell types with a trained CANAL model.
@@ -72,7 +76,8 @@ def annotate(
         Novel-cell detection settings, see :meth:`~scanpy_canal.CANAL.predict`: by default a cell is unassigned when
         its conformal p-value is at most `alpha`, so at most that fraction of known cells is (in expectation).
     precision
-        ``"32"`` or ``"bf16"`` (bfloat16 autocast), see :meth:`~scanpy_canal.CANAL.predict`.
+        ``"auto"`` (bfloat16 autocast where the device computes it natively, float32 elsewhere), ``"32"`` or
+        ``"bf16"``, see :meth:`~scanpy_canal.CANAL.predict`.
     chunk_size
         Cells read and predicted at a time; a backed AnnData (``anndata.read_h5ad(path, backed="r")``) is read from
         disk chunk by chunk, so memory stays bounded.
@@ -82,6 +87,11 @@ def annotate(
     min_gene_overlap
         Smallest fraction of the panel's genes `data` must have; with fewer it is an error. The overlap is logged
         at info level, and as a warning when less than half of the panel is found.
+    attention, compile
+        Exact softmax attention instead of FAVOR+, and ``torch.compile``, see :meth:`~scanpy_canal.CANAL.predict`.
+    devices, strategy
+        Predict through Lightning on these devices (e.g. ``devices=4, strategy="ddp"``), each process a share of the
+        chunks; `None`: in this process, on the model's device.
     copy
         Return an annotated copy instead of writing into `data`.
 
