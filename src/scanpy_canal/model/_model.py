@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import anndata as ad
@@ -21,8 +21,17 @@ from ._inference import InferenceMixin
 from ._io import SaveLoadMixin
 from ._legacy import LegacyCheckpointMixin
 from ._module import DEFAULT_ARCH, CANALModule
-from ._options import DEFAULT_SCORE, Precision, PredictOptions, StageSettings, Threshold, from_arguments
+from ._options import (
+    DEFAULT_SCORE,
+    REFINE_THRESHOLD,
+    Precision,
+    PredictOptions,
+    StageSettings,
+    Threshold,
+    from_arguments,
+)
 from ._panel import initial_panel
+from ._relations import RELATION_THRESHOLD
 from ._scores import Score
 from ._stage import StageTrainingMixin
 from ._state import ModelStateMixin
@@ -137,32 +146,6 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
             self.module.set_gene_table(coexpression_embedding(panel_values, self.arch_["dim"], seed=seed))
         self.init_params_ = self._get_init_params(locals())
 
-    # ----------------------------------------------------------------------------------------------------- state
-    @property
-    def stage(self) -> int:
-        """Number of completed stages."""
-        return self.stage_
-
-    @property
-    def cell_types(self) -> list[str]:
-        """Cell types the model knows, in output-row order (older stages first)."""
-        return list(self.cell_types_)
-
-    @property
-    def genes(self) -> list[str]:
-        """The gene panel, in sequence order."""
-        return list(self.genes_)
-
-    @property
-    def example_bank(self) -> ad.AnnData | None:
-        """The replay examples (X in the gene panel; obs ``cell_type``, ``stage`` and ``rank``), `None` before stage 1."""
-        return self.example_bank_
-
-    @property
-    def history(self) -> pd.DataFrame:
-        """Per-epoch training metrics, one block of rows per stage (column ``stage``)."""
-        return self.training_log_
-
     # ------------------------------------------------------------------------------------------------ setup
     @classmethod
     def setup_anndata(cls, adata: ad.AnnData, labels_key: str | None = None, layer: str | None = None, **kwargs):
@@ -212,6 +195,8 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         precision: Precision = "32",
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
+        parents: Mapping[str, str] | None = None,
+        relation_threshold: float = RELATION_THRESHOLD,
         **trainer_kwargs: Any,
     ) -> None:
         """Train one stage.
@@ -271,6 +256,15 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         accelerator, devices
             Lightning's; ``accelerator="gpu", devices=-1, strategy="ddp_find_unused_parameters_true"`` trains on all
             GPUs (see :doc:`/multi_gpu`).
+        parents
+            Relations this stage adds to the cell-type tree, ``{child: parent}`` (e.g. ``{"CD4 T": "T cell"}``),
+            between known types and the stage's; ``{}`` adds none. Default (`None`): found from the data (see
+            :doc:`/refinement`). A cell labelled with a type that has children is supervised by the summed
+            probability of the type and its descendants, also when replayed; the tree is :attr:`cell_type_tree`.
+        relation_threshold
+            With ``parents=None``: the share of a new type's cells the model must call one known type before the stage
+            (not novel) for the new type to become its child, or call two or more known types together for it to
+            become their parent.
         **trainer_kwargs
             Passed to :class:`scvi.train.Trainer` (e.g. ``strategy``, ``enable_progress_bar``).
         """
@@ -295,6 +289,7 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         gene_symbols: str | None = None,
         min_gene_overlap: float = 0.1,
         mod: str = "rna",
+        refine_threshold: float = REFINE_THRESHOLD,
     ) -> np.ndarray | pd.DataFrame:
         """Predict cell types, calling cells of never-seen types ``"Unassigned"`` when `novel`.
 
@@ -342,10 +337,14 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
             Smallest fraction of the panel's genes the query must have; with fewer it is an error (0 allows any).
         mod
             The modality to predict when `adata` is a MuData.
+        refine_threshold
+            With a :attr:`cell_type_tree`: a call goes from a type down to its most probable child while that child's
+            subtree holds at least this share of the type's subtree probability (and more than the type's own).
 
         Returns
         -------
-        An array of cell-type names, or with `soft` a DataFrame of probabilities (cells x cell types).
+        An array of cell-type names (with a cell-type tree, each as fine as the cell allows), or with `soft` a
+        DataFrame of probabilities (cells x cell types).
         """
         options = from_arguments(PredictOptions, locals())
         outputs = self._predict_outputs(adata, options)

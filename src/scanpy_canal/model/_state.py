@@ -10,6 +10,7 @@ import torch
 from scvi.model.base import BaseModelClass
 
 from ._defaults import Start
+from ._tree import tree_frame
 
 
 class ModelStateMixin:
@@ -17,11 +18,46 @@ class ModelStateMixin:
 
     ``genes_`` (the panel), ``cell_types_`` (output-row order), ``arch_``, ``trainable_blocks_``, ``seed_``, ``start_``
     (``"pretrained"`` or ``"random"``, which sets the defaults of ``train``), ``gene_embedding_``,
-    ``stage_`` (completed stages), ``stage_history_`` (one record per stage), ``example_bank_``,
+    ``cell_type_parents_`` (the cell-type tree, ``{child: parent}``), ``stage_`` (completed stages),
+    ``stage_history_`` (one record per stage), ``example_bank_``,
     ``calibration_cells_`` (held-out cells of every stage, for novel-cell p-values) and ``training_log_`` (per-epoch
     metrics), besides ``module``. The bank and the calibration cells carry their manifold vectors under the current
     network in ``obsm["manifold"]``.
     """
+
+    @property
+    def stage(self) -> int:
+        """Number of completed stages."""
+        return self.stage_
+
+    @property
+    def cell_types(self) -> list[str]:
+        """Cell types the model knows, in output-row order (older stages first)."""
+        return list(self.cell_types_)
+
+    @property
+    def genes(self) -> list[str]:
+        """The gene panel, in sequence order."""
+        return list(self.genes_)
+
+    @property
+    def example_bank(self) -> ad.AnnData | None:
+        """The replay examples (X in the gene panel; obs ``cell_type``, ``stage`` and ``rank``), `None` before stage 1."""
+        return self.example_bank_
+
+    @property
+    def history(self) -> pd.DataFrame:
+        """Per-epoch training metrics, one block of rows per stage (column ``stage``)."""
+        return self.training_log_
+
+    @property
+    def cell_type_tree(self) -> pd.DataFrame:
+        """The cell-type tree, one row per known type (output-row order).
+
+        Columns: ``parent`` (`None` at a root), ``depth`` (0 at a root) and ``leaf``. Save and load keep it; each
+        stage's additions are in :attr:`stage_history_` (``new_parents``).
+        """
+        return tree_frame(self.cell_type_parents_, self.cell_types_)
 
     def _build(
         self,
@@ -43,6 +79,7 @@ class ModelStateMixin:
             raise ValueError("The gene panel has duplicated names.")
         self.genes_ = list(genes)
         self.cell_types_ = list(cell_types)
+        self.cell_type_parents_: dict[str, str] = {}
         self.arch_ = dict(arch)
         self.trainable_blocks_ = list(trainable_blocks)
         self.seed_ = seed
@@ -64,8 +101,8 @@ class ModelStateMixin:
     def _restored(cls, *, registry: dict, state: dict, **build):
         """A model of this class, without data, from a saved `registry`, its `state` attributes and `_build`'s `build`.
 
-        The caller loads the module's weights; `state` may set ``stage_``, ``stage_history_``, ``example_bank_``,
-        ``calibration_cells_`` and ``training_log_``.
+        The caller loads the module's weights; `state` may set ``stage_``, ``stage_history_``, ``cell_type_parents_``,
+        ``example_bank_``, ``calibration_cells_`` and ``training_log_``.
         """
         model = cls.__new__(cls)
         BaseModelClass.__init__(model, None, registry=registry)
