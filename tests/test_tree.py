@@ -41,7 +41,8 @@ def refined_model(refinement_stream):
 def test_relations_are_found_for_refined_types_and_not_for_unrelated_ones(refined_model):
     record = refined_model.stage_history_[-1]
     assert record["new_parents"] == {"type_0": "coarse", "type_1": "coarse"}
-    assert record["relation_evidence"]["type_0"]["coarse"] >= 0.8
+    assert record["relation_evidence"]["type_0"]["called"]["coarse"] >= 0.8
+    assert record["relation_evidence"]["type_0"]["reverse"]["coarse"] >= 0.2
     tree = refined_model.cell_type_tree
     assert tree.loc["type_0", "parent"] == "coarse" and tree.loc["type_0", "depth"] == 1
     assert tree.loc[["type_2", "type_3", "type_4", "type_5"], "parent"].isna().all()
@@ -72,7 +73,12 @@ def test_relation_rule_on_seeded_calls():
     assert relations == {"CD4 T": "T cell"}  # "Lymphoid" would take "T cell", which "CD4 T" made a parent
     relations, _ = find_relations(called, labels, ["T cell", "B", "NK"], ["Mono", "Lymphoid"], {})
     assert relations == {"T cell": "Lymphoid", "B": "Lymphoid"}
-    assert evidence["Mono"] == pytest.approx({"T cell": 0.3, "B": 0.2}, abs=0.08)
+    assert evidence["Mono"]["called"] == pytest.approx({"T cell": 0.3, "B": 0.2}, abs=0.08)
+    # The reverse check: no "T cell" held out is classified "CD4 T" by the stage's labels, so no relation.
+    reverse = pd.DataFrame({"CD4 T": [0.0, 0.0], "Mono": [1.0, 0.0], "Lymphoid": [0.0, 1.0]}, index=["T cell", "B"])
+    assert find_relations(called, labels, ["T cell", "B"], ["CD4 T"], {}, reverse=reverse)[0] == {}
+    # A model that calls most cells of other types "T cell" cannot tell it apart: it relates nothing.
+    assert find_relations(called, labels, ["T cell", "B"], ["CD4 T"], {}, false_calls={"T cell": 0.5})[0] == {}
 
 
 @pytest.mark.parametrize(
@@ -170,3 +176,13 @@ def test_a_stream_without_refinements_trains_as_without_the_tree(small_stream):
         assert model.stage_history_[-1]["new_parents"] == {}
         histories.append(model.history)
     pd.testing.assert_frame_equal(histories[0], histories[1])
+
+
+def test_the_tree_is_drawn(refined_model):
+    import matplotlib.pyplot as plt
+
+    ax = canal.pl.cell_type_tree(refined_model, show=False)
+    texts = [text.get_text() for text in ax.texts]
+    assert len(texts) == len(refined_model.cell_types) and texts[1].startswith("type_0  (stage 2)")
+    assert len(ax.lines) == 2  # one elbow per relation
+    plt.close(ax.figure)

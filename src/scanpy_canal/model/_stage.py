@@ -35,7 +35,7 @@ from ._data import balanced_class_weights, check_expression, read_labels, setup_
 from ._module import ROW_KEY
 from ._options import PredictOptions, StageSettings
 from ._progress import progress_callbacks
-from ._relations import false_call_shares, find_relations
+from ._relations import false_call_shares, find_relations, reverse_shares
 from ._schedule import cosine_warm_restarts
 from ._training_plan import MIN_LR, BestEpochEarlyStopping, stage_outcome
 from ._tree import grow_tree, has_children, subtree_matrix
@@ -174,10 +174,18 @@ class StageTrainingMixin:
             self.cell_type_parents_,
             threshold=threshold,
             false_calls=self._false_calls(),
+            reverse=self._reverse_shares(data, labels),
         )
         for child, parent in relations.items():
             logger.info("Cell-type tree: %r is found to be a child of %r.", child, parent)
         return relations, evidence
+
+    def _reverse_shares(self, data: ad.AnnData, labels: np.ndarray) -> pd.DataFrame | None:
+        """The reverse check of the relations: the known types' held-out cells classified by the stage's labels."""
+        reference = self.calibration_cells_ if self.calibration_cells_ is not None else self.example_bank_
+        if reference is None or reference.n_obs == 0 or len(set(labels)) < 2:
+            return None
+        return reverse_shares(data.X, labels, reference.X, reference.obs["cell_type"].astype(str).to_numpy())
 
     def _false_calls(self) -> dict[str, float] | None:
         """Per known type, the share of the calibration cells of the other types the model calls it (closed set)."""
