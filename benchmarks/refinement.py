@@ -172,6 +172,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None, help="max_epochs (default: train's, 15 from random)")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--part",
+        choices=["all", "refinement", "plain"],
+        default="all",
+        help="run only the refinement stream or only the stream without refinements (e.g. in two processes)",
+    )
     args = parser.parse_args()
     stages, test = refinement_stream()
     report = {
@@ -188,10 +194,12 @@ def main() -> None:
     }
     started = time.perf_counter()
     for seed in args.seeds:  # seed by seed, so that a report cut short holds whole seeds
-        for name, method in (("canal_tree", canal_tree), ("canal_flat", canal_flat)):
+        for name, method in (("canal_tree", canal_tree), ("canal_flat", canal_flat)) * (args.part != "plain"):
             report["runs"][name].append({"seed": seed, **method(stages, test, seed, args.epochs)})
             report["results"][name] = summarise(report["runs"][name])
             write(report, args.output, started)
+        if args.part == "refinement":
+            continue
         report["runs"]["plain_stream"].append({"seed": seed, **plain_stream(seed, args.epochs)})
         report["results"]["plain_stream"] = summarise(report["runs"]["plain_stream"])
         write(report, args.output, started)

@@ -41,7 +41,7 @@ def annotate(
     chunk_size: int = 10_000,
     gene_symbols: str | None = None,
     min_gene_overlap: float = 0.1,
-    refine_threshold: float = 0.6,
+    refine_threshold: float = 0.5,
     copy: bool = False,
 ) -> AnnData | MuData | None:
     """Annotate cell types with a trained CANAL model.
