@@ -237,3 +237,22 @@ def test_model_file_is_the_models_own():
     from scanpy_canal.model._io import METADATA
 
     assert MODEL_FILE == METADATA
+
+
+@pytest.mark.parametrize("kind", ["json", "csv"])
+def test_train_takes_the_cell_type_tree_from_a_file(files, stage1_dir, tmp_path, capsys, kind):
+    model_dir = tmp_path / "model"
+    shutil.copytree(stage1_dir, model_dir)
+    known = CANAL.load(model_dir).cell_types
+    stage2 = ad.read_h5ad(files["stage2"])
+    new = sorted(set(stage2.obs["cell_type"].astype(str)) - set(known))
+    parents = tmp_path / f"parents.{kind}"
+    if kind == "json":
+        parents.write_text(f'{{"{new[0]}": "{known[0]}"}}')
+    else:
+        parents.write_text(f"child,parent\n{new[0]},{known[0]}\n")
+    assert _train(files["stage2"], model_dir, "--parents", str(parents), *QUICK) == 0
+    assert CANAL.load(model_dir).cell_type_parents_ == {new[0]: known[0]}
+    parents.write_text('{"type_9": "nowhere"}' if kind == "json" else "child\ntype_9\n")
+    assert _train(files["stage2"], model_dir, "--parents", str(parents), *QUICK) == 1
+    assert ("not a cell type" if kind == "json" else "two filled columns") in _error(capsys)

@@ -55,6 +55,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--overwrite", action="store_true", help="with --new: replace the model in --model-dir")
     train.add_argument("--stage", type=int, default=None, help="the stage expected, as a guard (default: the next)")
     train.add_argument(
+        "--parents",
+        type=Path,
+        default=None,
+        help="relations this stage adds to the cell-type tree: a JSON object {child: parent} or a CSV file with a "
+        "header row and two columns, child then parent; an empty one adds none (default: found from the data)",
+    )
+    train.add_argument(
         "--epochs",
         type=positive(int),
         default=None,
@@ -107,6 +114,8 @@ def _continues_a_model(args: argparse.Namespace) -> bool:
     from scanpy_canal._directories import readable_directory
 
     check_data(args)
+    if args.parents is not None and not args.parents.is_file():
+        raise FileNotFoundError(f"--parents {str(args.parents)!r} does not exist.")
     for option in ("pretrained", "pretrained_genes"):
         path = getattr(args, option)
         if path is not None and not readable_directory(path).exists():  # a pretrained directory may be retired
@@ -146,6 +155,7 @@ def _train_next_stage(args: argparse.Namespace) -> None:
             accelerator=args.accelerator,
             devices=args.devices,
             strategy=args.strategy,
+            parents=None if args.parents is None else read_parents(args.parents),
             enable_progress_bar=not args.quiet,
             enable_model_summary=False,
         )
@@ -155,6 +165,26 @@ def _train_next_stage(args: argparse.Namespace) -> None:
     if first_process():
         model.save(args.model_dir, overwrite=True)
     print(f"{_stage_summary(model)}; model saved to {args.model_dir}")
+
+
+def read_parents(path: Path) -> dict[str, str]:
+    """The ``{child: parent}`` relations in `path`: a JSON object, or a CSV file of two columns with a header row."""
+    import json
+
+    import pandas as pd
+
+    if path.suffix.lower() == ".json":
+        relations = json.loads(path.read_text())
+        if not isinstance(relations, dict) or not all(isinstance(v, str) for v in relations.values()):
+            raise ValueError(f"--parents {str(path)!r} must hold a JSON object of cell type -> parent names.")
+        return relations
+    table = pd.read_csv(path, dtype=str)
+    if table.shape[1] != 2 or table.isna().any(axis=None):
+        raise ValueError(
+            f"--parents {str(path)!r} must have two filled columns (child, parent) and a header row; "
+            f"it has the columns {list(table.columns)}."
+        )
+    return dict(zip(table.iloc[:, 0].str.strip(), table.iloc[:, 1].str.strip(), strict=True))
 
 
 def _holds_model(directory: Path) -> bool:

@@ -21,6 +21,7 @@ from ._novelty import calibrated_reference, mixup_reference
 from ._options import Precision, PredictOptions, check_precision
 from ._scores import BANK_SCORES, ScoreReference
 from ._streaming import ForwardSettings, forward_chunks, forward_settings
+from ._tree import decode, has_children
 
 if TYPE_CHECKING:
     from mudata import MuData
@@ -35,7 +36,8 @@ class Outputs:
     With novel-cell detection also: each cell's novelty score (`uncertainty`) and, except with the query-relative
     ``"canal"`` rule, its conformal p-value; the score above which a cell is unassigned (`threshold`; for the
     conformal rule the pooled one, with those of types that have calibration cells of their own in
-    `type_thresholds`).
+    `type_thresholds`). With a cell-type tree, `labels` are as fine as each cell allows and `depth` is the depth of
+    each call in the tree (0 at a root, -1 for ``"Unassigned"``).
     """
 
     labels: np.ndarray
@@ -45,6 +47,7 @@ class Outputs:
     pvalue: np.ndarray | None = None
     threshold: float | None = None
     type_thresholds: dict[str, float] = field(default_factory=dict)
+    depth: np.ndarray | None = None
 
 
 def forward_in_batches(
@@ -130,14 +133,24 @@ class InferenceMixin:
         forward = self._forward_query(adata, options)
         probabilities = forward["logits"].softmax(dim=-1)
         labels = np.asarray(self.cell_types_, dtype=object)[probabilities.argmax(dim=-1).numpy()]
+        depth = np.zeros(len(labels), dtype=np.int64)
+        if has_children(self.cell_type_parents_):
+            labels, depth = decode(
+                probabilities.numpy(),
+                self.cell_type_parents_,
+                self.cell_types_,
+                refine_threshold=options.refine_threshold,
+            )
         outputs = Outputs(
             labels=labels,
             probabilities=pd.DataFrame(probabilities.numpy(), index=adata.obs_names, columns=self.cell_types_),
             embedding=forward["embedding"].numpy(),
+            depth=depth,
         )
         if options.novel:
             with torch.inference_mode():
                 self._call_novel(outputs, forward, options)
+            outputs.depth = np.where(outputs.labels == UNASSIGNED, -1, outputs.depth)
         return outputs
 
     def _call_novel(self, outputs: Outputs, forward: dict[str, torch.Tensor], options: PredictOptions) -> None:

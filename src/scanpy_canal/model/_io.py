@@ -23,6 +23,8 @@ from scanpy_canal._snapshot import read_consistently, said_write_errors
 from scanpy_canal._version import __version__
 from scanpy_canal.nn import CheckpointError, read_json, staged_directory
 
+from ._tree import grow_tree
+
 #: 2: the calibration cells of every stage in their own file (1: the last stage's manifold vectors in weights.pt).
 FORMAT_VERSION = 2
 METADATA = "model.json"
@@ -102,6 +104,7 @@ def _save_model(model: BaseModelClass, target: Path, *, overwrite: bool) -> None
         "stage": model.stage_,
         "genes": model.genes_,
         "cell_types": model.cell_types_,
+        "cell_type_parents": model.cell_type_parents_,
         "stage_history": model.stage_history_,
         "registry": model.registry_,
     }
@@ -174,6 +177,13 @@ def _read_metadata(directory: Path) -> dict:
     return metadata
 
 
+def _read_tree(parents: Any, cell_types: list[str]) -> dict[str, str]:
+    """The saved cell-type tree, checked like a new one (known types, one parent each, no cycles)."""
+    if not isinstance(parents, dict):
+        raise ValueError(f"cell_type_parents must be a mapping of cell types to their parents, got {parents!r}")
+    return grow_tree({}, parents, cell_types)
+
+
 def _read_tensors(directory: Path) -> dict:
     path = directory / WEIGHTS
     if not path.is_file():
@@ -226,7 +236,12 @@ def _load_model(cls: type[Model], directory: Path) -> Model:
     try:
         model = cls._restored(
             registry=metadata["registry"],
-            state={"stage_": metadata["stage"], "stage_history_": metadata["stage_history"]},
+            state={
+                "stage_": metadata["stage"],
+                "stage_history_": metadata["stage_history"],
+                # Models saved before the cell-type tree load as a flat tree.
+                "cell_type_parents_": _read_tree(metadata.get("cell_type_parents", {}), metadata["cell_types"]),
+            },
             genes=metadata["genes"],
             cell_types=metadata["cell_types"],
             arch=metadata["arch"],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import anndata as ad
@@ -29,8 +29,17 @@ from ._inference import InferenceMixin
 from ._io import SaveLoadMixin
 from ._legacy import LegacyCheckpointMixin
 from ._module import DEFAULT_ARCH, CANALModule
-from ._options import DEFAULT_SCORE, Precision, PredictOptions, StageSettings, Threshold, from_arguments
+from ._options import (
+    DEFAULT_SCORE,
+    REFINE_THRESHOLD,
+    Precision,
+    PredictOptions,
+    StageSettings,
+    Threshold,
+    from_arguments,
+)
 from ._panel import initial_panel
+from ._relations import RELATION_THRESHOLD
 from ._scores import Score
 from ._stage import StageTrainingMixin
 from ._state import ModelStateMixin
@@ -208,6 +217,8 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
         repeated_cells: Literal["warn", "error"] = "warn",
+        parents: Mapping[str, str] | None = None,
+        relation_threshold: float = RELATION_THRESHOLD,
         **trainer_kwargs: Any,
     ) -> None:
         """Train one stage.
@@ -273,6 +284,15 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
             Cells the model has seen, with the same observation name and values as a cell it keeps from an earlier
             stage (its example bank or calibration cells), are trained on with a warning that gives their number
             (``"warn"``), or make the stage an error (``"error"``), e.g. to catch a stage's data given twice.
+        parents
+            Relations this stage adds to the cell-type tree, ``{child: parent}`` (e.g. ``{"CD4 T": "T cell"}``),
+            between known types and the stage's; ``{}`` adds none. Default (`None`): found from the data (see
+            :doc:`/refinement`). A cell labelled with a type that has children is supervised by the summed
+            probability of the type and its descendants, also when replayed; the tree is :attr:`cell_type_tree`.
+        relation_threshold
+            With ``parents=None``: the share of a new type's cells the model must call one known type before the stage
+            (not novel) for the new type to become its child, or call two or more known types together for it to
+            become their parent.
         **trainer_kwargs
             Passed to :class:`scvi.train.Trainer` (e.g. ``strategy``, ``enable_progress_bar``).
         """
@@ -301,6 +321,7 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         compile: bool | None = None,
         devices: int | list[int] | str | None = None,
         strategy: str = "auto",
+        refine_threshold: float = REFINE_THRESHOLD,
     ) -> np.ndarray | pd.DataFrame:
         """Predict cell types, calling cells of never-seen types ``"Unassigned"`` when `novel`.
 
@@ -356,10 +377,14 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         devices, strategy
             Predict through Lightning on these devices (e.g. ``devices=4, strategy="ddp"``), each process a share of
             the chunks; `None`: in this process, on the model's device.
+        refine_threshold
+            With a :attr:`cell_type_tree`: a call goes from a type down to its most probable child while that child's
+            subtree holds at least this share of the type's subtree probability (and more than the type's own).
 
         Returns
         -------
-        An array of cell-type names, or with `soft` a DataFrame of probabilities (cells x cell types).
+        An array of cell-type names (with a cell-type tree, each as fine as the cell allows), or with `soft` a
+        DataFrame of probabilities (cells x cell types).
         """
         options = from_arguments(PredictOptions, locals())
         outputs = self.predict_outputs(adata, options)

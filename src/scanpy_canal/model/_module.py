@@ -46,8 +46,6 @@ class CANALModule(BaseModuleClass):
         self.teacher: PerformerLM | None = None
         self.teacher_embedding: torch.Tensor | None = None
         self.frozen_cache: torch.Tensor | None = None
-        #: Per-class weights of the stage's training loss (`None`: unweighted).
-        self.class_weight: torch.Tensor | None = None
 
     @property
     def head(self) -> CANALHead:
@@ -90,8 +88,8 @@ class CANALModule(BaseModuleClass):
         return int(min(max(CPU_ACTIVATION_BUDGET // (config["max_seq_len"] * widest), 1), 1024))
 
     def finish_stage(self) -> None:
-        """Drop the teacher, the class weights and the per-stage caches (only needed while a stage trains)."""
-        self.teacher = self.teacher_embedding = self.frozen_cache = self.class_weight = None
+        """Drop the teacher and the per-stage caches (only needed while a stage trains)."""
+        self.teacher = self.teacher_embedding = self.frozen_cache = None
         self.network.performer.redraw_from = 0
 
     @property
@@ -106,7 +104,7 @@ class CANALModule(BaseModuleClass):
         The teacher's embeddings: it is frozen, in eval mode, with fixed random features. With `cache_frozen`, also the
         hidden states after the frozen prefix of blocks (:func:`~scanpy_canal.nn.frozen_prefix`); the features of those
         blocks are then no longer redrawn during the stage. The teacher starts from the same prefix: its frozen blocks
-        are a copy of the student's. The class weights move to the training device.
+        are a copy of the student's.
 
         Parameters
         ----------
@@ -117,8 +115,6 @@ class CANALModule(BaseModuleClass):
         batch_size
             Cells per forward pass.
         """
-        if self.class_weight is not None:
-            self.class_weight = self.class_weight.to(self.device)
         stop = frozen_prefix(self.network) if cache_frozen else 0
         self.network.performer.redraw_from = stop
         if not cache_frozen and self.teacher is None:
@@ -175,20 +171,26 @@ class CANALModule(BaseModuleClass):
         generative_outputs: dict,
         label_smoothing: float = 0.1,
         distill_weight: float = 0.0,
+        class_weight: torch.Tensor | None = None,
+        subtrees: torch.Tensor | None = None,
     ) -> LossOutput:
         """Cross-entropy with label smoothing plus ``distill_weight`` times the embedding MSE to the teacher.
 
-        In training, the cross-entropy is weighted per class by :attr:`class_weight` (when set).
+        In training, the cross-entropy is weighted per class by `class_weight` (when given). `subtrees` (a ``(C, C)``
+        0/1 matrix, row ``i`` marking type ``i`` and its descendants; see :func:`coarse_cross_entropy`) supervises a
+        cell labelled with a coarse type by the summed probability of its subtree; `None` when no type has children.
         """
         labels = tensors[REGISTRY_KEYS.LABELS_KEY].view(-1).long()
         logits = inference_outputs["logits"]
         # Validation scores the plain loss, the tie-break of early stopping.
-        weight = self.class_weight if self.training else None
-        classification = F.cross_entropy(logits, labels, weight=weight, label_smoothing=label_smoothing)
-        metrics = {
-            "accuracy": (logits.argmax(dim=-1) == labels).float().mean(),
-            "classification_loss": classification.detach(),
-        }
+        weight = class_weight if self.training else None
+        if subtrees is None:
+            classification = F.cross_entropy(logits, labels, weight=weight, label_smoothing=label_smoothing)
+            correct = logits.argmax(dim=-1) == labels
+        else:
+            classification = coarse_cross_entropy(logits, labels, subtrees, weight, label_smoothing)
+            correct = subtrees[labels, logits.argmax(dim=-1)] > 0  # a finer call inside the label's subtree is right
+        metrics = {"accuracy": correct.float().mean(), "classification_loss": classification.detach()}
         loss = classification
         if "teacher_embedding" in inference_outputs:
             distillation = F.mse_loss(inference_outputs["embedding"], inference_outputs["teacher_embedding"])
@@ -202,3 +204,31 @@ class CANALModule(BaseModuleClass):
             n_obs_minibatch=labels.shape[0],
             extra_metrics=metrics,
         )
+
+
+def coarse_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    subtrees: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Cross-entropy where a label stands for its whole subtree: ``-log`` of the summed probability of its rows.
+
+    Label smoothing and class weights follow :func:`torch.nn.functional.cross_entropy` term for term, so a label
+    without descendants gives exactly its loss: the mean over cells of ``w[y] (1 - e) (-log P(subtree(y)))`` plus
+    ``e / C`` times the (weighted) sum of ``-log p`` over the classes, divided by the mean of ``w[y]``.
+    """
+    log_p = logits.float().log_softmax(dim=-1)
+    member = subtrees.to(log_p.device)[labels] > 0
+    nll = -torch.logsumexp(log_p.masked_fill(~member, float("-inf")), dim=-1)
+    n_classes = logits.shape[-1]
+    if weight is None:
+        cell_weight = torch.ones_like(nll)
+        smooth = -log_p.sum(dim=-1)
+    else:
+        weight = weight.to(log_p.device)
+        cell_weight = weight[labels]
+        smooth = -(log_p * weight).sum(dim=-1)
+    total = (1 - label_smoothing) * (cell_weight * nll).sum() + label_smoothing / n_classes * smooth.sum()
+    return (total / cell_weight.sum()).to(logits.dtype)

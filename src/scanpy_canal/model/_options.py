@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from numbers import Real
 from typing import Any, Literal, TypeVar
 
+from ._relations import RELATION_THRESHOLD
 from ._scores import SCORES, Score
 
 Threshold = Literal["conformal", "calibrated", "canal"] | float
@@ -48,12 +49,21 @@ class StageSettings:
     accelerator: str
     devices: int | list[int] | str
     repeated_cells: Literal["warn", "error"] = "warn"
+    parents: Mapping[str, str] | None = None
+    relation_threshold: float = RELATION_THRESHOLD
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
         if self.repeated_cells not in ("warn", "error"):
             raise ValueError(f"repeated_cells must be 'warn' or 'error', got {self.repeated_cells!r}.")
+        if self.parents is not None and not (
+            isinstance(self.parents, Mapping)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in self.parents.items())
+        ):
+            raise TypeError(f"parents must map cell-type names to their parents' names, got {self.parents!r}.")
+        if not (_is_number(self.relation_threshold) and 0.5 < self.relation_threshold <= 1):
+            raise ValueError(f"relation_threshold must be a share in (0.5, 1], got {self.relation_threshold!r}.")
         if not isinstance(self.calibration_size, int) or self.calibration_size < 0:
             raise ValueError(f"calibration_size must be a number of cells, 0 or more; got {self.calibration_size!r}.")
 
@@ -61,6 +71,10 @@ class StageSettings:
 #: The novelty score of the conformal rule unless one is asked for: of the five, the best AUROC on every stream of
 #: ``benchmarks/novelty.py`` (tied with the mix on pbmc68k; see the "Annotation quality" page).
 DEFAULT_SCORE: Score = "energy"
+#: Smallest share of a type's subtree probability its most probable child must hold for a prediction to go down to it
+#: (see :func:`~scanpy_canal.model._tree.decode`). On ``benchmarks/refinement.py`` (seed 0), 0.5 gave the best fine
+#: accuracy, the fewest cells left at the coarse name and the fewest unrelated cells called it of 0.5 to 0.9.
+REFINE_THRESHOLD = 0.5
 
 
 @dataclass(frozen=True)
@@ -90,6 +104,7 @@ class PredictOptions:
     #: `None`: in this process, on the model's device; else Lightning's devices (with `strategy`).
     devices: int | list[int] | str | None = None
     strategy: str = "auto"
+    refine_threshold: float = REFINE_THRESHOLD
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
@@ -97,6 +112,8 @@ class PredictOptions:
             raise ValueError(f"attention must be 'favor' or 'exact', got {self.attention!r}.")
         if self.compile not in (None, True, False):
             raise ValueError(f"compile must be True, False or None, got {self.compile!r}.")
+        if not (_is_number(self.refine_threshold) and 0.5 <= self.refine_threshold <= 1):
+            raise ValueError(f"refine_threshold must be a share in [0.5, 1], got {self.refine_threshold!r}.")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of cells, got {self.chunk_size}.")
         if not (_is_number(self.min_gene_overlap) and 0 <= self.min_gene_overlap <= 1):

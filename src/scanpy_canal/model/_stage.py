@@ -42,18 +42,20 @@ from ._data import (
     split_stage,
 )
 from ._module import ROW_KEY
-from ._options import StageSettings
+from ._options import PredictOptions, StageSettings
 from ._precision import resolve_precision, training_device
 from ._progress import StageTimeEstimate, progress_callbacks
+from ._relations import false_call_shares, find_relations, reverse_shares
 from ._schedule import cosine_warm_restarts
 from ._training_plan import MIN_LR, BestEpochEarlyStopping, stage_outcome
+from ._tree import grow_tree, has_children, subtree_matrix
 
 logger = logging.getLogger("scanpy_canal")
 
 #: Largest frozen-block cache that ``cache_frozen=None`` keeps (hidden states of every training cell).
 FROZEN_CACHE_BUDGET = 4 * 2**30
 #: What a failed stage puts back, besides the network.
-_ROLLED_BACK = ("cell_types_", "stage_", "example_bank_", "calibration_cells_")
+_ROLLED_BACK = ("cell_types_", "cell_type_parents_", "stage_", "example_bank_", "calibration_cells_")
 _LIGHTNING_PRECISION = {"32": "32-true", "bf16": "bf16-mixed"}
 _LABEL_COLUMN = "_canal_label"
 _ROW_COLUMN = "_canal_row"
@@ -68,6 +70,8 @@ class _StageCells:
     training: ad.AnnData  # the stage's cells, then the bank's; obs: label codes in `cell_types` order, row numbers
     cell_types: list[str]  # the known types, then the stage's new ones
     new_types: list[str]
+    new_parents: dict[str, str]  # relations {child: parent} this stage adds to the cell-type tree
+    relation_evidence: dict[str, dict[str, float]]  # per new type: the shares of its cells called each known type
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,8 @@ class StageTrainingMixin:
         try:
             with torch.random.fork_rng(devices=[]), quiet_training():  # Lightning's chatter only at "debug" verbosity
                 torch.manual_seed(self.seed_ + number)
-                cells = self._assemble(data, labels)
+                cells = self._assemble(data, labels, settings)
+                self.cell_type_parents_ = grow_tree(self.cell_type_parents_, cells.new_parents, cells.cell_types)
                 fit = self._fit(cells, number, settings)
             self.cell_types_, self.stage_ = cells.cell_types, number
             self._refresh_bank_and_calibration(cells, fit, number, settings)
@@ -166,9 +171,13 @@ class StageTrainingMixin:
             raise ValueError(f"{message} Pass repeated_cells='warn' to train on it anyway.")
         logger.warning("%s Training on it anyway (repeated_cells='error' refuses such a stage).", message)
 
-    def _assemble(self, data: ad.AnnData, labels: np.ndarray) -> _StageCells:
+    def _assemble(self, data: ad.AnnData, labels: np.ndarray, settings: StageSettings) -> _StageCells:
         """The stage's cells plus the replayed bank, with label codes over the known and the new cell types."""
         new_types = sorted(set(labels) - set(self.cell_types_))
+        if settings.parents is not None:
+            new_parents, evidence = dict(settings.parents), {}
+        else:
+            new_parents, evidence = self._find_relations(data, labels, new_types, settings.relation_threshold)
         cell_types = self.cell_types_ + new_types
         matrices, names = [data.X], [labels]
         if self.example_bank_ is not None and self.example_bank_.n_obs > 0:
@@ -180,7 +189,46 @@ class StageTrainingMixin:
             index=pd.RangeIndex(len(codes)).astype(str),
         )
         training = ad.AnnData(sparse.vstack(matrices, format="csr", dtype=np.float32), obs=obs)
-        return _StageCells(data, labels, training, cell_types, new_types)
+        return _StageCells(data, labels, training, cell_types, new_types, new_parents, evidence)
+
+    def _find_relations(
+        self, data: ad.AnnData, labels: np.ndarray, new_types: list[str], threshold: float
+    ) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
+        """The relations of the new types to the known ones, from the model's calls of the stage's cells before it."""
+        if self.stage_ == 0 or not new_types:
+            return {}, {}
+        with torch.random.fork_rng(devices=[]):  # the stage trains from the same random state as without it
+            outputs = self._predict_outputs(data, PredictOptions(novel=self.calibration_cells_ is not None))
+        if self.calibration_cells_ is None:
+            logger.info("No calibration cells: relations are found from closed-set calls, without novel-cell calls.")
+        relations, evidence = find_relations(
+            outputs.labels,
+            labels,
+            self.cell_types_,
+            new_types,
+            self.cell_type_parents_,
+            threshold=threshold,
+            false_calls=self._false_calls(),
+            reverse=self._reverse_shares(data, labels),
+        )
+        for child, parent in relations.items():
+            logger.info("Cell-type tree: %r is found to be a child of %r.", child, parent)
+        return relations, evidence
+
+    def _reverse_shares(self, data: ad.AnnData, labels: np.ndarray) -> pd.DataFrame | None:
+        """The reverse check of the relations: the known types' held-out cells classified by the stage's labels."""
+        reference = self.calibration_cells_ if self.calibration_cells_ is not None else self.example_bank_
+        if reference is None or reference.n_obs == 0 or len(set(labels)) < 2:
+            return None
+        return reverse_shares(data.X, labels, reference.X, reference.obs["cell_type"].astype(str).to_numpy())
+
+    def _false_calls(self) -> dict[str, float] | None:
+        """Per known type, the share of the calibration cells of the other types the model calls it (closed set)."""
+        if self.calibration_cells_ is None:
+            return None
+        logits = self._calibration_outputs()["logits"]
+        called = np.asarray(self.cell_types_, dtype=object)[logits.argmax(dim=-1).numpy()]
+        return false_call_shares(called, self.calibration_cells_.obs["cell_type"].astype(str), self.cell_types_)
 
     # ------------------------------------------------------------------------------------------------- fitting
     def _fit(self, cells: _StageCells, stage: int, settings: StageSettings) -> _Fit:
@@ -192,10 +240,12 @@ class StageTrainingMixin:
         train_idx, val_idx = split_stage(
             codes, cells.data.n_obs, settings.validation_size, rng, split_bank=settings.split_bank
         )
+        loss_inputs = {}
         if settings.balance_classes:
-            self.module.class_weight = torch.as_tensor(
-                balanced_class_weights(codes[train_idx], len(cells.cell_types)), dtype=torch.float32
-            )
+            weights = balanced_class_weights(codes[train_idx], len(cells.cell_types))
+            loss_inputs["class_weight"] = torch.as_tensor(weights, dtype=torch.float32)
+        if has_children(self.cell_type_parents_):
+            loss_inputs["subtrees"] = subtree_matrix(self.cell_type_parents_, cells.cell_types)
         distill_weight = settings.distill_weight * n_old / len(cells.cell_types) if stage > 1 else 0.0
         if distill_weight > 0:
             self.module.attach_teacher()
@@ -214,6 +264,7 @@ class StageTrainingMixin:
             lr=settings.lr,
             label_smoothing=settings.label_smoothing,
             distill_weight=distill_weight,
+            **loss_inputs,
         )
         # scvi-tools' logger keeps the epochs in memory (read by the plan); by default it writes to disk under DDP.
         trainer_kwargs = {"logger": SimpleLogger(), "simple_progress_bar": False, **settings.trainer_kwargs}
@@ -334,6 +385,8 @@ class StageTrainingMixin:
                 "n_cells": int(cells.data.n_obs),
                 "n_replayed": int(cells.training.n_obs - cells.data.n_obs),
                 "new_cell_types": cells.new_types if stage > 1 else sorted(set(cells.labels)),  # stage 1: all
+                "new_parents": cells.new_parents,
+                "relation_evidence": cells.relation_evidence,
                 "epochs": int(fit.summary["epochs"]),
                 "best_epoch": None if best_epoch is None else best_epoch + 1,
                 "best_validation_accuracy": None if best_epoch is None else fit.summary["best_score"],

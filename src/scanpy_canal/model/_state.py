@@ -10,6 +10,7 @@ import torch
 from scvi.model.base import BaseModelClass
 
 from ._defaults import Start
+from ._tree import tree_frame
 
 
 class ModelStateMixin:
@@ -17,7 +18,8 @@ class ModelStateMixin:
 
     ``genes_`` (the panel), ``cell_types_`` (output-row order), ``arch_``, ``trainable_blocks_``, ``seed_``, ``start_``
     (``"pretrained"`` or ``"random"``, which sets the defaults of ``train``), ``gene_embedding_``,
-    ``stage_`` (completed stages), ``stage_history_`` (one record per stage), ``example_bank_``,
+    ``cell_type_parents_`` (the cell-type tree, ``{child: parent}``), ``stage_`` (completed stages),
+    ``stage_history_`` (one record per stage), ``example_bank_``,
     ``calibration_cells_`` (held-out cells of every stage, for novel-cell p-values) and ``training_log_`` (per-epoch
     metrics), besides ``module``. The bank and the calibration cells carry their manifold vectors under the current
     network in ``obsm["manifold"]``.
@@ -48,6 +50,15 @@ class ModelStateMixin:
         """Per-epoch training metrics, one block of rows per stage (column ``stage``)."""
         return self.training_log_
 
+    @property
+    def cell_type_tree(self) -> pd.DataFrame:
+        """The cell-type tree, one row per known type (output-row order).
+
+        Columns: ``parent`` (`None` at a root), ``depth`` (0 at a root) and ``leaf``. Save and load keep it; each
+        stage's additions are in :attr:`stage_history_` (``new_parents``).
+        """
+        return tree_frame(self.cell_type_parents_, self.cell_types_)
+
     def _build(
         self,
         *,
@@ -68,6 +79,7 @@ class ModelStateMixin:
             raise ValueError("The gene panel has duplicated names.")
         self.genes_ = list(genes)
         self.cell_types_ = list(cell_types)
+        self.cell_type_parents_: dict[str, str] = {}
         self.arch_ = dict(arch)
         self.trainable_blocks_ = list(trainable_blocks)
         self.seed_ = seed
@@ -89,8 +101,8 @@ class ModelStateMixin:
     def _restored(cls, *, registry: dict, state: dict, **build):
         """A model of this class, without data, from a saved `registry`, its `state` attributes and `_build`'s `build`.
 
-        The caller loads the module's weights; `state` may set ``stage_``, ``stage_history_``, ``example_bank_``,
-        ``calibration_cells_`` and ``training_log_``.
+        The caller loads the module's weights; `state` may set ``stage_``, ``stage_history_``, ``cell_type_parents_``,
+        ``example_bank_``, ``calibration_cells_`` and ``training_log_``.
         """
         model = cls.__new__(cls)
         BaseModelClass.__init__(model, None, registry=registry)

@@ -2,5 +2,6 @@
 
 from ._annotation import confusion, uncertainty
 from ._training import example_bank, stage_metrics
+from ._tree import cell_type_tree
 
-__all__ = ["confusion", "example_bank", "stage_metrics", "uncertainty"]
+__all__ = ["cell_type_tree", "confusion", "example_bank", "stage_metrics", "uncertainty"]

@@ -44,6 +44,7 @@ def annotate(
     compile: bool | None = None,
     devices: int | list[int] | str | None = None,
     strategy: str = "auto",
+    refine_threshold: float = 0.5,
     copy: bool = False,
 ) -> AnnData | MuData | None:
     """Annotate cell types with a trained CANAL model.
@@ -92,6 +93,9 @@ def annotate(
     devices, strategy
         Predict through Lightning on these devices (e.g. ``devices=4, strategy="ddp"``), each process a share of the
         chunks; `None`: in this process, on the model's device.
+    refine_threshold
+        With a cell-type tree (:attr:`~scanpy_canal.CANAL.cell_type_tree`): how sure a call must be to go from a type
+        down to one of its children, see :meth:`~scanpy_canal.CANAL.predict`.
     copy
         Return an annotated copy instead of writing into `data`.
 
@@ -103,6 +107,10 @@ def annotate(
         Categorical cell type, categories in the model's label order (plus ``"Unassigned"`` when `novel`).
     ``.obs[f"{key}_confidence"]``
         Largest class probability.
+    ``.obs[f"{key}_depth"]``
+        Only when the model's cell-type tree has relations: the depth of the call in the tree (0 for a type without
+        a parent, 1 for its children, ...; -1 for ``"Unassigned"``). A call stops at a parent when its children
+        cannot be told apart for the cell.
     ``.obs[f"{key}_majority_voting"]``, ``.obs[f"{key}_over_clustering"]``
         Only with `majority_voting`: the majority vote of the cell's cluster (categories as for the prediction), and
         the clusters voted in.
@@ -165,6 +173,8 @@ def write_annotation(
         f"{key_added}_prediction": predictions,
         f"{key_added}_confidence": outputs.probabilities.to_numpy().max(axis=1).astype(np.float32),
     }
+    if model.cell_type_tree["depth"].any():
+        columns[f"{key_added}_depth"] = outputs.depth
     if options.novel:
         columns[f"{key_added}_uncertainty"] = outputs.uncertainty.astype(np.float32)
         if outputs.pvalue is not None:

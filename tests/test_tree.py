@@ -1,0 +1,188 @@
+"""The cell-type tree: relations found or told, coarse-label training, predictions as fine as a cell allows."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import QUIET, TINY_ARCH, register
+
+import scanpy_canal as canal
+from scanpy_canal.model._module import coarse_cross_entropy
+from scanpy_canal.model._relations import find_relations
+from scanpy_canal.model._tree import decode, grow_tree, subtree_matrix
+
+TYPES = ["T cell", "B", "CD4 T", "CD8 T"]
+SETTINGS = {"max_epochs": 8, "lr": 3e-3, "batch_size": 8, "rehearsal_size": 40, **QUIET}
+
+
+@pytest.fixture(scope="module")
+def refinement_stream():
+    """Stage 1: types 0 and 1 both named "coarse", with type 2; stage 2: types 0 and 1 by name, and 3 to 5 (new)."""
+    stream = canal.datasets.synthetic_stream(n_stages=2, n_genes=60, types_per_stage=3, cells_per_type=60, seed=0)
+    first, second = stream.train[0].copy(), stream.train[1].copy()
+    first.obs["cell_type"] = first.obs["cell_type"].astype(str).replace({"type_0": "coarse", "type_1": "coarse"})
+    second = second[second.obs["cell_type"] != "type_2"].copy()
+    return register(first), register(second), stream.test[1]
+
+
+@pytest.fixture(scope="module")
+def refined_model(refinement_stream):
+    """A model trained on both stages of `refinement_stream`, relations found from the data (shared: do not modify)."""
+    first, second, _ = refinement_stream
+    model = canal.CANAL(first, trainable_blocks=(-2,), **TINY_ARCH)
+    model.train(**SETTINGS)
+    model.train(second, **SETTINGS)
+    return model
+
+
+def test_relations_are_found_for_refined_types_and_not_for_unrelated_ones(refined_model):
+    record = refined_model.stage_history_[-1]
+    assert record["new_parents"] == {"type_0": "coarse", "type_1": "coarse"}
+    assert record["relation_evidence"]["type_0"]["called"]["coarse"] >= 0.8
+    assert record["relation_evidence"]["type_0"]["reverse"]["coarse"] >= 0.2
+    tree = refined_model.cell_type_tree
+    assert tree.loc["type_0", "parent"] == "coarse" and tree.loc["type_0", "depth"] == 1
+    assert tree.loc[["type_2", "type_3", "type_4", "type_5"], "parent"].isna().all()
+    assert not tree.loc["coarse", "leaf"] and tree.loc["type_3", "leaf"]
+
+
+def test_predictions_are_fine_where_the_cell_allows(refined_model, refinement_stream):
+    test = refinement_stream[2]
+    test = test[test.obs["cell_type"].isin(["type_0", "type_1"])].copy()
+    adata = canal.tl.annotate(test, refined_model, copy=True)
+    called = adata.obs["canal_prediction"].astype(str)
+    assert (called == test.obs["cell_type"].astype(str)).mean() >= 0.8
+    depth = adata.obs["canal_depth"].to_numpy()
+    assert np.array_equal(depth, refined_model.cell_type_tree.loc[called, "depth"].to_numpy())
+
+
+def test_relation_rule_on_seeded_calls():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(["CD4 T", "Mono", "Lymphoid"], 100)
+    called = np.concatenate(
+        [
+            rng.choice(["T cell", "B"], 100, p=[0.9, 0.1]),  # a refinement of "T cell"
+            rng.choice(["T cell", "B", "Unassigned"], 100, p=[0.3, 0.2, 0.5]),  # unrelated: spread, and novel
+            rng.choice(["T cell", "B", "NK"], 100, p=[0.5, 0.45, 0.05]),  # a coarse name over "T cell" and "B"
+        ]
+    )
+    relations, evidence = find_relations(called, labels, ["T cell", "B", "NK"], ["CD4 T", "Mono", "Lymphoid"], {})
+    assert relations == {"CD4 T": "T cell"}  # "Lymphoid" would take "T cell", which "CD4 T" made a parent
+    relations, _ = find_relations(called, labels, ["T cell", "B", "NK"], ["Mono", "Lymphoid"], {})
+    assert relations == {"T cell": "Lymphoid", "B": "Lymphoid"}
+    assert evidence["Mono"]["called"] == pytest.approx({"T cell": 0.3, "B": 0.2}, abs=0.08)
+    # The reverse check: no "T cell" held out is classified "CD4 T" by the stage's labels, so no relation.
+    reverse = pd.DataFrame({"CD4 T": [0.0, 0.0], "Mono": [1.0, 0.0], "Lymphoid": [0.0, 1.0]}, index=["T cell", "B"])
+    assert find_relations(called, labels, ["T cell", "B"], ["CD4 T"], {}, reverse=reverse)[0] == {}
+    # A model that calls most cells of other types "T cell" cannot tell it apart: it relates nothing.
+    assert find_relations(called, labels, ["T cell", "B"], ["CD4 T"], {}, false_calls={"T cell": 0.5})[0] == {}
+
+
+@pytest.mark.parametrize(
+    ("relations", "message"),
+    [
+        ({"CD4 T": "Myeloid"}, "not a cell type"),
+        ({"T cell": "CD4 T"}, "cycle"),
+        ({"T cell": "T cell"}, "cycle"),
+        ({"CD4 T": "B"}, "at most one parent"),
+    ],
+)
+def test_impossible_relations_are_clear_errors(relations, message):
+    tree = grow_tree({}, {"CD4 T": "T cell"}, TYPES)
+    with pytest.raises(ValueError, match=message):
+        grow_tree(tree, relations, TYPES)
+
+
+def test_a_descendant_cannot_become_an_ancestor():
+    tree = grow_tree({}, {"CD4 T": "T cell", "CD8 T": "CD4 T"}, TYPES)
+    with pytest.raises(ValueError, match="descendants"):
+        grow_tree(tree, {"T cell": "CD8 T"}, TYPES)
+
+
+def test_coarse_label_loss_is_minus_log_of_the_subtree_probability():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(6, 4), torch.tensor([0, 0, 1, 2, 3, 2])
+    subtrees = subtree_matrix({"CD4 T": "T cell", "CD8 T": "T cell"}, TYPES)
+    p = logits.softmax(dim=-1)
+    by_hand = -torch.log(torch.stack([p[i] @ subtrees[label] for i, label in enumerate(labels)]))
+    assert by_hand[0] == pytest.approx(-torch.log(p[0, [0, 2, 3]].sum()).item())
+    loss = coarse_cross_entropy(logits, labels, subtrees)
+    assert loss.item() == pytest.approx(by_hand.mean().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_without_coarse_labels_the_loss_is_torchs_cross_entropy(weighted):
+    torch.manual_seed(1)
+    logits, labels = torch.randn(32, 4), torch.randint(0, 4, (32,))
+    weight = torch.rand(4) + 0.5 if weighted else None
+    expected = F.cross_entropy(logits, labels, weight=weight, label_smoothing=0.1)
+    loss = coarse_cross_entropy(logits, labels, torch.eye(4), weight, label_smoothing=0.1)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_decode_backs_off_to_the_parent_when_children_tie():
+    parents = {"CD4 T": "T cell", "CD8 T": "T cell"}
+    probabilities = np.array([[0.05, 0.05, 0.8, 0.1], [0.05, 0.05, 0.45, 0.45], [0.1, 0.6, 0.2, 0.1]])
+    called, depth = decode(probabilities, parents, TYPES, refine_threshold=0.6)
+    assert called.tolist() == ["CD4 T", "T cell", "B"] and depth.tolist() == [1, 0, 0]
+    flat, _ = decode(probabilities, {}, TYPES, refine_threshold=0.6)
+    assert flat.tolist() == np.asarray(TYPES, dtype=object)[probabilities.argmax(axis=1)].tolist()
+
+
+def test_explicit_parents_and_a_coarse_stage_after_fine_ones(small_stream):
+    """Told, not found: a coarse name over known types; its cells (also replayed) are supervised by their subtree."""
+    first = register(small_stream.train[0])
+    model = canal.CANAL(first, **TINY_ARCH)
+    model.train(**{**SETTINGS, "max_epochs": 1})
+    second = small_stream.train[1].copy()
+    coarse = second.obs["cell_type"].isin(["type_0", "type_1"]).to_numpy()
+    second.obs["cell_type"] = np.where(coarse, "early", second.obs["cell_type"].astype(str))
+    parents = {"type_0": "early", "type_1": "early"}
+    model.train(register(second), parents=parents, **{**SETTINGS, "max_epochs": 1})
+    assert model.cell_type_parents_ == parents
+    assert model.stage_history_[-1]["new_parents"] == parents
+    assert model.stage_history_[-1]["relation_evidence"] == {}
+    with pytest.raises(ValueError, match="not a cell type"):
+        model.train(register(second), parents={"type_2": "Myeloid"}, **SETTINGS)
+    assert model.stage == 2 and model.cell_type_parents_ == parents  # the failed stage changed nothing
+
+
+def test_the_tree_survives_save_and_load_and_an_older_model_loads_flat(refined_model, tmp_path):
+    refined_model.save(tmp_path / "model")
+    loaded = canal.CANAL.load(tmp_path / "model")
+    pd.testing.assert_frame_equal(loaded.cell_type_tree, refined_model.cell_type_tree)
+    metadata_path = tmp_path / "model" / "model.json"
+    metadata = json.loads(metadata_path.read_text())
+    del metadata["cell_type_parents"], metadata["sha256"]  # as written before the tree
+    metadata_path.write_text(json.dumps(metadata))
+    older = canal.CANAL.load(tmp_path / "model")
+    assert older.cell_type_parents_ == {} and older.cell_type_tree["parent"].isna().all()
+    metadata["cell_type_parents"] = {"coarse": "type_0", "type_0": "coarse"}
+    metadata_path.write_text(json.dumps(metadata))
+    with pytest.raises(ValueError, match="cycle"):
+        canal.CANAL.load(tmp_path / "model")
+
+
+def test_a_stream_without_refinements_trains_as_without_the_tree(small_stream):
+    """No relation found: the same loss values, epoch by epoch, as with ``parents={}``."""
+    histories = []
+    for parents in (None, {}):
+        model = canal.CANAL(register(small_stream.train[0]), **TINY_ARCH)
+        model.train(**{**SETTINGS, "max_epochs": 2})
+        model.train(register(small_stream.train[1]), parents=parents, **{**SETTINGS, "max_epochs": 2})
+        assert model.stage_history_[-1]["new_parents"] == {}
+        histories.append(model.history)
+    pd.testing.assert_frame_equal(histories[0], histories[1])
+
+
+def test_the_tree_is_drawn(refined_model):
+    import matplotlib.pyplot as plt
+
+    ax = canal.pl.cell_type_tree(refined_model, show=False)
+    texts = [text.get_text() for text in ax.texts]
+    assert len(texts) == len(refined_model.cell_types) and texts[1].startswith("type_0  (stage 2)")
+    assert len(ax.lines) == 2  # one elbow per relation
+    plt.close(ax.figure)
