@@ -198,7 +198,7 @@ class StageTrainingMixin:
         if self.stage_ == 0 or not new_types:
             return {}, {}
         with torch.random.fork_rng(devices=[]):  # the stage trains from the same random state as without it
-            outputs = self._predict_outputs(data, PredictOptions(novel=self.calibration_cells_ is not None))
+            outputs = self.predict_outputs(data, PredictOptions(novel=self.calibration_cells_ is not None))
         if self.calibration_cells_ is None:
             logger.info("No calibration cells: relations are found from closed-set calls, without novel-cell calls.")
         relations, evidence = find_relations(
