@@ -20,6 +20,8 @@ from scanpy_canal._version import __version__
 from scanpy_canal.nn import CheckpointError
 from scanpy_canal.nn._pretrained import read_json, staged_directory
 
+from ._input_space import InputReference
+
 #: 2: the calibration cells of every stage in their own file (1: the last stage's manifold vectors in weights.pt).
 FORMAT_VERSION = 2
 METADATA = "model.json"
@@ -70,7 +72,10 @@ def _save_model(model: BaseModelClass, target: Path, *, overwrite: bool) -> None
         "registry": model.registry_,
     }
     with staged_directory(target, overwrite=True) as staging:
-        torch.save({"network": model.module.network.state_dict()}, staging / WEIGHTS)
+        tensors = {"network": model.module.network.state_dict()}
+        if model.input_reference_ is not None:
+            tensors["input_reference"] = model.input_reference_.to_tensors()
+        torch.save(tensors, staging / WEIGHTS)
         for cells, name in ((model.example_bank_, BANK), (model.calibration_cells_, CALIBRATION)):
             if cells is not None:
                 cells.write_h5ad(staging / name)
@@ -175,6 +180,11 @@ def load_model(cls: type[Model], dir_path: str | os.PathLike, *, adata: ad.AnnDa
     except (KeyError, RuntimeError) as error:
         raise CheckpointError(f"The weights in {str(directory)!r} do not match its model.json: {error}") from error
     model.module.eval()
+    if "input_reference" in tensors:
+        try:
+            model.input_reference_ = InputReference.from_tensors(tensors["input_reference"], len(model.genes_))
+        except (AttributeError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{str(directory / WEIGHTS)!r} is damaged: {error}.") from error
     if (directory / BANK).is_file():
         model.example_bank_ = _read_cells(directory / BANK, model.genes_)
     if (directory / CALIBRATION).is_file():

@@ -10,6 +10,7 @@ import torch
 from scvi.model.base import BaseModelClass
 
 from ._defaults import Start
+from ._input_space import InputReference
 
 
 class ModelStateMixin:
@@ -18,7 +19,8 @@ class ModelStateMixin:
     ``genes_`` (the panel), ``cell_types_`` (output-row order), ``arch_``, ``trainable_blocks_``, ``seed_``, ``start_``
     (``"pretrained"`` or ``"random"``, which sets the defaults of ``train``), ``gene_embedding_``,
     ``stage_`` (completed stages), ``stage_history_`` (one record per stage), ``example_bank_``,
-    ``calibration_cells_`` (held-out cells of every stage, for novel-cell p-values) and ``training_log_`` (per-epoch
+    ``calibration_cells_`` (held-out cells of every stage, for novel-cell p-values), ``input_reference_`` (the
+    input-space PCA of the ``"input"`` novelty score, refitted every stage) and ``training_log_`` (per-epoch
     metrics), besides ``module``. The bank and the calibration cells carry their manifold vectors under the current
     network in ``obsm["manifold"]``.
     """
@@ -52,6 +54,7 @@ class ModelStateMixin:
         self.stage_history_: list[dict] = []
         self.example_bank_: ad.AnnData | None = None
         self.calibration_cells_: ad.AnnData | None = None
+        self.input_reference_: InputReference | None = None
         self.training_log_ = pd.DataFrame()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -65,7 +68,7 @@ class ModelStateMixin:
         """A model of this class, without data, from a saved `registry`, its `state` attributes and `_build`'s `build`.
 
         The caller loads the module's weights; `state` may set ``stage_``, ``stage_history_``, ``example_bank_``,
-        ``calibration_cells_`` and ``training_log_``.
+        ``calibration_cells_``, ``input_reference_`` and ``training_log_``.
         """
         model = cls.__new__(cls)
         BaseModelClass.__init__(model, None, registry=registry)
