@@ -86,15 +86,19 @@ def load_zeisel() -> ad.AnnData:
     return adata
 
 
-def zeisel_stream(level: str) -> Stream:
-    """The class-incremental stream of `level` (``"class"`` or ``"subclass"``; see the module docstring)."""
+def zeisel_stream(level: str, novel: str | None = None, rehearsal_size: int | None = None) -> Stream:
+    """The class-incremental stream of `level` (``"class"`` or ``"subclass"``; see the module docstring).
+
+    `novel` withholds another type than the level's (``benchmarks/leave_types_out.py``); the bank share is checked
+    for `rehearsal_size` (default: the level's).
+    """
     settings = LEVELS[level]
     adata = load_zeisel()
     labels = adata.obs[level]
     if level == "subclass":
         keep = (labels != NO_SUBCLASS).to_numpy()
         adata, labels = adata[keep], labels[keep]
-    novel = settings["novel"]
+    novel = novel or settings["novel"]
     groups = _deal_types(labels[labels != novel], N_STAGES)
     order = [t for group in groups for t in group] + [novel]
     train, test = [], []
@@ -108,7 +112,7 @@ def zeisel_stream(level: str) -> Stream:
     novel_cells = adata[(labels == novel).to_numpy()].copy()
     set_labels(novel_cells, labels[labels == novel], order, LABELS_KEY, stage=-1)
     stream = Stream(train=train, test=test, novel=novel_cells, labels_key=LABELS_KEY, novel_types=[novel])
-    check_bank_share(stream, settings["rehearsal_size"])
+    check_bank_share(stream, rehearsal_size or settings["rehearsal_size"])
     return stream
 
 

@@ -418,7 +418,13 @@ def test_annotate_writes_documented_keys(two_stage_model, small_stream):
     assert list(obs["canal_prediction"].cat.categories) == [*two_stage_model.cell_types, "Unassigned"]
     assert obs["canal_confidence"].between(0, 1).all() and np.isfinite(obs["canal_uncertainty"]).all()
     assert obs["canal_novelty_pvalue"].between(0, 1, inclusive="right").all()
-    assert annotated.uns["canal"]["params"]["score"] == "energy"  # the conformal rule's default score
+    assert annotated.uns["canal"]["params"]["score"] == "input"  # the conformal rule's default score
+    fused = canal.tl.annotate(query, two_stage_model, novel=True, score=("input", "energy"), copy=True)
+    pvalues = fused.obsm["canal_novelty_pvalues"]
+    assert list(pvalues.columns) == ["input", "energy"] and pvalues.index.equals(query.obs_names)
+    by = fused.obs["canal_unassigned_by"].astype(str).to_numpy()
+    unassigned = (fused.obs["canal_prediction"] == "Unassigned").to_numpy()
+    assert set(by[unassigned]) <= {"input", "energy"} and set(by[~unassigned]) <= {""}
     mix = canal.tl.annotate(query, two_stage_model, novel=True, score="mix", copy=True)
     assert mix.obs["canal_uncertainty"].between(0, 1).all()  # the mix score alone is in [0, 1]
     assert annotated.obsm["canal_probabilities"].shape == (query.n_obs, len(two_stage_model.cell_types))

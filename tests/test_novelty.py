@@ -15,6 +15,7 @@ from scanpy_canal.model._conformal import (
     score_thresholds,
     update_calibration_cells,
 )
+from scanpy_canal.model._input_space import InputReference
 from scanpy_canal.model._scores import SCORES, ScoreReference
 
 
@@ -83,11 +84,13 @@ def test_every_score_ranks_shifted_cells_as_more_novel(kind):
     bank = torch.rand(200, 8, generator=generator) + torch.arange(2).repeat(100)[:, None] * 3
     codes = torch.arange(2).repeat(100)
     logits = torch.randn(50, 2, generator=generator) * 0.1 + torch.tensor([6.0, 0.0])
-    reference = ScoreReference.build(logits, 0.8, bank, codes)
-    known = reference.score(kind, logits, bank[:100:2], 0.8)
+    expression = bank.numpy() * 0.5  # the input space: here, cells of 8 genes
+    space = InputReference.fit(expression, expression, seed=0)
+    reference = ScoreReference.build(logits, 0.8, bank, codes, space)
+    known = reference.score(kind, logits, bank[:100:2], 0.8, space.project(expression[1:100:2]))
     elsewhere = torch.zeros(50, 8)
     elsewhere[:, 0] = 5.0  # a direction no bank cell has
-    unsure = reference.score(kind, logits * 0.05, elsewhere, 0.8)
+    unsure = reference.score(kind, logits * 0.05, elsewhere, 0.8, space.project(elsewhere.numpy()))
     assert known.shape == (50,) and unsure.shape == (50,) and torch.isfinite(known).all()
     assert unsure.mean() > known.mean()
 
@@ -107,12 +110,19 @@ def test_calibration_cells_are_never_trained_on(small_stream):
     model = make_model(small_stream)
     model.train(max_epochs=2, **QUIET)
     stage_cells = small_stream.train[0].obs_names
-    held_out = stage_cells[model.validation_indices[model.validation_indices < len(stage_cells)]]
-    assert set(model.calibration_cells_.obs_names) <= set(held_out)
+    chose = set(stage_cells[model.validation_indices[model.validation_indices < len(stage_cells)]])  # early stopping
+    calibration = set(model.calibration_cells_.obs_names)
+    assert calibration <= set(stage_cells[model.test_indices]) and not calibration & chose  # chose nothing
+    assert chose and len(calibration) >= len(chose)
+    first = model.input_reference_
     model.train(register(small_stream.train[1]), max_epochs=2, **QUIET)
     n_stage = small_stream.train[1].n_obs
     trained = [small_stream.train[1].obs_names[i] for i in model.train_indices if i < n_stage]
     assert not set(model.calibration_cells_.obs_names) & set(trained)
+    # The input space is refitted with the stage, and its reference cells are the new bank's.
+    space = model.input_reference_
+    assert not torch.equal(space.mean, first.mean) and space.cells.shape[0] == model.example_bank.n_obs
+    torch.testing.assert_close(space.cells, space.project(model.example_bank.X))
     manifold = model._forward(model.calibration_cells_.X)["manifold"].numpy()
     np.testing.assert_allclose(model.calibration_cells_.obsm["manifold"], manifold, atol=1e-5)  # current network
 
@@ -121,7 +131,13 @@ def test_conformal_predictions_and_pvalues(two_stage_model, small_stream):
     known = ad.concat(small_stream.test)
     query = ad.concat([known, small_stream.novel])
     novelty = two_stage_model.get_novelty(query)
-    assert list(novelty.columns) == ["prediction", "score", "pvalue"] and novelty.index.equals(query.obs_names)
+    columns = ["prediction", "score", "pvalue", "input_score", "input_pvalue"]  # the default: the input score
+    assert list(novelty.columns) == columns and novelty.index.equals(query.obs_names)
+    np.testing.assert_array_equal(novelty["pvalue"], novelty["input_pvalue"])
+    fused = two_stage_model.get_novelty(query, score=("input", "energy"))
+    np.testing.assert_allclose(
+        fused["pvalue"], np.minimum(1, 2 * fused[["input_pvalue", "energy_pvalue"]].min(axis=1)), rtol=1e-6
+    )
     assert novelty["pvalue"].between(0, 1).all()
     for alpha in (0.05, 0.2):
         labels = two_stage_model.predict(query, novel=True, alpha=alpha)
@@ -148,10 +164,14 @@ def test_every_score_and_rule_runs(two_stage_model, small_stream):
 def test_the_default_score_follows_the_rule(two_stage_model, small_stream):
     query = ad.concat([*small_stream.test, small_stream.novel])
     canal.tl.annotate(query, two_stage_model, novel=True)
-    assert query.uns["canal"]["params"]["score"] == "energy"
+    assert query.uns["canal"]["params"]["score"] == "input"
     np.testing.assert_allclose(
-        query.obs["canal_uncertainty"], two_stage_model.get_novelty(query, score="energy")["score"], rtol=1e-6
+        query.obs["canal_uncertainty"], two_stage_model.get_novelty(query, score="input")["score"], rtol=1e-6
     )
+    canal.tl.annotate(query, two_stage_model, novel=True, score=["input", "energy"])
+    assert list(query.uns["canal"]["params"]["score"]) == ["input", "energy"]
+    fused = two_stage_model.get_novelty(query, score=["input", "energy"])
+    np.testing.assert_allclose(query.obs["canal_uncertainty"], 1 - fused["pvalue"], rtol=1e-6)
     # The other rules keep the score whose scale they were made for.
     canal.tl.annotate(query, two_stage_model, novel=True, threshold="calibrated")
     assert query.uns["canal"]["params"]["score"] == "mix"

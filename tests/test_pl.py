@@ -229,6 +229,18 @@ def test_uncertainty_shows_the_pvalues_and_the_threshold(annotated):
         uncertainty(annotated, value="score", show=False)
 
 
+def test_uncertainty_shows_which_score_flags_a_cell(annotated, two_stage_model):
+    import scanpy_canal as canal
+
+    fused = canal.tl.annotate(annotated, two_stage_model, novel=True, score=("input", "energy"), copy=True)
+    ax = uncertainty(fused, value="input", show=False)
+    assert ax.get_title() == "canal input p-value (flags at p ≤ 0.025)"  # alpha over the 2 fused scores
+    assert [line.get_ydata()[0] for line in ax.figure.axes[1].get_lines()] == [0.025]
+    assert "canal_input_pvalue" not in fused.obs  # drawn from a light copy
+    with pytest.raises(ValueError, match="'input', 'energy'"):
+        uncertainty(fused, value="knn", show=False)
+
+
 def test_uncertainty_errors(annotated):
     with pytest.raises(ValueError, match="no 'tsne'"):
         uncertainty(annotated, basis="tsne", show=False)

@@ -78,8 +78,20 @@ class StreamResult:
                 "",
                 "Final: " + ", ".join(f"{key} {value:.4f}" for key, value in self.final.items()),
                 "Seconds per stage: " + ", ".join(f"{s:.0f}" for s in self.seconds),
+                *self._novel_line(),
             ]
         )
+
+    def _novel_line(self) -> list[str]:
+        """The line that says how many never-seen cells were found, if the stream had some."""
+        if "h_score" not in self.final:
+            return []
+        final = self.final
+        return [
+            f"Novel cells found: {final['unknown_accuracy']:.0%} of the never-seen cells unassigned, "
+            f"{final['known_rejection']:.1%} of the known cells (at most alpha = 5% promised); "
+            f"H-score {final['h_score']:.3f}"
+        ]
 
 
 def run_stream(
@@ -129,7 +141,8 @@ def run_stream(
     The metric matrices, and final ``acc``, ``bwt``, ``forgetting`` (from the closed-set accuracy matrix),
     ``macro_f1``, ``ari`` (closed set, all held-out cells) and, with `novel` and novel cells in the stream,
     ``known_accuracy``, ``unknown_accuracy``, ``h_score``, ``total_accuracy`` (held-out plus novel cells) and
-    ``novel_auroc`` (how well the uncertainty ranks the novel cells above the held-out ones, whatever the threshold).
+    ``novel_auroc`` (how well the uncertainty ranks the novel cells above the held-out ones, whatever the threshold)
+    and ``known_rejection`` (the share of held-out known cells unassigned).
     With pretraining, ``pretraining`` holds its per-epoch history.
     """
     from sklearn.metrics import roc_auc_score
@@ -186,6 +199,7 @@ def run_stream(
     if with_novel:
         scores = evaluate(query.obs[stream.labels_key], outputs.labels, novel_types=stream.novel_types)
         final.update({key: scores[key] for key in ("known_accuracy", "unknown_accuracy", "h_score")})
+        final["known_rejection"] = float(np.mean(outputs.labels[: held_out.n_obs] == "Unassigned"))
         final["total_accuracy"] = scores["accuracy"]
         is_novel = query.obs[stream.labels_key].isin(stream.novel_types).to_numpy()
         final["novel_auroc"] = float(roc_auc_score(is_novel, outputs.uncertainty))

@@ -62,9 +62,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     predict.add_argument(
         "--score",
-        choices=["mix", "energy", "max_probability", "knn", "mahalanobis"],
+        choices=["mix", "energy", "max_probability", "knn", "mahalanobis", "input"],
+        nargs="+",
         default=None,
-        help="with --novel: the novelty score (default: energy for the conformal rule, mix for the others)",
+        help="with --novel: the novelty score, or several fused through their conformal p-values (default: input for "
+        "the conformal rule, mix for the others)",
+    )
+    predict.add_argument(
+        "--fusion",
+        choices=["scaled", "bonferroni"],
+        default="bonferroni",
+        help="with several --score: how their p-values are fused (default: bonferroni; see CANAL.predict)",
     )
     predict.add_argument(
         "--majority-voting",

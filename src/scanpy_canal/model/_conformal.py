@@ -17,6 +17,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+#: Share of a stage's held-out cells that calibrate; the rest choose the best epoch. The p-values' resolution is
+#: ``1 / (n + 1)`` for ``n`` calibration cells, while choosing among at most 15 epochs needs few cells.
+CALIBRATION_SHARE = 2 / 3
 #: Calibration cells a predicted type needs for its own p-values (the smallest p-value is 1 / (n + 1)).
 MONDRIAN_MIN_CELLS = 50
 
@@ -72,6 +75,23 @@ def _pvalues(scores: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 def _threshold(reference: torch.Tensor, alpha: float) -> float:
     rank = int(np.floor(alpha * (reference.numel() + 1)))
     return float("inf") if rank < 1 else reference.sort(descending=True).values[rank - 1].item()
+
+
+def split_held_out(
+    codes: np.ndarray, held_out: np.ndarray, n_stage: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split held-out rows into early-stopping rows and calibration rows, which then choose nothing.
+
+    :data:`CALIBRATION_SHARE` of each type's held-out stage cells (the first `n_stage` rows), at random, calibrate;
+    the others and any bank rows choose the best epoch, and a type keeps at least one for it. Returns both, sorted.
+    """
+    stage_rows = held_out[held_out < n_stage]
+    calibration = [np.zeros(0, np.int64)]
+    for code in np.unique(codes[stage_rows]):
+        members = rng.permutation(stage_rows[codes[stage_rows] == code])
+        calibration.append(members[: min(int(round(CALIBRATION_SHARE * len(members))), len(members) - 1)])
+    calibration = np.sort(np.concatenate(calibration)).astype(np.int64)
+    return np.setdiff1d(held_out, calibration), calibration
 
 
 def update_calibration_cells(

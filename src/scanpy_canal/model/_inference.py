@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -18,8 +19,8 @@ from scanpy_canal.pp import panel_columns, scatter_columns
 from ._conformal import conformal_pvalues, score_thresholds
 from ._data import check_expression, layer_matrix, modality, registered_gene_symbols, setup_args
 from ._novelty import calibrated_reference, mixup_reference
-from ._options import Precision, PredictOptions, check_precision
-from ._scores import BANK_SCORES, ScoreReference
+from ._options import FALLBACK_SCORE, Precision, PredictOptions, check_precision
+from ._scores import BANK_SCORES, ScoreReference, fuse_pvalues, scaled_maximum
 from ._streaming import ForwardSettings, forward_chunks, forward_settings
 from ._tree import decode, has_children
 
@@ -27,17 +28,19 @@ if TYPE_CHECKING:
     from mudata import MuData
 
 UNASSIGNED = "Unassigned"
+logger = logging.getLogger("scanpy_canal")
 
 
 @dataclass
 class Outputs:
     """Everything one forward pass over a query gives (see :meth:`~scanpy_canal.CANAL.predict`).
 
-    With novel-cell detection also: each cell's novelty score (`uncertainty`) and, except with the query-relative
-    ``"canal"`` rule, its conformal p-value; the score above which a cell is unassigned (`threshold`; for the
-    conformal rule the pooled one, with those of types that have calibration cells of their own in
-    `type_thresholds`). With a cell-type tree, `labels` are as fine as each cell allows and `depth` is the depth of
-    each call in the tree (0 at a root, -1 for ``"Unassigned"``).
+    With novel-cell detection also: each cell's novelty score (`uncertainty`; with several scores fused, one minus
+    the fused p-value) and, except with the query-relative ``"canal"`` rule, its conformal p-value (fused from
+    those of each score, in the columns of `scores` and `pvalues`); the score above which a cell is unassigned
+    (`threshold`; for the conformal rule the pooled one, with those of types that have calibration cells of their
+    own in `type_thresholds`; with fused scores ``1 - alpha``, reached or passed). With a cell-type tree, `labels` are as fine as each cell allows and `depth`
+    is the depth of each call in the tree (0 at a root, -1 for ``"Unassigned"``).
     """
 
     labels: np.ndarray
@@ -48,6 +51,16 @@ class Outputs:
     threshold: float | None = None
     type_thresholds: dict[str, float] = field(default_factory=dict)
     depth: np.ndarray | None = None
+    scores: pd.DataFrame | None = None
+    pvalues: pd.DataFrame | None = None
+
+    def novelty_frame(self) -> pd.DataFrame:
+        """What :meth:`~scanpy_canal.CANAL.get_novelty` returns: prediction, score, p-value, then each score's."""
+        columns = {"prediction": self.probabilities.idxmax(axis=1), "score": self.uncertainty, "pvalue": self.pvalue}
+        for name in self.scores.columns:
+            columns[f"{name}_score"] = self.scores[name].to_numpy()
+            columns[f"{name}_pvalue"] = self.pvalues[name].to_numpy()
+        return pd.DataFrame(columns, index=self.probabilities.index)
 
 
 def forward_in_batches(
@@ -71,16 +84,30 @@ class InferenceMixin:
         batch_size = batch_size or self.module.inference_batch_size(next(network.parameters()).device)
         return forward_in_batches(network, x, batch_size, precision)
 
-    def _forward_query(self, adata: ad.AnnData, options: PredictOptions) -> dict[str, torch.Tensor]:
-        """Manifold, embedding and logits of every cell of `adata`, here or on the `devices` of `options`."""
+    def _forward_query(self, adata: ad.AnnData, options: PredictOptions, project: bool) -> dict[str, torch.Tensor]:
+        """Manifold, embedding and logits of every cell of `adata`, here or on the `devices` of `options`.
+
+        With `project`, also the cells' input-space coordinates (``"input"``), from the chunks the network reads.
+        """
         if options.devices is not None:
             from ._distributed import distributed_forward
 
-            return distributed_forward(self, adata, options)
+            forward = distributed_forward(self, adata, options)
+            if project:  # the ranks read their own shares of the query: its coordinates are made here
+                chunks = self._query_chunks(adata, options)
+                forward["input"] = torch.cat([self.input_reference_.project(chunk) for chunk in chunks])
+            return forward
+        projections: list[torch.Tensor] = []
+        chunks = self._query_chunks(adata, options)
+        if project:
+            chunks = _projected(chunks, self.input_reference_, projections)
         network = self.module.network
         device = next(network.parameters()).device
         settings = forward_settings(options, self.module.inference_batch_size(device), device, adata.n_obs)
-        return forward_chunks(network, self._query_chunks(adata, options), settings)
+        forward = forward_chunks(network, chunks, settings)
+        if project:
+            forward["input"] = torch.cat(projections)
+        return forward
 
     def _query_chunks(self, adata: ad.AnnData, options: PredictOptions) -> Iterator[sparse.csr_matrix]:
         """The query's values in the gene panel, ``options.chunk_size`` cells at a time (from disk when backed)."""
@@ -130,7 +157,8 @@ class InferenceMixin:
             raise ValueError("Pass the cells to annotate.")
         if adata.n_obs == 0:
             raise ValueError("The query has no cells.")
-        forward = self._forward_query(adata, options)
+        scores = self._usable_scores(options) if options.novel and options.threshold != "canal" else ()
+        forward = self._forward_query(adata, options, project="input" in scores)
         probabilities = forward["logits"].softmax(dim=-1)
         labels = np.asarray(self.cell_types_, dtype=object)[probabilities.argmax(dim=-1).numpy()]
         depth = np.zeros(len(labels), dtype=np.int64)
@@ -149,11 +177,39 @@ class InferenceMixin:
         )
         if options.novel:
             with torch.inference_mode():
-                self._call_novel(outputs, forward, options)
+                self._call_novel(outputs, forward, options, scores)
             outputs.depth = np.where(outputs.labels == UNASSIGNED, -1, outputs.depth)
         return outputs
 
-    def _call_novel(self, outputs: Outputs, forward: dict[str, torch.Tensor], options: PredictOptions) -> None:
+    def _usable_scores(self, options: PredictOptions) -> tuple[str, ...]:
+        """The scores of `options` this model can compute.
+
+        Without an input-space reference (a model saved before there was one), the default goes on with
+        :data:`FALLBACK_SCORE` and fused scores without ``"input"``, said once per model; ``"input"`` asked for alone
+        is an error.
+        """
+        scores = options.scores
+        if "input" not in scores or self.input_reference_ is not None:
+            return scores
+        if options.default_score:
+            scores = (*scores, FALLBACK_SCORE)
+        elif len(scores) == 1:
+            raise ValueError(
+                "This model has no input-space reference for the 'input' novelty score: it was saved by an earlier "
+                "scanpy-canal. Train another stage to make one, or choose another score."
+            )
+        if not getattr(self, "_warned_no_input_reference", False):
+            logger.warning(
+                "This model was saved by an earlier scanpy-canal without an input-space reference: novel cells are "
+                "called from %s alone until it trains another stage.",
+                ", ".join(score for score in scores if score != "input"),
+            )
+            self._warned_no_input_reference = True
+        return tuple(score for score in scores if score != "input")
+
+    def _call_novel(
+        self, outputs: Outputs, forward: dict[str, torch.Tensor], options: PredictOptions, kinds: tuple[str, ...]
+    ) -> None:
         """Score every cell's novelty and unassign those the threshold rule rejects, in `outputs`."""
         logits, temperature = forward["logits"], options.temperature
         if options.threshold == "canal":
@@ -164,18 +220,46 @@ class InferenceMixin:
             scores, outputs.threshold = rule.uncertainty(logits, temperature), rule.threshold
             unassigned = scores > rule.threshold
         else:
-            calibration = self._calibration_outputs()
-            bank = self._bank_outputs() if options.score in BANK_SCORES else (None, None)
-            reference = ScoreReference.build(calibration["logits"], temperature, *bank)
-            score = lambda cells: reference.score(options.score, cells["logits"], cells["embedding"], temperature)
-            scores, calibration_scores = score(forward), score(calibration)
+            calibration = self._calibration_outputs(with_input="input" in kinds)
+            bank = self._bank_outputs() if set(kinds) & set(BANK_SCORES) else (None, None)
+            reference = ScoreReference.build(calibration["logits"], temperature, *bank, self.input_reference_)
+            score = lambda kind, cells: reference.score(
+                kind, cells["logits"], cells["embedding"], temperature, cells.get("input")
+            )
             calibration_predicted = calibration["logits"].argmax(dim=-1)
-            pvalues = conformal_pvalues(scores, logits.argmax(dim=-1), calibration_scores, calibration_predicted)
+            per_score, per_pvalue, on_calibration = {}, {}, {}
+            for kind in kinds:
+                per_score[kind], on_calibration[kind] = score(kind, forward), score(kind, calibration)
+                per_pvalue[kind] = conformal_pvalues(
+                    per_score[kind], logits.argmax(dim=-1), on_calibration[kind], calibration_predicted
+                )
+            calibration_scores = on_calibration[kinds[0]]
+            if len(kinds) == 1:
+                pvalues = per_pvalue[kinds[0]]
+            elif options.fusion == "scaled" and self.example_bank_ is not None and self.example_bank_.n_obs > 0:
+                on_bank = {kind: score(kind, self._bank_cells("input" in kinds)) for kind in kinds}
+                pvalues = conformal_pvalues(
+                    scaled_maximum(per_score, on_bank),
+                    logits.argmax(dim=-1),
+                    scaled_maximum(on_calibration, on_bank),
+                    calibration_predicted,
+                )
+            else:
+                pvalues = fuse_pvalues(per_pvalue.values())
+            index = outputs.probabilities.index
+            outputs.scores = pd.DataFrame({k: v.numpy() for k, v in per_score.items()}, index=index)
+            outputs.pvalues = pd.DataFrame({k: v.numpy() for k, v in per_pvalue.items()}, index=index)
             outputs.pvalue = pvalues.numpy()
+            scores = per_score[kinds[0]] if len(kinds) == 1 else 1 - pvalues.float()
             if options.threshold == "conformal":
                 unassigned = pvalues <= options.alpha
-                outputs.threshold, per_type = score_thresholds(calibration_scores, calibration_predicted, options.alpha)
-                outputs.type_thresholds = {self.cell_types_[code]: value for code, value in per_type.items()}
+                if len(kinds) == 1:
+                    outputs.threshold, per_type = score_thresholds(
+                        calibration_scores, calibration_predicted, options.alpha
+                    )
+                    outputs.type_thresholds = {self.cell_types_[code]: value for code, value in per_type.items()}
+                else:  # one minus the fused p-value: unassigned at or above 1 - alpha
+                    outputs.threshold = 1 - options.alpha
             else:
                 outputs.threshold = self._fixed_threshold(calibration, options)
                 unassigned = scores > outputs.threshold
@@ -200,8 +284,8 @@ class InferenceMixin:
         """Logits of manifold vectors (the head's last layers)."""
         return self.module.head.classify(manifold.to(self.device))[1].float().cpu()
 
-    def _calibration_outputs(self) -> dict[str, torch.Tensor]:
-        """Manifold vectors, embeddings and logits of the calibration cells under the current network."""
+    def _calibration_outputs(self, with_input: bool = False) -> dict[str, torch.Tensor]:
+        """Manifold vectors, embeddings, logits and (`with_input`) input-space coordinates of the calibration cells."""
         if self.calibration_cells_ is None:
             raise ValueError(
                 "The model has no calibration cells for novel-cell detection: train a stage first (with "
@@ -209,7 +293,20 @@ class InferenceMixin:
             )
         manifold = torch.as_tensor(self.calibration_cells_.obsm["manifold"])
         embedding, logits = self.module.head.classify(manifold.to(self.device))
-        return {"manifold": manifold, "embedding": embedding.float().cpu(), "logits": logits.float().cpu()}
+        outputs = {"manifold": manifold, "embedding": embedding.float().cpu(), "logits": logits.float().cpu()}
+        if with_input:
+            outputs["input"] = self.input_reference_.project(sparse.csr_matrix(self.calibration_cells_.X))
+        return outputs
+
+    def _bank_cells(self, with_input: bool) -> dict[str, torch.Tensor]:
+        """Embeddings, logits and (`with_input`) input-space coordinates of the bank's cells: the scale of fusion."""
+        embedding, _ = self._bank_outputs()  # fills in the manifold vectors if missing
+        manifold = torch.as_tensor(self.example_bank_.obsm["manifold"])
+        logits = self.module.head.classify(manifold.to(self.device))[1].float().cpu()
+        cells = {"embedding": embedding, "logits": logits}
+        if with_input:
+            cells["input"] = self.input_reference_.project(sparse.csr_matrix(self.example_bank_.X))
+        return cells
 
     def _bank_outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings and type codes of the example bank's cells (manifold vectors computed once if missing)."""
@@ -222,3 +319,10 @@ class InferenceMixin:
         embedding = self.module.head.classify(manifold.to(self.device))[0].float().cpu()
         codes = pd.Categorical(bank.obs["cell_type"].astype(str), categories=self.cell_types_).codes
         return embedding, torch.tensor(codes, dtype=torch.long)
+
+
+def _projected(chunks: Iterator[sparse.csr_matrix], reference, projections: list[torch.Tensor]):
+    """`chunks`, unchanged, after appending each one's input-space coordinates under `reference` to `projections`."""
+    for chunk in chunks:
+        projections.append(reference.project(chunk))
+        yield chunk

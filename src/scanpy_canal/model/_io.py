@@ -23,6 +23,7 @@ from scanpy_canal._snapshot import read_consistently, said_write_errors
 from scanpy_canal._version import __version__
 from scanpy_canal.nn import CheckpointError, read_json, staged_directory
 
+from ._input_space import InputReference
 from ._tree import grow_tree
 
 #: 2: the calibration cells of every stage in their own file (1: the last stage's manifold vectors in weights.pt).
@@ -110,8 +111,11 @@ def _save_model(model: BaseModelClass, target: Path, *, overwrite: bool) -> None
     }
     with staged_directory(target, overwrite=True) as staging:
         # Through memory: torch reports a full disk as a RuntimeError without the cause, a file write as an OSError.
+        tensors = {"network": model.module.network.state_dict()}
+        if model.input_reference_ is not None:
+            tensors["input_reference"] = model.input_reference_.to_tensors()
         weights = io.BytesIO()
-        torch.save({"network": model.module.network.state_dict()}, weights)
+        torch.save(tensors, weights)
         (staging / WEIGHTS).write_bytes(weights.getbuffer())
         for cells, name in ((model.example_bank_, BANK), (model.calibration_cells_, CALIBRATION)):
             if cells is not None:
@@ -261,6 +265,11 @@ def _load_model(cls: type[Model], directory: Path) -> Model:
     except (KeyError, RuntimeError) as error:
         raise CheckpointError(f"The weights in {str(directory)!r} do not match its model.json: {error}") from error
     model.module.eval()
+    if "input_reference" in tensors:
+        try:
+            model.input_reference_ = InputReference.from_tensors(tensors["input_reference"], len(model.genes_))
+        except (AttributeError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{str(directory / WEIGHTS)!r} is damaged: {error}.") from error
     if (directory / BANK).is_file():
         model.example_bank_ = _read_cells(directory / BANK, model.genes_)
     if (directory / CALIBRATION).is_file():

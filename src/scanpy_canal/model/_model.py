@@ -30,8 +30,8 @@ from ._io import SaveLoadMixin
 from ._legacy import LegacyCheckpointMixin
 from ._module import DEFAULT_ARCH, CANALModule
 from ._options import (
-    DEFAULT_SCORE,
     REFINE_THRESHOLD,
+    Fusion,
     Precision,
     PredictOptions,
     StageSettings,
@@ -260,8 +260,8 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         early_stopping_patience
             Stop after more than this many epochs without a better validation accuracy (`None`: never).
         validation_size
-            Fraction of each cell type held out for validation and early stopping, in ``(0, 1)``; every type keeps at
-            least one cell to train on. The stage's own held-out cells become calibration cells.
+            Fraction of each cell type held out, in ``(0, 1)``; every type keeps one cell to train on. Two thirds of
+            the stage's own held-out cells become calibration cells, the others choose the best epoch.
         split_bank
             Hold out part of the bank for validation too, as the original. `False`: every bank cell trains (worth it
             for a few cells per type), but early stopping then sees only the stage's types.
@@ -311,7 +311,8 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         seed: int = 0,
         threshold: Threshold = "conformal",
         alpha: float = 0.05,
-        score: Score | None = None,
+        score: Score | Sequence[Score] | None = None,
+        fusion: Fusion = "bonferroni",
         precision: Precision = "auto",
         chunk_size: int = 10_000,
         gene_symbols: str | None = None,
@@ -325,8 +326,7 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
     ) -> np.ndarray | pd.DataFrame:
         """Predict cell types, calling cells of never-seen types ``"Unassigned"`` when `novel`.
 
-        Genes are matched to the panel by name (missing ones count as unexpressed); the overlap is logged (a warning
-        below half of the panel).
+        Genes are matched to the panel by name (missing ones count as unexpressed); the overlap is logged.
 
         Parameters
         ----------
@@ -335,29 +335,29 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
             `mod` holds them; default: the stage-1 data.
         novel
             Call ``"Unassigned"`` the cells whose novelty `score` the `threshold` rule rejects.
-        temperature
-            Energy temperature.
+        temperature, batch_size
+            Energy temperature; cells per forward pass.
         soft
             Return the class probabilities instead of labels.
-        batch_size
-            Cells per forward pass.
         seed
             Seed of the mixup partners and weights of the ``"calibrated"`` and ``"canal"`` rules.
         threshold
-            ``"conformal"`` (default): unassign the cells whose conformal p-value is at most `alpha`, so that a cell
-            of a known type is unassigned with probability at most `alpha`. The p-value compares the cell's score
-            with those of held-out cells of every stage predicted as the same type (with at least 50 of them), or of
-            all of them; every cell gets the same answer whatever else is in the query. ``"calibrated"``: the
-            ``"mix"`` score above the cut that best separates the held-out cells from virtual cells mixed between two
-            types. ``"canal"``: the original rule, relative to this query (needs at least 2 cells). Or a number: the
-            score above which a cell is unassigned.
+            ``"conformal"`` (default): unassign the cells whose conformal p-value is at most `alpha`, so that a known
+            cell is unassigned with probability at most `alpha`: the cell's score against those of calibration cells
+            of every stage predicted as the same type (if 50 or more), or of all; a cell's call does not depend on the
+            query. ``"calibrated"``: the ``"mix"`` score above the cut that best separates held-out cells from cells
+            mixed between two types. ``"canal"``: the original, query-relative rule. Or the score above which a cell
+            is unassigned.
         alpha
             Largest fraction of known cells the ``"conformal"`` rule may unassign, in ``(0, 1)``.
         score
-            ``"energy"`` (default with the ``"conformal"`` rule; the best of the five in the benchmarks);
-            ``"mix"`` (default with the other rules): CANAL's ``(normalised energy + 1 - confidence) / 2``;
-            ``"max_probability"`` (one minus it); ``"knn"``: distance to the 10th nearest example-bank cell in the
-            embedding; ``"mahalanobis"``: to the nearest known type's bank cells. See :doc:`/method`.
+            The novelty score, or several fused (conformal rule): by default ``"input"`` with the ``"conformal"``
+            rule (``"energy"`` for a model saved before it existed), ``"mix"`` with the others. ``"input"``: distance from the cell's expression to the
+            reference cells in a PCA of the training cells; ``"energy"``, ``"mix"`` (CANAL's), ``"max_probability"``;
+            ``"knn"``, ``"mahalanobis"``: distances to the bank in the embedding. See :doc:`/method`.
+        fusion
+            How several scores make one p-value, the guarantee kept: ``"bonferroni"``, ``m`` times the smallest of
+            the ``m`` scores' p-values; ``"scaled"``, the largest score on the bank's scale, calibrated.
         precision
             ``"auto"``: bfloat16 autocast where the device computes it natively (GPUs, CPUs with AVX-512 BF16 or AMX;
             faster, probabilities differ slightly), float32 elsewhere; or ``"32"`` or ``"bf16"``.
@@ -411,7 +411,8 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         self,
         adata: ad.AnnData | MuData | None = None,
         *,
-        score: Score = DEFAULT_SCORE,
+        score: Score | Sequence[Score] | None = None,
+        fusion: Fusion = "bonferroni",
         temperature: float = 0.8,
         batch_size: int | None = None,
         precision: Precision = "auto",
@@ -420,14 +421,16 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         min_gene_overlap: float = 0.1,
         mod: str = "rna",
     ) -> pd.DataFrame:
-        """Each cell's closed-set prediction, novelty score and conformal p-value, to unassign at any `alpha` later.
+        """Each cell's closed-set prediction, novelty scores and conformal p-values, to unassign at any `alpha` later.
 
         A known cell's p-value is at most `alpha` with probability at most `alpha`; ``predict(novel=True, alpha=a)``
         unassigns the cells whose p-value is at most ``a``. The options are those of :meth:`predict`.
 
         Returns
         -------
-        A DataFrame indexed by ``obs_names``: ``prediction`` (the most probable type), ``score`` and ``pvalue``.
+        A DataFrame indexed by ``obs_names``: ``prediction`` (the most probable type), ``score`` (with several
+        scores, one minus the fused p-value), ``pvalue`` (fused), then ``{name}_score`` and ``{name}_pvalue`` for
+        each score (the smallest p-value says which score flags the cell).
 
         Examples
         --------
@@ -435,5 +438,4 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         >>> labels = novelty["prediction"].where(novelty["pvalue"] > 0.01, "Unassigned")  # doctest: +SKIP
         """
         outputs = self.predict_outputs(adata, from_arguments(PredictOptions, {**locals(), "novel": True}))
-        columns = {"prediction": outputs.probabilities.idxmax(axis=1), "score": outputs.uncertainty}
-        return pd.DataFrame({**columns, "pvalue": outputs.pvalue}, index=outputs.probabilities.index)
+        return outputs.novelty_frame()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from numbers import Real
 from typing import Any, Literal, TypeVar
@@ -14,6 +14,7 @@ from ._scores import SCORES, Score
 
 Threshold = Literal["conformal", "calibrated", "canal"] | float
 Precision = Literal["auto", "32", "bf16"]
+Fusion = Literal["scaled", "bonferroni"]
 _Options = TypeVar("_Options")
 
 
@@ -68,9 +69,13 @@ class StageSettings:
             raise ValueError(f"calibration_size must be a number of cells, 0 or more; got {self.calibration_size!r}.")
 
 
-#: The novelty score of the conformal rule unless one is asked for: of the five, the best AUROC on every stream of
-#: ``benchmarks/novelty.py`` (tied with the mix on pbmc68k; see the "Annotation quality" page).
-DEFAULT_SCORE: Score = "energy"
+#: The novelty score of the conformal rule unless another is asked for: the input space's distance, which sees cells
+#: unlike any reference cell. On the leave-types-out benchmark it had the best AUROC and unknown recall of every
+#: score, and fusing it with the classifier's scores lowered both (``benchmarks/leave_types_out.py``; see the
+#: "Annotation quality" page).
+DEFAULT_SCORE: Score = "input"
+#: The score used instead of :data:`DEFAULT_SCORE` by a model saved before there was an input space.
+FALLBACK_SCORE: Score = "energy"
 #: Smallest share of a type's subtree probability its most probable child must hold for a prediction to go down to it
 #: (see :func:`~scanpy_canal.model._tree.decode`). On ``benchmarks/refinement.py`` (seed 0), 0.5 gave the best fine
 #: accuracy, the fewest cells left at the coarse name and the fewest unrelated cells called it of 0.5 to 0.9.
@@ -90,7 +95,9 @@ class PredictOptions:
     threshold: Threshold = "conformal"
     alpha: float = 0.05
     #: `None`: :data:`DEFAULT_SCORE` for the conformal rule, ``"mix"`` for the others (their scale is the mix's).
-    score: Score | None = None
+    #: Several scores (conformal rule only) are fused through their p-values; one given in a sequence is that score.
+    score: Score | Sequence[Score] | None = None
+    fusion: Fusion = "bonferroni"
     batch_size: int | None = None
     seed: int = 0
     precision: Precision = "auto"
@@ -105,6 +112,8 @@ class PredictOptions:
     devices: int | list[int] | str | None = None
     strategy: str = "auto"
     refine_threshold: float = REFINE_THRESHOLD
+    #: Whether `score` was left to its default (a model without an input space then falls back on the energy).
+    default_score: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
@@ -120,10 +129,10 @@ class PredictOptions:
             raise ValueError(f"min_gene_overlap must be a fraction in [0, 1], got {self.min_gene_overlap!r}.")
         if not (_is_number(self.alpha) and 0 < self.alpha < 1):
             raise ValueError(f"alpha must be a number strictly between 0 and 1, got {self.alpha!r}.")
-        if self.score is None:
-            object.__setattr__(self, "score", DEFAULT_SCORE if self.threshold == "conformal" else "mix")
-        if self.score not in SCORES:
-            raise ValueError(f"score must be one of {', '.join(map(repr, SCORES))}; got {self.score!r}.")
+        object.__setattr__(self, "default_score", self.score is None)
+        object.__setattr__(self, "score", _checked_score(self.score, self.threshold))
+        if self.fusion not in ("scaled", "bonferroni"):
+            raise ValueError(f"fusion must be 'scaled' or 'bonferroni', got {self.fusion!r}.")
         if _is_number(self.threshold):
             if not math.isfinite(self.threshold) or (self.score == "mix" and not 0 <= self.threshold <= 1):
                 raise ValueError(
@@ -135,6 +144,28 @@ class PredictOptions:
             )
         elif self.threshold in ("calibrated", "canal") and self.score != "mix":
             raise ValueError(f"threshold={self.threshold!r} is a rule of the 'mix' score, not of {self.score!r}.")
+
+    @property
+    def scores(self) -> tuple[Score, ...]:
+        """The novelty scores, one or several (fused)."""
+        return (self.score,) if isinstance(self.score, str) else self.score
+
+
+def _checked_score(score: Any, threshold: Threshold) -> Score | tuple[Score, ...]:
+    """`score` as one name or a tuple of several; the default for `threshold` when `None`; an error if unknown."""
+    if score is None:
+        return DEFAULT_SCORE if threshold == "conformal" else "mix"
+    names = (score,) if isinstance(score, str) else tuple(score) if isinstance(score, Sequence) else (score,)
+    unknown = [name for name in names if name not in SCORES]
+    if unknown or not names:
+        raise ValueError(f"score must be one of {', '.join(map(repr, SCORES))}, or a sequence of them; got {score!r}.")
+    if len(set(names)) != len(names):
+        raise ValueError(f"score names a score twice: {score!r}.")
+    if len(names) > 1 and threshold != "conformal":
+        raise ValueError(
+            f"Several scores are fused through conformal p-values: use threshold='conformal', not {threshold!r}."
+        )
+    return names[0] if len(names) == 1 else names
 
 
 def _is_number(value: Any) -> bool:

@@ -31,7 +31,7 @@ from scanpy_canal._logging import quiet_training
 from scanpy_canal.pp import align_genes
 
 from ._bank import update_bank
-from ._conformal import update_calibration_cells
+from ._conformal import split_held_out, update_calibration_cells
 from ._data import (
     balanced_class_weights,
     cell_fingerprints,
@@ -41,6 +41,7 @@ from ._data import (
     setup_args,
     split_stage,
 )
+from ._input_space import MAX_REFERENCE_CELLS, InputReference
 from ._module import ROW_KEY
 from ._options import PredictOptions, StageSettings
 from ._precision import resolve_precision, training_device
@@ -55,7 +56,14 @@ logger = logging.getLogger("scanpy_canal")
 #: Largest frozen-block cache that ``cache_frozen=None`` keeps (hidden states of every training cell).
 FROZEN_CACHE_BUDGET = 4 * 2**30
 #: What a failed stage puts back, besides the network.
-_ROLLED_BACK = ("cell_types_", "cell_type_parents_", "stage_", "example_bank_", "calibration_cells_")
+_ROLLED_BACK = (
+    "cell_types_",
+    "cell_type_parents_",
+    "stage_",
+    "example_bank_",
+    "calibration_cells_",
+    "input_reference_",
+)
 _LIGHTNING_PRECISION = {"32": "32-true", "bf16": "bf16-mixed"}
 _LABEL_COLUMN = "_canal_label"
 _ROW_COLUMN = "_canal_row"
@@ -78,7 +86,8 @@ class _StageCells:
 class _Fit:
     """What fitting a stage gave besides the weights."""
 
-    validation: np.ndarray  # rows of the training cells held out for validation
+    validation: np.ndarray  # rows of the training cells held out for early stopping
+    calibration: np.ndarray  # rows of the stage's cells held out for novel-cell calibration: used for nothing else
     distill_weight: float
     summary: dict[str, float]  # epochs, best_epoch (from 0; -1 for none), best_score
     epochs: pd.DataFrame  # per-epoch metrics
@@ -240,6 +249,8 @@ class StageTrainingMixin:
         train_idx, val_idx = split_stage(
             codes, cells.data.n_obs, settings.validation_size, rng, split_bank=settings.split_bank
         )
+        # Cells that chose the best epoch would make the conformal p-values optimistic: calibrate on the others.
+        val_idx, calibration_idx = split_held_out(codes, val_idx, cells.data.n_obs, rng)
         loss_inputs = {}
         if settings.balance_classes:
             weights = balanced_class_weights(codes[train_idx], len(cells.cell_types))
@@ -270,7 +281,7 @@ class StageTrainingMixin:
         trainer_kwargs = {"logger": SimpleLogger(), "simple_progress_bar": False, **settings.trainer_kwargs}
         splitter = DataSplitter(
             manager,
-            external_indexing=[train_idx, val_idx, np.zeros(0, np.int64)],
+            external_indexing=[train_idx, val_idx, calibration_idx],  # the "test" cells are never read
             batch_size=settings.batch_size,
             distributed_sampler=use_distributed_sampler(trainer_kwargs.get("strategy")),
         )
@@ -302,7 +313,7 @@ class StageTrainingMixin:
         self.module.finish_stage()
         self.module.eval()
         summary, epochs = stage_outcome(runner.trainer.callback_metrics)
-        return _Fit(val_idx, distill_weight, summary, epochs)
+        return _Fit(val_idx, calibration_idx, distill_weight, summary, epochs)
 
     def _cache_frozen(self, cache_frozen: bool | None, n_cells: int) -> bool:
         """Whether the stage keeps the frozen-block cache: `cache_frozen`, or if `None` whether it fits the budget."""
@@ -320,10 +331,12 @@ class StageTrainingMixin:
 
     # ------------------------------------------------------------------------------------------ after fitting
     def _refresh_bank_and_calibration(self, cells: _StageCells, fit: _Fit, stage: int, settings: StageSettings) -> None:
-        """Choose the bank and the calibration cells anew, each with its cells' manifold vectors from the new network.
+        """Choose the bank, the calibration cells and the input-space reference anew, under the new network.
 
-        The stage's validation cells become calibration cells and never join the bank; the bank takes, per type, the
-        stage's training cells closest to the type's prototype, as the original does.
+        Bank and calibration cells carry their manifold vectors; the input space is fitted on the cells the stage
+        trained on. The stage's held-out cells never join the bank, and those that did not choose the best epoch become
+        calibration cells; the bank takes, per type, the stage's training cells closest to the type's prototype, as
+        the original does.
         """
         calibration = self.calibration_cells_
         n_cells, n_training = cells.data.n_obs, cells.training.n_obs
@@ -332,7 +345,8 @@ class StageTrainingMixin:
         manifold = forward["manifold"].numpy()
         stage_cells = ad.AnnData(cells.data.X, obs=pd.DataFrame(index=cells.data.obs_names), var=cells.data.var)
         stage_cells.obsm["manifold"] = manifold[:n_cells]
-        held_out = np.isin(np.arange(n_cells), fit.validation)
+        held_out = np.isin(np.arange(n_cells), np.concatenate([fit.validation, fit.calibration]))
+        calibrating = np.isin(np.arange(n_cells), fit.calibration)
         if self.example_bank_ is not None:
             self.example_bank_.obsm["manifold"] = manifold[n_cells:n_training]
         if calibration is not None:
@@ -350,15 +364,27 @@ class StageTrainingMixin:
                 stage=stage,
                 size=settings.rehearsal_size,
             )
+        self.input_reference_ = self._input_reference(cells, fit, stage)
         self.calibration_cells_ = update_calibration_cells(
             calibration,
-            stage_cells[held_out],
-            cells.labels[held_out],
+            stage_cells[calibrating],
+            cells.labels[calibrating],
             self.cell_types_,
             stage=stage,
             size=settings.calibration_size,
             seed=self.seed_ + stage,
         )
+
+    def _input_reference(self, cells: _StageCells, fit: _Fit, stage: int) -> InputReference:
+        """The PCA of the cells the stage trained on (its own and the bank's), with the new bank as reference cells."""
+        trained = np.setdiff1d(np.arange(cells.training.n_obs), np.concatenate([fit.validation, fit.calibration]))
+        x = cells.training.X[trained]
+        if self.example_bank_ is not None and self.example_bank_.n_obs > 0:
+            reference = sparse.csr_matrix(self.example_bank_.X)
+        else:
+            rng = np.random.default_rng(self.seed_ + stage)
+            reference = x[np.sort(rng.permutation(x.shape[0])[:MAX_REFERENCE_CELLS])]
+        return InputReference.fit(x, reference, seed=self.seed_ + stage)
 
     def _record(self, cells: _StageCells, fit: _Fit, stage: int, settings: StageSettings) -> None:
         """Append the stage to ``stage_history_`` and its epochs to ``training_log_``."""

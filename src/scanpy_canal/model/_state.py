@@ -10,6 +10,7 @@ import torch
 from scvi.model.base import BaseModelClass
 
 from ._defaults import Start
+from ._input_space import InputReference
 from ._tree import tree_frame
 
 
@@ -20,7 +21,8 @@ class ModelStateMixin:
     (``"pretrained"`` or ``"random"``, which sets the defaults of ``train``), ``gene_embedding_``,
     ``cell_type_parents_`` (the cell-type tree, ``{child: parent}``), ``stage_`` (completed stages),
     ``stage_history_`` (one record per stage), ``example_bank_``,
-    ``calibration_cells_`` (held-out cells of every stage, for novel-cell p-values) and ``training_log_`` (per-epoch
+    ``calibration_cells_`` (held-out cells of every stage, for novel-cell p-values), ``input_reference_`` (the
+    input-space PCA of the ``"input"`` novelty score, refitted every stage) and ``training_log_`` (per-epoch
     metrics), besides ``module``. The bank and the calibration cells carry their manifold vectors under the current
     network in ``obsm["manifold"]``.
     """
@@ -89,6 +91,7 @@ class ModelStateMixin:
         self.stage_history_: list[dict] = []
         self.example_bank_: ad.AnnData | None = None
         self.calibration_cells_: ad.AnnData | None = None
+        self.input_reference_: InputReference | None = None
         self.training_log_ = pd.DataFrame()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -102,7 +105,7 @@ class ModelStateMixin:
         """A model of this class, without data, from a saved `registry`, its `state` attributes and `_build`'s `build`.
 
         The caller loads the module's weights; `state` may set ``stage_``, ``stage_history_``, ``cell_type_parents_``,
-        ``example_bank_``, ``calibration_cells_`` and ``training_log_``.
+        ``example_bank_``, ``calibration_cells_``, ``input_reference_`` and ``training_log_``.
         """
         model = cls.__new__(cls)
         BaseModelClass.__init__(model, None, registry=registry)

@@ -127,7 +127,7 @@ def uncertainty(
     *,
     basis: str = "umap",
     key: str = "canal",
-    value: Literal["uncertainty", "pvalue"] = "uncertainty",
+    value: Literal["uncertainty", "pvalue"] | str = "uncertainty",
     ring_color: str = "black",
     ring_size: float | None = None,
     ax: Axes | None = None,
@@ -153,7 +153,9 @@ def uncertainty(
     key
         The `key_added` of :func:`~scanpy_canal.tl.annotate`.
     value
-        Colour by the novelty score (``"uncertainty"``) or by its p-value (``"pvalue"``).
+        Colour by the novelty score (``"uncertainty"``), by its p-value (``"pvalue"``), or by the p-value of one of
+        the fused scores (its name, e.g. ``"input"``: a column of ``adata.obsm[f"{key}_novelty_pvalues"]``), to see
+        which score flags which cells; the line then marks ``alpha / m`` for ``m`` fused scores.
     ring_color
         Edge colour of the rings around the unassigned cells.
     ring_size
@@ -176,11 +178,16 @@ def uncertainty(
     """
     import scanpy as sc
 
-    if value not in ("uncertainty", "pvalue"):
-        raise ValueError(f"value must be 'uncertainty' or 'pvalue', got {value!r}.")
-    color = f"{key}_uncertainty" if value == "uncertainty" else f"{key}_novelty_pvalue"
+    per_score = adata.obsm.get(f"{key}_novelty_pvalues")
+    scores = [] if per_score is None else list(pd.DataFrame(per_score).columns)
+    if value not in ("uncertainty", "pvalue", *scores):
+        raise ValueError(
+            f"value must be 'uncertainty', 'pvalue' or a score of adata.obsm[{f'{key}_novelty_pvalues'!r}] "
+            f"({', '.join(map(repr, scores)) or 'none'}), got {value!r}."
+        )
+    color = {"uncertainty": f"{key}_uncertainty", "pvalue": f"{key}_novelty_pvalue"}.get(value, f"{key}_{value}_pvalue")
     prediction = f"{key}_prediction"
-    for column in (color, prediction):
+    for column in (prediction,) if value in scores else (color, prediction):
         if column not in adata.obs:
             raise ValueError(
                 f"adata.obs has no {column!r}: run `canal.tl.annotate(adata, model, novel=True, key_added={key!r})` "
@@ -193,10 +200,17 @@ def uncertainty(
             f'`sc.pp.neighbors(adata, use_rep="X_{key}")` and `sc.tl.umap(adata)`.'
         )
     ax = new_axes(ax, (4.5, 4.0))
-    line, title = _threshold_mark(adata.uns.get(key), key, value)
+    line, title = _threshold_mark(adata.uns.get(key), key, value, len(scores))
+    if value in scores:  # a light copy holding the one score's p-values, so that `adata` is not written to
+        import anndata
+
+        obs = pd.DataFrame({color: np.asarray(pd.DataFrame(per_score)[value], dtype=float)}, index=adata.obs_names)
+        adata = anndata.AnnData(
+            obs=obs.assign(**{prediction: adata.obs[prediction]}), obsm={obsm_key: adata.obsm[obsm_key]}
+        )
     if "title" not in kwargs and title is not None:
         kwargs["title"] = title
-    if value == "pvalue":
+    if value != "uncertainty":
         kwargs.setdefault("cmap", "viridis_r")  # the cells most likely novel stand out
     sc.pl.embedding(adata, basis=basis, color=color, show=False, ax=ax, **kwargs)
     colorbars = [other for other in ax.figure.axes if other is not ax and other.get_label() == "<colorbar>"]
@@ -223,11 +237,14 @@ def uncertainty(
     return finish(ax, show=show, save=save, return_fig=return_fig)
 
 
-def _threshold_mark(params: Any, key: str, value: str) -> tuple[float | None, str | None]:
+def _threshold_mark(params: Any, key: str, value: str, n_scores: int) -> tuple[float | None, str | None]:
     """Where the colour bar gets its threshold line, and the title that says it."""
     if not isinstance(params, Mapping):
         return None, None
     alpha = params.get("params", {}).get("alpha")
+    if value not in ("pvalue", "uncertainty"):
+        level = None if alpha is None else alpha / max(n_scores, 1)
+        return level, f"{key} {value} p-value" + ("" if level is None else f" (flags at p ≤ {level:.3g})")
     if value == "pvalue":
         return alpha, None if alpha is None else f"{key} novelty p-value (unassigned at p ≤ {alpha:g})"
     threshold = params.get("threshold")

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from scanpy_canal.model import CANAL, PredictOptions
 
 
-_NOVELTY_PARAMS = ("novel", "temperature", "threshold", "alpha", "score", "seed")
+_NOVELTY_PARAMS = ("novel", "temperature", "threshold", "alpha", "score", "fusion", "seed")
 
 
 def annotate(
@@ -34,7 +34,8 @@ def annotate(
     temperature: float = 0.8,
     threshold: Literal["conformal", "calibrated", "canal"] | float = "conformal",
     alpha: float = 0.05,
-    score: Literal["mix", "energy", "max_probability", "knn", "mahalanobis"] | None = None,
+    score: str | Sequence[str] | None = None,
+    fusion: Literal["scaled", "bonferroni"] = "bonferroni",
     seed: int = 0,
     precision: Literal["auto", "32", "bf16"] = "auto",
     chunk_size: int = 10_000,
@@ -73,7 +74,7 @@ def annotate(
         Modality of a MuData to annotate.
     batch_size
         Cells per forward pass.
-    temperature, threshold, alpha, score, seed
+    temperature, threshold, alpha, score, fusion, seed
         Novel-cell detection settings, see :meth:`~scanpy_canal.CANAL.predict`: by default a cell is unassigned when
         its conformal p-value is at most `alpha`, so at most that fraction of known cells is (in expectation).
     precision
@@ -122,6 +123,10 @@ def annotate(
         The conformal p-value of that score (only when `novel`, except with the query-relative ``"canal"`` rule):
         a known cell's is at most ``a`` with probability at most ``a``, so :func:`unassign` can apply another
         `alpha` without running the model again. No other annotation tool we know of gives one.
+    ``.obsm[f"{key}_novelty_pvalues"]``, ``.obs[f"{key}_unassigned_by"]``
+        Why a cell is unassigned (only when `novel`, except with the ``"canal"`` rule): a DataFrame of each score's
+        own conformal p-value (one column per score; several are fused into ``{key}_novelty_pvalue``), and for each
+        unassigned cell the score with the smallest p-value (empty for the others).
     ``.obsm[f"{key}_probabilities"]``
         Class probabilities, columns in the order of ``.uns[key]["cell_types"]``.
     ``.obsm[f"X_{key}"]``
@@ -179,6 +184,7 @@ def write_annotation(
         columns[f"{key_added}_uncertainty"] = outputs.uncertainty.astype(np.float32)
         if outputs.pvalue is not None:
             columns[f"{key_added}_novelty_pvalue"] = outputs.pvalue.astype(np.float32)
+            columns[f"{key_added}_unassigned_by"] = _unassigned_by(outputs.pvalues, outputs.labels)
     if majority_voting:
         clusters = over_clusters(adata, over_clustering, outputs.embedding)
         columns[f"{key_added}_over_clustering"] = clusters
@@ -187,15 +193,29 @@ def write_annotation(
         adata.obs[name] = values
     if adata is not data:
         mirror_obs(data, adata, mod, columns)
+    if options.novel and outputs.pvalues is not None:
+        adata.obsm[f"{key_added}_novelty_pvalues"] = outputs.pvalues.astype(np.float32).set_axis(adata.obs_names)
     adata.obsm[f"{key_added}_probabilities"] = outputs.probabilities.to_numpy().astype(np.float32)
     adata.obsm[f"X_{key_added}"] = outputs.embedding.astype(np.float32)
     adata.uns[key_added] = {
-        "params": {name: getattr(options, name) for name in _NOVELTY_PARAMS} | {"majority_voting": majority_voting},
+        "params": {name: _storable(getattr(options, name)) for name in _NOVELTY_PARAMS}
+        | {"majority_voting": majority_voting},
         "stage": model.stage,
         "cell_types": list(model.cell_types),
         "threshold": outputs.threshold,
         "type_thresholds": np.array([outputs.type_thresholds.get(t, np.nan) for t in model.cell_types]),
     }
+
+
+def _storable(value):
+    """`value`, with a tuple (several novelty scores) as a list, which ``.h5ad`` files store."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _unassigned_by(pvalues: pd.DataFrame, labels: np.ndarray) -> pd.Categorical:
+    """Per cell, the score with the smallest p-value if the cell is unassigned, else empty."""
+    flagged = np.where(labels == "Unassigned", pvalues.columns.to_numpy()[pvalues.to_numpy().argmin(axis=1)], "")
+    return pd.Categorical(flagged, categories=["", *pvalues.columns])
 
 
 def mirror_obs(data: MuData, adata: AnnData, mod: str, names: Iterable[str]) -> None:
@@ -221,7 +241,7 @@ def unassign(adata: AnnData, *, alpha: float, key: str = "canal") -> None:
 
     Returns
     -------
-    `None`; rewrites ``.obs[f"{key}_prediction"]``, ``.uns[key]["params"]["alpha"]`` and, after majority voting,
+    `None`; rewrites ``.obs[f"{key}_prediction"]``, ``.obs[f"{key}_unassigned_by"]``, ``.uns[key]["params"]["alpha"]`` and, after majority voting,
     ``.obs[f"{key}_majority_voting"]`` (in the same clusters).
 
     Examples
@@ -240,6 +260,8 @@ def unassign(adata: AnnData, *, alpha: float, key: str = "canal") -> None:
     labels = np.where(adata.obs[pvalue].to_numpy() <= alpha, "Unassigned", best)
     predictions = pd.Categorical(labels, categories=[*cell_types, "Unassigned"])
     adata.obs[f"{key}_prediction"] = predictions
+    if f"{key}_novelty_pvalues" in adata.obsm:
+        adata.obs[f"{key}_unassigned_by"] = _unassigned_by(pd.DataFrame(adata.obsm[f"{key}_novelty_pvalues"]), labels)
     if f"{key}_majority_voting" in adata.obs:
         clusters = pd.Categorical(adata.obs[f"{key}_over_clustering"].astype(str))
         adata.obs[f"{key}_majority_voting"] = majority_votes(predictions, clusters)

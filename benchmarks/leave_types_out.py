@@ -1,0 +1,271 @@
+"""Novel-cell detection with every known type in turn withheld from training: the leave-types-out protocol.
+
+Usage::
+
+    .venv/bin/python benchmarks/leave_types_out.py            # -> benchmarks/results/leave_types_out.json
+    .venv/bin/python benchmarks/leave_types_out.py --rescore  # the saved models scored again (no training)
+    .venv/bin/python benchmarks/leave_types_out.py --quick    # 2 types, 1 seed, 2 epochs -> temp file
+
+Each stream's single novel type (13 CD34+ cells on pbmc68k) makes the H-score swing by 0.4 between seeds. Here each
+type of a stream is in turn the novel type: the stream is rebuilt without it (the same stages, splits and bank
+rules as ``continual_stream.py``: ``pbmc68k_stream(novel_types=[type])``, ``zeisel_stream("class", novel=type)``),
+CANAL is trained on it from random weights with ``train()``'s defaults (:func:`scanpy_canal._demo.run_stream`), and
+the final model annotates the held-out cells of every stage plus every cell of the withheld type. ``synthetic`` has
+one novel type of its own (it cannot be withheld: the generator makes it).
+
+Every novelty score (``scanpy_canal.model._scores.SCORES``: their conformal p-values from one pass) and the fusions
+of :data:`FUSIONS` under both fusion rules (``"scaled"``: the largest score on the bank's scale, calibrated;
+``"bonferroni"``: ``m`` times the smallest p-value), as ``predict`` computes them. Per (score, rule): AUROC of the
+score (of one minus the fused p-value),
+unknown recall and known rejection at ``alpha`` 0.05 (the share of the withheld / the known cells unassigned),
+known accuracy (a known cell counts if assigned its right type) and the H-score; then mean and sd over types and
+seeds, for all types and apart for the **distant** and **close** types (:data:`CLOSE_TYPES`: a type is close when a
+type of its own lineage is still trained on, fixed before any run).
+
+Budget (2 shared cores, about 50 minutes): ``--seeds`` (default 0 and 1) on pbmc68k and synthetic; zeisel_class
+with the first seed only and :data:`ZEISEL_EPOCHS` epochs per stage (``train()`` allows 15; a Zeisel run takes 10 to
+15 minutes at 15). The JSON records what ran. The models are kept under ``--models`` so that ``--rescore`` scores
+them again without training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+from continual_stream import CANAL_SETTINGS, STREAMS, canal_train_kwargs, set_threads
+from encoder_throughput import machine_info, write_report
+from novelty import scored, summarise_values
+from zeisel import LEVELS, bank_shares, load_zeisel, zeisel_stream
+
+import scanpy_canal as canal
+from scanpy_canal._demo import run_stream
+from scanpy_canal.model import PredictOptions
+from scanpy_canal.model._scores import SCORES
+
+RESULTS = Path(__file__).resolve().parent / "results" / "leave_types_out.json"
+ALPHA = 0.05
+FUSIONS = (("input", "energy"), ("input", "mix"), ("input", "knn"), ("input", "mahalanobis"))
+FUSION_RULES = ("scaled", "bonferroni")
+#: Epochs per stage and HVG panel on zeisel_class (the time budget: a Zeisel run of the continual benchmark, 1,000
+#: genes and up to 15 epochs, takes 10 to 15 minutes alone); pbmc68k and synthetic keep train()'s default.
+ZEISEL_EPOCHS = 5
+ZEISEL_GENES = 300
+#: Types that share a lineage with a type still trained on when withheld ("close"); the others are "distant".
+CLOSE_TYPES = {
+    "pbmc68k": [
+        "CD4+/CD25 T Reg",
+        "CD4+/CD45RA+/CD25- Naive T",
+        "CD4+/CD45RO+ Memory",
+        "CD8+ Cytotoxic T",
+        "CD8+/CD45RA+ Naive Cytotoxic",
+        "CD56+ NK",
+        "CD14+ Monocyte",
+        "Dendritic",
+    ],
+    "zeisel_class": ["interneurons", "pyramidal CA1", "pyramidal SS"],
+    "synthetic": [],
+}
+
+
+def withheld_types(stream_name: str) -> list[str]:
+    """Every type of the stream, each withheld in turn (synthetic: its own novel type)."""
+    if stream_name == "pbmc68k":
+        import scanpy as sc
+
+        return sorted(sc.datasets.pbmc68k_reduced().obs["bulk_labels"].astype(str).unique())
+    if stream_name == "zeisel_class":
+        return sorted(load_zeisel().obs["class"].astype(str).unique())
+    return STREAMS["synthetic"].build().novel_types
+
+
+def build(stream_name: str, novel: str) -> tuple[canal.datasets.Stream, int]:
+    """The stream without `novel` and its bank size (Zeisel: at most a third of the cells seen before a stage)."""
+    if stream_name == "pbmc68k":
+        return canal.datasets.pbmc68k_stream(novel_types=[novel], seed=0), STREAMS["pbmc68k"].rehearsal_size
+    if stream_name == "zeisel_class":
+        stream = zeisel_stream("class", novel=novel, rehearsal_size=1)
+        largest = LEVELS["class"]["rehearsal_size"]
+        shares = bank_shares(stream, 1)  # 1 / cells seen, per stage after the first
+        return stream, min(largest, int(min(1 / share for share in shares) / 3))
+    return STREAMS["synthetic"].build(), STREAMS["synthetic"].rehearsal_size
+
+
+def score_model(model: canal.CANAL, stream: canal.datasets.Stream) -> dict:
+    """Every single score and fusion at ``alpha`` 0.05 on the held-out cells plus the withheld type's cells."""
+    known = ad.concat(stream.test)
+    query = ad.concat([known, stream.novel])
+    truth = query.obs[stream.labels_key].astype(str).to_numpy()
+    is_novel = np.isin(truth, stream.novel_types)
+    start = time.perf_counter()
+    outputs = model.predict_outputs(query, PredictOptions(novel=True, score=SCORES, fusion="bonferroni"))
+    seconds = time.perf_counter() - start
+    closed = outputs.probabilities.idxmax(axis=1).to_numpy()
+    rows = {}
+    for name in SCORES:
+        labels = np.where(outputs.pvalues[name] <= ALPHA, "Unassigned", closed).astype(object)
+        rows[name] = scored(truth, labels, is_novel, known.n_obs, outputs.scores[name].to_numpy())
+    for names in FUSIONS:
+        for fusion in FUSION_RULES:
+            fused = model.predict_outputs(query, PredictOptions(novel=True, score=names, fusion=fusion))
+            labels = np.where(fused.pvalue <= ALPHA, "Unassigned", closed).astype(object)
+            rows[f"{'+'.join(names)}/{fusion}"] = scored(truth, labels, is_novel, known.n_obs, fused.uncertainty)
+    return {
+        "closed_set_accuracy": float((closed[: known.n_obs] == truth[: known.n_obs]).mean()),
+        "n_known": int(known.n_obs),
+        "n_novel": int(is_novel.sum()),
+        "calibration_cells": int(model.calibration_cells_.n_obs),
+        "seconds_scoring_all": seconds,
+        "rules": rows,
+    }
+
+
+def run_task(task: tuple[str, str, int], args: argparse.Namespace) -> dict:
+    """Train (or with ``--rescore`` load) one model and score it; kept in the partial folder for ``--resume``."""
+    stream_name, novel, seed = task
+    set_threads(args.threads)
+    stream, bank = build(stream_name, novel)
+    directory = args.models / stream_name / f"{novel.replace('/', '_')}_seed{seed}"
+    start = time.perf_counter()
+    if args.rescore:
+        model = canal.CANAL.load(directory)
+    else:
+        epochs = args.epochs or (ZEISEL_EPOCHS if stream_name == "zeisel_class" else None)
+        kwargs = {**canal_train_kwargs(epochs), "rehearsal_size": bank}
+        genes = args.zeisel_genes if stream_name == "zeisel_class" else STREAMS[stream_name].n_top_genes
+        prefix = f"[{stream_name} without {novel} seed {seed}]"
+        result = run_stream(
+            stream, arch=CANAL_SETTINGS["arch"], n_top_genes=genes, seed=seed, novel=False,
+            log=lambda line: print(prefix, line, flush=True), **kwargs,
+        )  # fmt: skip
+        model = result.model
+        model.save(directory, overwrite=True)
+    run = {"stream": stream_name, "novel": novel, "seed": seed, "rehearsal_size": bank, **score_model(model, stream)}
+    run["seconds"] = time.perf_counter() - start
+    fused = run["rules"][f"{'+'.join(FUSIONS[0])}/{FUSION_RULES[0]}"]
+    print(f"[{stream_name} without {novel} seed {seed}] auroc {fused['auroc']:.3f} h {fused['h_score']:.3f}")
+    partial = partial_dir(args.output) / stream_name / f"{novel.replace('/', '_')}_seed{seed}.json"
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_text(json.dumps(run))
+    return run
+
+
+def partial_dir(output: Path) -> Path:
+    return Path(tempfile.gettempdir()) / f"{output.stem}_partial"
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Mean and sd over runs (types and seeds) of every metric of every rule; all types, distant, close."""
+    summary = {}
+    for group in ("all", "distant", "close"):
+        chosen = [
+            run
+            for run in runs
+            if group == "all" or (run["novel"] in CLOSE_TYPES.get(run["stream"], [])) == (group == "close")
+        ]
+        if not chosen:
+            continue
+        rules = chosen[0]["rules"]
+        summary[group] = {
+            "runs": len(chosen),
+            "types": sorted({run["novel"] for run in chosen}),
+            "rules": {
+                rule: {
+                    metric: summarise_values([run["rules"][rule][metric] for run in chosen]) for metric in rules[rule]
+                }
+                for rule in rules
+            },
+        }
+    return summary
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams", nargs="+", default=["zeisel_class", "pbmc68k", "synthetic"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--zeisel-seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--types", nargs="+", default=None, help="withhold only these types (default: each type)")
+    parser.add_argument("--zeisel-genes", type=int, default=ZEISEL_GENES, help="HVG panel on zeisel_class")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per stage for every stream")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--resume", action="store_true", help="reuse the runs completed so far")
+    parser.add_argument("--assemble", action="store_true", help="write the report from the runs completed so far")
+    parser.add_argument("--rescore", action="store_true", help="score the saved models again, training nothing")
+    parser.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "leave_types_out_models")
+    parser.add_argument("--quick", action="store_true", help="2 types of pbmc68k, 1 seed, 2 epochs, temp output")
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.streams, args.seeds, args.epochs = ["pbmc68k"], [0], 2
+    args.output = args.output or (Path(tempfile.gettempdir()) / "leave_types_out_quick.json" if args.quick else RESULTS)
+    return args
+
+
+def tasks_of(args: argparse.Namespace) -> list[tuple[str, str, int]]:
+    tasks = []
+    for name in args.streams:
+        types = withheld_types(name)[:2] if args.quick else withheld_types(name)
+        if args.types is not None:  # in the order given
+            types = [novel for novel in args.types if novel in types]
+        seeds = args.zeisel_seeds if name == "zeisel_class" else args.seeds
+        tasks += [(name, novel, seed) for seed in seeds for novel in types]
+    return tasks
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    tasks = tasks_of(args)
+    runs = {}
+    if args.resume or args.assemble:
+        for task in tasks:
+            path = partial_dir(args.output) / task[0] / f"{task[1].replace('/', '_')}_seed{task[2]}.json"
+            if path.exists():
+                runs[task] = json.loads(path.read_text())
+    if not args.assemble:
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {task: pool.submit(run_task, task, args) for task in tasks if task not in runs}
+            runs.update({task: future.result() for task, future in futures.items()})
+    report = {
+        "machine": machine_info(),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "zeisel_epochs": args.epochs or ZEISEL_EPOCHS,
+        "zeisel_genes": args.zeisel_genes,
+        "canal_settings": CANAL_SETTINGS,
+        "alpha": ALPHA,
+        "close_types": CLOSE_TYPES,
+        "results": {},
+    }
+    for name in args.streams:
+        done = [runs[task] for task in tasks if task[0] == name and task in runs]
+        if done:
+            report["results"][name] = {"runs": done, "summary": summarise(done)}
+    report["seconds_total"] = time.perf_counter() - start
+    write_report(report, args.output)
+    print_tables(report)
+    print(f"\nwrote {args.output} ({report['seconds_total'] / 60:.1f} min)")
+    return report
+
+
+def print_tables(report: dict) -> None:
+    """Per stream and group, as Markdown: every rule, mean ± sd over types and seeds."""
+    columns = ["auroc", "unknown_recall", "known_rejection", "known_accuracy", "h_score"]
+    for stream, content in report["results"].items():
+        for group, summary in content["summary"].items():
+            print(f"\n### {stream}, {group} types ({summary['runs']} runs: {', '.join(summary['types'])})\n")
+            print("| score | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))
+            for rule, metrics in summary["rules"].items():
+                cells = [f"{metrics[c]['mean']:.3f} ± {metrics[c]['sd'] or 0:.3f}" for c in columns]
+                print(f"| {rule} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""The input-space novelty score, fused conformal p-values, and the calibration cells that chose nothing."""
+
+import json
+import logging
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+import scanpy_canal as canal
+from scanpy_canal._directories import file_checksums
+from scanpy_canal.model._conformal import CALIBRATION_SHARE, conformal_pvalues, split_held_out
+from scanpy_canal.model._input_space import InputReference
+from scanpy_canal.model._scores import fuse_pvalues
+
+
+def test_fused_rule_rejects_known_cells_at_most_alpha():
+    """Two dependent scores, each exchangeable between calibration and known cells: the fused rule's rejection rate
+    stays within a binomial bound of alpha (Bonferroni is conservative, so well below it here)."""
+    rng = np.random.default_rng(0)
+    n_repeats, n_calibration, n_known, alpha = 60, 400, 400, 0.05
+
+    def cells(n):
+        shared = rng.normal(size=n)  # the two scores are correlated, as the energy and the input distance are
+        scores = [torch.as_tensor(shared + rng.normal(size=n)), torch.as_tensor(rng.gamma(2.0, size=n) + shared)]
+        return scores, torch.as_tensor(rng.choice(2, size=n))
+
+    rejected = []
+    for _ in range(n_repeats):
+        (calibration, calibration_predicted), (known, predicted) = cells(n_calibration), cells(n_known)
+        pvalues = [
+            conformal_pvalues(score, predicted, reference, calibration_predicted)
+            for score, reference in zip(known, calibration, strict=True)
+        ]
+        fused = fuse_pvalues(pvalues)
+        assert torch.all(fused <= 1) and torch.all(fused >= torch.minimum(*pvalues))
+        rejected.append((fused <= alpha).numpy())
+    rate, n = np.concatenate(rejected).mean(), n_repeats * n_known
+    assert rate <= stats.binom.ppf(0.999, n, alpha) / n
+    assert rate >= alpha / 2 - 0.01  # not a rule that rejects nothing
+
+
+def test_split_held_out_calibrates_on_cells_that_choose_nothing():
+    codes = np.array([0] * 30 + [1] * 6 + [2] * 1 + [0] * 10)  # 37 stage cells, then 10 bank cells
+    held_out = np.array([*range(0, 30, 3), 30, 31, 32, 36, 40, 41])
+    early, calibration = split_held_out(codes, held_out, 37, np.random.default_rng(0))
+    assert not set(early) & set(calibration) and set(early) | set(calibration) == set(held_out)
+    assert {40, 41} <= set(early) and set(calibration) < set(range(37))  # bank rows only choose the epoch
+    assert np.sum(codes[calibration] == 0) == round(CALIBRATION_SHARE * 10)
+    assert 36 in early  # a type with one held-out cell keeps it for early stopping
+
+
+def test_a_cell_gets_the_same_call_alone_in_a_batch_and_from_a_backed_file(two_stage_model, small_stream, tmp_path):
+    query = ad.concat([*small_stream.test, small_stream.novel])
+    batch = two_stage_model.get_novelty(query)
+    alone = [two_stage_model.get_novelty(query[i : i + 1]) for i in range(0, query.n_obs, 7)]
+    np.testing.assert_allclose(
+        np.concatenate([frame["pvalue"] for frame in alone]), batch["pvalue"].to_numpy()[::7], rtol=1e-6
+    )
+    query.write_h5ad(tmp_path / "query.h5ad")
+    backed = ad.read_h5ad(tmp_path / "query.h5ad", backed="r")
+    labels = two_stage_model.predict(backed, novel=True, chunk_size=16)
+    np.testing.assert_array_equal(labels, two_stage_model.predict(query, novel=True))
+    assert (labels == "Unassigned").any()
+
+
+def test_input_reference_survives_save_and_load(two_stage_model, two_stage_model_dir, small_stream):
+    loaded = canal.CANAL.load(two_stage_model_dir)
+    for name, value in two_stage_model.input_reference_.to_tensors().items():
+        torch.testing.assert_close(loaded.input_reference_.to_tensors()[name], value, rtol=0, atol=0)
+    query = ad.concat([*small_stream.test, small_stream.novel])
+    np.testing.assert_array_equal(
+        loaded.get_novelty(query, score="input")["pvalue"], two_stage_model.get_novelty(query, score="input")["pvalue"]
+    )
+
+
+def test_a_model_saved_without_input_reference_predicts_and_says_so_once(
+    two_stage_model, small_stream, tmp_path, caplog
+):
+    two_stage_model.save(tmp_path / "old")
+    weights = torch.load(tmp_path / "old" / "weights.pt", weights_only=True)
+    torch.save({"network": weights["network"]}, tmp_path / "old" / "weights.pt")  # as saved before this change
+    metadata = json.loads((tmp_path / "old" / "model.json").read_text())
+    metadata["sha256"] = file_checksums(tmp_path / "old", exclude="model.json")
+    (tmp_path / "old" / "model.json").write_text(json.dumps(metadata))
+    old = canal.CANAL.load(tmp_path / "old")
+    assert old.input_reference_ is None
+    query = ad.concat([*small_stream.test, small_stream.novel])
+    with caplog.at_level(logging.WARNING, logger="scanpy_canal"):
+        labels = old.predict(query, novel=True)
+        old.predict(query, novel=True)
+    said = [record.getMessage() for record in caplog.records if "input-space reference" in record.getMessage()]
+    assert len(said) == 1 and "energy alone" in said[0]
+    np.testing.assert_array_equal(labels, two_stage_model.predict(query, novel=True, score="energy"))
+    with pytest.raises(ValueError, match="no input-space reference"):
+        old.predict(query, novel=True, score="input")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"score": ("input", "input")}, "names a score twice"),
+        ({"score": ("input", "entropy")}, "score must be one of"),
+        ({"score": ()}, "score must be one of"),
+        ({"score": ["input", "mix"], "threshold": "calibrated"}, "fused through conformal p-values"),
+        ({"score": ("input", "energy"), "threshold": 0.5}, "fused through conformal p-values"),
+    ],
+)
+def test_bad_score_options_are_clear_errors(two_stage_model, small_stream, options, message):
+    with pytest.raises(ValueError, match=message):
+        two_stage_model.predict(small_stream.test[0], novel=True, **options)
+
+
+def test_input_reference_rejects_a_damaged_file():
+    space = InputReference.fit(np.random.default_rng(0).random((30, 6)), np.ones((4, 6)), seed=0)
+    tensors = space.to_tensors()
+    with pytest.raises(ValueError, match="panel of 7 genes"):
+        InputReference.from_tensors(tensors, 7)
+    with pytest.raises(ValueError, match="lacks"):
+        InputReference.from_tensors({"mean": tensors["mean"]}, 6)
