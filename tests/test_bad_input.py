@@ -145,6 +145,7 @@ def test_natural_log_values_are_refused_until_normalised(tmp_path, capsys):
     raw.obs["cell_type"] = raw.obs["bulk_labels"]
     normalised = canal.pp.normalize(raw, copy=True)
     model = canal.CANAL(register(normalised), **TINY_ARCH)
+    model.train(**ONE_EPOCH)  # an untrained model refuses to predict before it reads the data
     before = raw.copy()
     calls = [
         lambda: canal.CANAL(register(raw), **TINY_ARCH),
