@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from scanpy_canal._logging import quiet_training
-from scanpy_canal.pp._align import panel_columns, scatter_columns
+from scanpy_canal.pp import panel_columns, scatter_columns
 
 from ._data import check_expression, layer_matrix, setup_args
 from ._streaming import forward_chunks, forward_settings

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -19,8 +19,8 @@ from scanpy_canal.pp import panel_columns, scatter_columns
 from ._conformal import conformal_pvalues, score_thresholds
 from ._data import check_expression, layer_matrix, modality, registered_gene_symbols, setup_args
 from ._novelty import calibrated_reference, mixup_reference
-from ._options import FALLBACK_SCORE, Precision, PredictOptions, check_precision
-from ._scores import BANK_SCORES, ScoreReference, fuse_pvalues, scaled_maximum
+from ._options import FALLBACK_SCORE, Fusion, Precision, PredictOptions, check_precision, from_arguments
+from ._scores import BANK_SCORES, Score, ScoreReference, fuse_pvalues, scaled_maximum
 from ._streaming import ForwardSettings, forward_chunks, forward_settings
 from ._tree import decode, has_children
 
@@ -83,6 +83,56 @@ class InferenceMixin:
         network = self.module.network
         batch_size = batch_size or self.module.inference_batch_size(next(network.parameters()).device)
         return forward_in_batches(network, x, batch_size, precision)
+
+    def get_latent_representation(
+        self,
+        adata: ad.AnnData | MuData | None = None,
+        *,
+        batch_size: int | None = None,
+        precision: Precision = "auto",
+        chunk_size: int = 10_000,
+        gene_symbols: str | None = None,
+        min_gene_overlap: float = 0.1,
+        mod: str = "rna",
+    ) -> np.ndarray:
+        """The 64-d embedding of each cell (the head's ``fc2`` output), shape ``(n_obs, 64)``.
+
+        The options are those of :meth:`predict`.
+        """
+        return self.predict_outputs(adata, from_arguments(PredictOptions, locals())).embedding
+
+    def get_novelty(
+        self,
+        adata: ad.AnnData | MuData | None = None,
+        *,
+        score: Score | Sequence[Score] | None = None,
+        fusion: Fusion = "bonferroni",
+        temperature: float = 0.8,
+        batch_size: int | None = None,
+        precision: Precision = "auto",
+        chunk_size: int = 10_000,
+        gene_symbols: str | None = None,
+        min_gene_overlap: float = 0.1,
+        mod: str = "rna",
+    ) -> pd.DataFrame:
+        """Each cell's closed-set prediction, novelty scores and conformal p-values, to unassign at any `alpha` later.
+
+        A known cell's p-value is at most `alpha` with probability at most `alpha`; ``predict(novel=True, alpha=a)``
+        unassigns the cells whose p-value is at most ``a``. The options are those of :meth:`predict`.
+
+        Returns
+        -------
+        A DataFrame indexed by ``obs_names``: ``prediction`` (the most probable type), ``score`` (with several
+        scores, one minus the fused p-value), ``pvalue`` (fused), then ``{name}_score`` and ``{name}_pvalue`` for
+        each score (the smallest p-value says which score flags the cell).
+
+        Examples
+        --------
+        >>> novelty = model.get_novelty(query)  # doctest: +SKIP
+        >>> labels = novelty["prediction"].where(novelty["pvalue"] > 0.01, "Unassigned")  # doctest: +SKIP
+        """
+        outputs = self.predict_outputs(adata, from_arguments(PredictOptions, {**locals(), "novel": True}))
+        return outputs.novelty_frame()
 
     def _forward_query(self, adata: ad.AnnData, options: PredictOptions, project: bool) -> dict[str, torch.Tensor]:
         """Manifold, embedding and logits of every cell of `adata`, here or on the `devices` of `options`.

@@ -43,11 +43,11 @@ from ._data import (
 )
 from ._input_space import MAX_REFERENCE_CELLS, InputReference
 from ._module import ROW_KEY
-from ._options import PredictOptions, StageSettings
+from ._options import StageSettings
 from ._precision import resolve_precision, training_device
 from ._progress import StageTimeEstimate, progress_callbacks
-from ._relations import false_call_shares, find_relations, reverse_shares
 from ._schedule import cosine_warm_restarts
+from ._stage_relations import RelationFindingMixin
 from ._training_plan import MIN_LR, BestEpochEarlyStopping, stage_outcome
 from ._tree import grow_tree, has_children, subtree_matrix
 
@@ -93,7 +93,7 @@ class _Fit:
     epochs: pd.DataFrame  # per-epoch metrics
 
 
-class StageTrainingMixin:
+class StageTrainingMixin(RelationFindingMixin):
     """The stage procedure of :class:`~scanpy_canal.CANAL`.
 
     Reads and updates the model's ``module``, ``cell_types_``, ``example_bank_``, ``calibration_cells_``, ``stage_``,
@@ -199,45 +199,6 @@ class StageTrainingMixin:
         )
         training = ad.AnnData(sparse.vstack(matrices, format="csr", dtype=np.float32), obs=obs)
         return _StageCells(data, labels, training, cell_types, new_types, new_parents, evidence)
-
-    def _find_relations(
-        self, data: ad.AnnData, labels: np.ndarray, new_types: list[str], threshold: float
-    ) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
-        """The relations of the new types to the known ones, from the model's calls of the stage's cells before it."""
-        if self.stage_ == 0 or not new_types:
-            return {}, {}
-        with torch.random.fork_rng(devices=[]):  # the stage trains from the same random state as without it
-            outputs = self.predict_outputs(data, PredictOptions(novel=self.calibration_cells_ is not None))
-        if self.calibration_cells_ is None:
-            logger.info("No calibration cells: relations are found from closed-set calls, without novel-cell calls.")
-        relations, evidence = find_relations(
-            outputs.labels,
-            labels,
-            self.cell_types_,
-            new_types,
-            self.cell_type_parents_,
-            threshold=threshold,
-            false_calls=self._false_calls(),
-            reverse=self._reverse_shares(data, labels),
-        )
-        for child, parent in relations.items():
-            logger.info("Cell-type tree: %r is found to be a child of %r.", child, parent)
-        return relations, evidence
-
-    def _reverse_shares(self, data: ad.AnnData, labels: np.ndarray) -> pd.DataFrame | None:
-        """The reverse check of the relations: the known types' held-out cells classified by the stage's labels."""
-        reference = self.calibration_cells_ if self.calibration_cells_ is not None else self.example_bank_
-        if reference is None or reference.n_obs == 0 or len(set(labels)) < 2:
-            return None
-        return reverse_shares(data.X, labels, reference.X, reference.obs["cell_type"].astype(str).to_numpy())
-
-    def _false_calls(self) -> dict[str, float] | None:
-        """Per known type, the share of the calibration cells of the other types the model calls it (closed set)."""
-        if self.calibration_cells_ is None:
-            return None
-        logits = self._calibration_outputs()["logits"]
-        called = np.asarray(self.cell_types_, dtype=object)[logits.argmax(dim=-1).numpy()]
-        return false_call_shares(called, self.calibration_cells_.obs["cell_type"].astype(str), self.cell_types_)
 
     # ------------------------------------------------------------------------------------------------- fitting
     def _fit(self, cells: _StageCells, stage: int, settings: StageSettings) -> _Fit:
