@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from scanpy_canal._logging import quiet_training
 from scanpy_canal.pp import panel_columns, scatter_columns
 
-from ._data import check_expression, layer_matrix, setup_args
+from ._data import check_expression, layer_matrix, registered_gene_symbols, setup_args
 from ._streaming import forward_chunks, forward_settings
 
 if TYPE_CHECKING:
@@ -34,9 +34,8 @@ def distributed_forward(model: Any, adata: ad.AnnData, options: PredictOptions) 
     `model` is a trained :class:`~scanpy_canal.CANAL`; its network is back on its device afterwards.
     """
     _, layer = setup_args(type(model), adata)
-    columns, found = panel_columns(
-        adata, model.genes_, gene_symbols=options.gene_symbols, min_overlap=options.min_gene_overlap
-    )
+    gene_symbols = options.gene_symbols or registered_gene_symbols(type(model), adata)
+    columns, found = panel_columns(adata, model.genes_, gene_symbols=gene_symbols, min_overlap=options.min_gene_overlap)
     chunks = QueryChunks(adata, layer, columns, found, options.chunk_size)
     loader = DataLoader(chunks, batch_size=1, shuffle=False, collate_fn=_only)
     network = model.module.network
