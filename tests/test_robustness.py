@@ -397,3 +397,20 @@ def test_the_interruption_line_says_what_was_stopped_and_what_is_left(saved_pair
     assert interruption(Namespace(command="pretrain", output=missing), signal.SIGTERM) == (
         f"scanpy-canal: pretraining interrupted by SIGTERM; no encoder was saved to {str(missing)!r}."
     )
+
+
+def test_an_interrupted_prediction_output_leaves_the_old_file(tmp_path):
+    """``scanpy-canal predict`` writes beside --output and replaces it at the end: a stopped write changes nothing."""
+    from scanpy_canal.cli._predict import replaced_when_written
+
+    output = tmp_path / "annotated.csv"
+    output.write_text("old\n")
+    with pytest.raises(KeyboardInterrupt), replaced_when_written(output) as partial:
+        partial.write_text("half a ta")
+        raise KeyboardInterrupt
+    assert output.read_text() == "old\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["annotated.csv"]
+    with replaced_when_written(output) as partial:
+        partial.write_text("new\n")
+    assert output.read_text() == "new\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["annotated.csv"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -149,13 +151,14 @@ def run(args: argparse.Namespace) -> None:
 
         mirror_obs(data, adata, args.mod or DEFAULT_MOD, _obs_columns(adata, args.key_added))
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    if args.output.suffix == ".csv":
-        _prediction_table(adata, args.key_added).to_csv(args.output, index_label="obs_names")
-    elif data is adata:
-        adata.write_h5ad(args.output)
-    else:
-        with mudata_quietly():
-            data.write_h5mu(args.output)
+    with replaced_when_written(args.output) as partial:
+        if args.output.suffix == ".csv":
+            _prediction_table(adata, args.key_added).to_csv(partial, index_label="obs_names")
+        elif data is adata:
+            adata.write_h5ad(partial)
+        else:
+            with mudata_quietly():
+                data.write_h5mu(partial)
     predictions = adata.obs[f"{args.key_added}_prediction"]
     unassigned = f", {int((predictions == 'Unassigned').sum())} Unassigned" if args.novel else ""
     print(f"annotated {adata.n_obs} cells with the stage-{model.stage} model{unassigned}; wrote {args.output}")
@@ -224,3 +227,17 @@ def _prediction_table(adata: AnnData, key: str) -> pd.DataFrame:
 def _obs_columns(adata: AnnData, key: str) -> list[str]:
     """The columns of ``canal.tl.annotate`` in ``adata.obs``."""
     return [f"{key}_{name}" for name in _OBS_NAMES if f"{key}_{name}" in adata.obs]
+
+
+@contextlib.contextmanager
+def replaced_when_written(path: Path) -> Iterator[Path]:
+    """A file beside `path` to write into, which replaces `path` once written.
+
+    An interrupted or failed write (SIGTERM, a full disk) leaves `path` as it was and nothing beside it.
+    """
+    partial = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
