@@ -50,7 +50,7 @@ def test_demo_pretrains_on_a_panel_smaller_than_n_top_genes():
     from scanpy_canal._demo import run_stream
     from scanpy_canal.datasets import synthetic_stream
 
-    stream = synthetic_stream(n_stages=2, n_genes=30, cells_per_type=8, n_novel_types=0)
+    stream = synthetic_stream(n_stages=2, n_genes=30, cells_per_type=12, n_novel_types=0)  # a calibration cell a type
     stream.train[0].X[:, 0] = 0
     stream.train[0].X.eliminate_zeros()
     tiny = {"dim": 8, "depth": 2, "heads": 2, "dim_head": 4}
