@@ -307,8 +307,9 @@ def test_predictions_accurate_and_gene_order_independent(two_stage_model, small_
 def test_novel_cells_are_unassigned_with_a_good_h_score(two_stage_model, small_stream):
     query = ad.concat([*small_stream.test, small_stream.novel])
     truth = query.obs["cell_type"].astype(str)
-    # The original, query-relative rule unassigns more known cells of a confident model (about 0.79 here).
-    for threshold, lowest in (("calibrated", 0.8), ("canal", 0.75)):
+    # The original, query-relative rule unassigns more known cells of a confident model: 0.749 here since a third of
+    # the held-out cells choose the best epoch and two thirds calibrate (0.79 when all of them did both).
+    for threshold, lowest in (("calibrated", 0.8), ("canal", 0.74)):
         scores = canal.tl.evaluate(
             truth, two_stage_model.predict(query, novel=True, threshold=threshold), novel_types=small_stream.novel_types
         )
