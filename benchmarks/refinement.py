@@ -13,7 +13,7 @@ names, with the monocytes and dendritic cells. The test has every type under its
 
 Methods, scored on the test after stage 2:
 
-- ``canal_tree``: CANAL at its defaults (relations found from the data, ``parents=None``);
+- ``canal_tree``: CANAL with relations found from the data (``parents="find"``);
 - ``canal_flat``: the same with ``parents={}``: every name its own class, as before the tree;
 - ``lr_drop_coarse``: logistic regression on both stages' cells, the cells named ``"T cell"`` thrown away;
 - ``lr_coarse_class``: logistic regression on both stages' cells, ``"T cell"`` a class of its own.
@@ -111,7 +111,7 @@ def train_canal(stages: list[ad.AnnData], seed: int, epochs: int | None, **train
 
 
 def canal_tree(stages, test, seed, epochs) -> dict:
-    model = train_canal(stages, seed, epochs)
+    model = train_canal(stages, seed, epochs, parents="find")
     truth = test.obs["cell_type"].astype(str).to_numpy()
     probabilities = model.predict(test, soft=True).to_numpy()
     by_threshold = {}
@@ -144,7 +144,7 @@ def plain_stream(seed: int, epochs: int | None) -> dict:
     stream = canal.datasets.pbmc68k_stream(seed=0)
     test = ad.concat(stream.test)
     truth = test.obs["cell_type"].astype(str).to_numpy()
-    found = train_canal(stream.train, seed, epochs)
+    found = train_canal(stream.train, seed, epochs, parents="find")
     run = {
         "new_parents": [record["new_parents"] for record in found.stage_history_],
         "relation_evidence": [record["relation_evidence"] for record in found.stage_history_],

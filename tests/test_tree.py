@@ -34,7 +34,7 @@ def refined_model(refinement_stream):
     first, second, _ = refinement_stream
     model = canal.CANAL(first, trainable_blocks=(-2,), **TINY_ARCH)
     model.train(**SETTINGS)
-    model.train(second, **SETTINGS)
+    model.train(second, parents="find", **SETTINGS)
     return model
 
 
@@ -169,7 +169,7 @@ def test_the_tree_survives_save_and_load_and_an_older_model_loads_flat(refined_m
 def test_a_stream_without_refinements_trains_as_without_the_tree(small_stream):
     """No relation found: the same loss values, epoch by epoch, as with ``parents={}``."""
     histories = []
-    for parents in (None, {}):
+    for parents in ("find", {}):
         model = canal.CANAL(register(small_stream.train[0]), **TINY_ARCH)
         model.train(**{**SETTINGS, "max_epochs": 2})
         model.train(register(small_stream.train[1]), parents=parents, **{**SETTINGS, "max_epochs": 2})

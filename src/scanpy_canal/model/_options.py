@@ -50,7 +50,7 @@ class StageSettings:
     accelerator: str
     devices: int | list[int] | str
     repeated_cells: Literal["warn", "error"] = "warn"
-    parents: Mapping[str, str] | None = None
+    parents: Mapping[str, str] | Literal["find"] | None = None
     relation_threshold: float = RELATION_THRESHOLD
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -58,11 +58,13 @@ class StageSettings:
         check_precision(self.precision)
         if self.repeated_cells not in ("warn", "error"):
             raise ValueError(f"repeated_cells must be 'warn' or 'error', got {self.repeated_cells!r}.")
-        if self.parents is not None and not (
+        if self.parents not in (None, "find") and not (
             isinstance(self.parents, Mapping)
             and all(isinstance(k, str) and isinstance(v, str) for k, v in self.parents.items())
         ):
-            raise TypeError(f"parents must map cell-type names to their parents' names, got {self.parents!r}.")
+            raise TypeError(
+                f"parents must be 'find' or map cell-type names to their parents' names, got {self.parents!r}."
+            )
         if not (_is_number(self.relation_threshold) and 0.5 < self.relation_threshold <= 1):
             raise ValueError(f"relation_threshold must be a share in (0.5, 1], got {self.relation_threshold!r}.")
         if not isinstance(self.calibration_size, int) or self.calibration_size < 0:

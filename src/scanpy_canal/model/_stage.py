@@ -183,10 +183,10 @@ class StageTrainingMixin(RelationFindingMixin):
     def _assemble(self, data: ad.AnnData, labels: np.ndarray, settings: StageSettings) -> _StageCells:
         """The stage's cells plus the replayed bank, with label codes over the known and the new cell types."""
         new_types = sorted(set(labels) - set(self.cell_types_))
-        if settings.parents is not None:
-            new_parents, evidence = dict(settings.parents), {}
-        else:
+        if settings.parents == "find":
             new_parents, evidence = self._find_relations(data, labels, new_types, settings.relation_threshold)
+        else:
+            new_parents, evidence = dict(settings.parents or {}), {}
         cell_types = self.cell_types_ + new_types
         matrices, names = [data.X], [labels]
         if self.example_bank_ is not None and self.example_bank_.n_obs > 0:
