@@ -15,7 +15,7 @@ from scvi import REGISTRY_KEYS
 from scvi.data._constants import _SCVI_UUID_KEY
 from scvi.data.fields import CategoricalObsField, LayerField
 
-from scanpy_canal.pp import gene_names, is_natural_log1p
+from scanpy_canal.pp import gene_names, is_natural_log1p, panel_columns, scatter_columns
 
 if TYPE_CHECKING:
     from mudata import MuData
@@ -107,6 +107,31 @@ def read_labels(adata: ad.AnnData, labels_key: str) -> np.ndarray:
             "a cell type. Drop those cells first, e.g. `adata = adata[adata.obs[key].notna()].copy()`."
         )
     return column.astype(str).to_numpy()
+
+
+def query_panel(
+    model_cls: type[BaseModelClass],
+    adata: ad.AnnData,
+    genes: Sequence[str],
+    *,
+    gene_symbols: str | None,
+    min_overlap: float,
+) -> tuple[str | None, np.ndarray, np.ndarray]:
+    """Where a query's panel values are read: its registered layer and its columns of `genes`.
+
+    Columns as :func:`~scanpy_canal.pp.panel_columns` finds them, by `gene_symbols` or else the registered column.
+    """
+    _, layer = setup_args(model_cls, adata)
+    gene_symbols = gene_symbols or registered_gene_symbols(model_cls, adata)
+    columns, found = panel_columns(adata, genes, gene_symbols=gene_symbols, min_overlap=min_overlap)
+    return layer, columns, found
+
+
+def panel_chunk(x, start: int, size: int, columns: np.ndarray, found: np.ndarray) -> sparse.csr_matrix:
+    """Rows ``start:start + size`` of a query's matrix `x` in the panel (missing genes zero), checked."""
+    chunk = scatter_columns(x[start : start + size][:, columns], found)
+    check_expression(chunk, what="the query")
+    return chunk
 
 
 def check_expression(x: sparse.csr_matrix | np.ndarray, *, what: str = "adata") -> None:

@@ -19,9 +19,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from scanpy_canal._logging import quiet_training
-from scanpy_canal.pp import panel_columns, scatter_columns
 
-from ._data import check_expression, layer_matrix, registered_gene_symbols, setup_args
+from ._data import layer_matrix, panel_chunk, query_panel
 from ._streaming import forward_chunks, forward_settings
 
 if TYPE_CHECKING:
@@ -33,9 +32,9 @@ def distributed_forward(model: Any, adata: ad.AnnData, options: PredictOptions) 
 
     `model` is a trained :class:`~scanpy_canal.CANAL`; its network is back on its device afterwards.
     """
-    _, layer = setup_args(type(model), adata)
-    gene_symbols = options.gene_symbols or registered_gene_symbols(type(model), adata)
-    columns, found = panel_columns(adata, model.genes_, gene_symbols=gene_symbols, min_overlap=options.min_gene_overlap)
+    layer, columns, found = query_panel(
+        type(model), adata, model.genes_, gene_symbols=options.gene_symbols, min_overlap=options.min_gene_overlap
+    )
     chunks = QueryChunks(adata, layer, columns, found, options.chunk_size)
     loader = DataLoader(chunks, batch_size=1, shuffle=False, collate_fn=_only)
     network = model.module.network
@@ -73,10 +72,7 @@ class QueryChunks(Dataset):
         if self.adata is None:  # a backed file is opened anew in every process
             self.adata = ad.read_h5ad(self.path, backed="r")
         x = layer_matrix(self.adata, self.layer)
-        start = index * self.size
-        chunk = scatter_columns(x[start : start + self.size][:, self.columns], self.found)
-        check_expression(chunk, what="the query")
-        return index, chunk
+        return index, panel_chunk(x, index * self.size, self.size, self.columns, self.found)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

@@ -14,10 +14,9 @@ import torch
 from scipy import sparse
 
 from scanpy_canal.nn import PerformerLM
-from scanpy_canal.pp import panel_columns, scatter_columns
 
 from ._conformal import conformal_pvalues, score_thresholds
-from ._data import check_expression, layer_matrix, modality, registered_gene_symbols, setup_args
+from ._data import layer_matrix, modality, panel_chunk, query_panel
 from ._novelty import calibrated_reference, mixup_reference
 from ._options import FALLBACK_SCORE, Fusion, Precision, PredictOptions, check_precision, from_arguments
 from ._scores import BANK_SCORES, Score, ScoreReference, fuse_pvalues, scaled_maximum
@@ -161,16 +160,12 @@ class InferenceMixin:
 
     def _query_chunks(self, adata: ad.AnnData, options: PredictOptions) -> Iterator[sparse.csr_matrix]:
         """The query's values in the gene panel, ``options.chunk_size`` cells at a time (from disk when backed)."""
-        _, layer = setup_args(type(self), adata)
-        gene_symbols = options.gene_symbols or registered_gene_symbols(type(self), adata)
-        columns, found = panel_columns(
-            adata, self.genes_, gene_symbols=gene_symbols, min_overlap=options.min_gene_overlap
+        layer, columns, found = query_panel(
+            type(self), adata, self.genes_, gene_symbols=options.gene_symbols, min_overlap=options.min_gene_overlap
         )
         x = layer_matrix(adata, layer)
         for start in range(0, adata.n_obs, options.chunk_size):
-            chunk = scatter_columns(x[start : start + options.chunk_size][:, columns], found)
-            check_expression(chunk, what="the query")
-            yield chunk
+            yield panel_chunk(x, start, options.chunk_size, columns, found)
 
     def predict_outputs(
         self, adata: ad.AnnData | MuData | None = None, options: PredictOptions | None = None
