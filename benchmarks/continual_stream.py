@@ -35,6 +35,8 @@ the stream's HVG panel (``n_top_genes``) and the stream's ``rehearsal_size``:
 - ``canal_no_distill``: the same with ``distill_weight=0``;
 - ``naive_finetune``: both off, plain sequential fine-tuning;
 - ``canal_random_bins``: ``canal`` with scBERT's random bin embeddings (``token_init="normal"``);
+- ``canal_unbalanced``, ``canal_block_minus2``: ``canal`` with one default of the random start set back to a
+  pretrained start's (an unweighted loss; the last but one block trains): the selection of defaults across streams;
 - ``canal_joint`` (upper bound): after each stage ``t``, a new CANAL model trained in one stage on the training cells
   of stages 1 to ``t`` together (panel: the HVGs of those cells);
 - ``lr_sequential``, ``lr_joint``, ``lr_bank``: logistic regression on all genes of the stream, refit after each
@@ -102,10 +104,11 @@ from scanpy_canal._demo import DEMO_ARCH, StreamResult, run_stream
 
 RESULTS = Path(__file__).resolve().parent / "results" / "continual_stream.json"
 #: Every CANAL run: the encoder and ``model.train``'s arguments beyond its defaults for a random start
-#: (``max_epochs`` comes from ``--epochs`` when given).
+#: (``max_epochs`` comes from ``--epochs`` when given). The environment variable ``CANAL_BENCHMARK_ACCELERATOR``
+#: (default ``"cpu"``) moves the training to another Lightning accelerator, e.g. ``"gpu"``, for every worker.
 CANAL_SETTINGS = {
     "arch": DEMO_ARCH,
-    "train": {"accelerator": "cpu", "enable_progress_bar": False},
+    "train": {"accelerator": os.environ.get("CANAL_BENCHMARK_ACCELERATOR", "cpu"), "enable_progress_bar": False},
 }
 #: Settings of each CANAL stream run beyond :data:`CANAL_SETTINGS`: ``model.train``'s, and ``arch`` updates its
 #: encoder.
@@ -115,6 +118,9 @@ CANAL_VARIANTS = {
     "canal_no_distill": {"distill_weight": 0},
     "naive_finetune": {"rehearsal_size": 0, "distill_weight": 0},
     "canal_random_bins": {"arch": {"token_init": "normal"}},
+    # The random start's defaults, one at a time back to a pretrained start's (issue 27's selection across streams).
+    "canal_unbalanced": {"balance_classes": False},
+    "canal_block_minus2": {"arch": {"trainable_blocks": (-2,)}},
 }
 REFIT_METHODS = [
     "canal_joint",

@@ -28,6 +28,8 @@ STYLE = {
     "canal_no_distill": ("no distillation", "C0", ":"),
     "naive_finetune": ("naive fine-tuning", "C3", "-"),
     "canal_random_bins": ("CANAL, random bins", "C4", "-."),
+    "canal_unbalanced": ("CANAL, unweighted loss", "C6", "--"),
+    "canal_block_minus2": ("CANAL, last but one block trains", "C7", "--"),
     "canal_joint": ("joint CANAL", "k", "-"),
     "lr_sequential": ("LR, last stage only", "C2", "--"),
     "lr_joint": ("LR, joint", "C2", "-"),

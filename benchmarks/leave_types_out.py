@@ -40,20 +40,27 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
+import torch
 from continual_stream import CANAL_SETTINGS, STREAMS, canal_train_kwargs, set_threads
 from encoder_throughput import machine_info, write_report
 from novelty import scored, summarise_values
+from scipy import sparse
 from zeisel import LEVELS, bank_shares, load_zeisel, zeisel_stream
 
 import scanpy_canal as canal
 from scanpy_canal._demo import run_stream
 from scanpy_canal.model import PredictOptions
+from scanpy_canal.model._conformal import conformal_pvalues
 from scanpy_canal.model._scores import SCORES
 
 RESULTS = Path(__file__).resolve().parent / "results" / "leave_types_out.json"
 ALPHA = 0.05
 FUSIONS = (("input", "energy"), ("input", "mix"), ("input", "knn"), ("input", "mahalanobis"))
 FUSION_RULES = ("scaled", "bonferroni")
+#: Variants of the ``"input"`` score (principal components kept, neighbour whose distance is the score), computed
+#: from each model's own input space and calibration cells, to choose the score's settings by measurement.
+INPUT_VARIANTS = tuple((components, k) for components in (10, 20, 30, 50) for k in (5, 15))
 #: Epochs per stage and HVG panel on zeisel_class (the time budget: a Zeisel run of the continual benchmark, 1,000
 #: genes and up to 15 epochs, takes 10 to 15 minutes alone); pbmc68k and synthetic keep train()'s default.
 ZEISEL_EPOCHS = 5
@@ -117,6 +124,9 @@ def score_model(model: canal.CANAL, stream: canal.datasets.Stream) -> dict:
             fused = model.predict_outputs(query, PredictOptions(novel=True, score=names, fusion=fusion))
             labels = np.where(fused.pvalue <= ALPHA, "Unassigned", closed).astype(object)
             rows[f"{'+'.join(names)}/{fusion}"] = scored(truth, labels, is_novel, known.n_obs, fused.uncertainty)
+    for (components, k), (scores, pvalues) in input_variants(model, query, outputs.probabilities).items():
+        labels = np.where(pvalues <= ALPHA, "Unassigned", closed).astype(object)
+        rows[f"input_pcs{components}_k{k}"] = scored(truth, labels, is_novel, known.n_obs, scores)
     return {
         "closed_set_accuracy": float((closed[: known.n_obs] == truth[: known.n_obs]).mean()),
         "n_known": int(known.n_obs),
@@ -125,6 +135,30 @@ def score_model(model: canal.CANAL, stream: canal.datasets.Stream) -> dict:
         "seconds_scoring_all": seconds,
         "rules": rows,
     }
+
+
+def input_variants(
+    model: canal.CANAL, query: ad.AnnData, probabilities: pd.DataFrame
+) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
+    """Each :data:`INPUT_VARIANTS`' scores of `query` and their conformal p-values (per predicted type, as
+    ``predict``), from the first principal components of the model's input space (its axes are in decreasing order
+    of variance, so the first ``c`` are the ``c``-component PCA)."""
+    reference, calibration = model.input_reference_, model.calibration_cells_
+    coordinates = reference.project(sparse.csr_matrix(canal.pp.align_genes(query, model.genes).X))
+    calibration_coordinates = reference.project(sparse.csr_matrix(calibration.X))
+    predicted = torch.as_tensor(probabilities.to_numpy().argmax(axis=1))
+    calibration_probabilities = model.predict_outputs(calibration, PredictOptions()).probabilities
+    calibration_predicted = torch.as_tensor(calibration_probabilities.to_numpy().argmax(axis=1))
+    variants = {}
+    for components, k in INPUT_VARIANTS:
+        cells = reference.cells[:, :components]
+        scores, calibration_scores = (
+            torch.cdist(rows[:, :components], cells).topk(k, largest=False).values[:, -1]
+            for rows in (coordinates, calibration_coordinates)
+        )
+        pvalues = conformal_pvalues(scores, predicted, calibration_scores, calibration_predicted)
+        variants[components, k] = (scores.numpy(), pvalues.numpy())
+    return variants
 
 
 def run_task(task: tuple[str, str, int], args: argparse.Namespace) -> dict:
