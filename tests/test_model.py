@@ -79,6 +79,21 @@ def test_balanced_loss_weights_the_replayed_types(small_stream):
     assert model.stage_history_[-1]["balance_classes"] and not model.stage_history_[-1]["split_bank"]
 
 
+def test_loss_inputs_follow_the_batch_to_its_device():
+    """Class weights and the subtree matrix are made on the CPU with the stage; on a GPU the batch is elsewhere (the
+    meta device stands in for it: mixing devices fails there as it does on CUDA)."""
+    from scvi import REGISTRY_KEYS
+
+    from scanpy_canal.model._module import CANALModule
+
+    module = CANALModule(n_genes=5, n_classes=3, arch=TINY_ARCH).train()
+    tensors = {REGISTRY_KEYS.LABELS_KEY: torch.tensor([0, 1, 2, 1], device="meta")}
+    outputs = {"logits": torch.randn(4, 3, device="meta"), "embedding": torch.randn(4, 16, device="meta")}
+    for subtrees in (None, torch.eye(3)):
+        loss = module.loss(tensors, outputs, {}, class_weight=torch.ones(3), subtrees=subtrees)
+        assert loss.loss.device.type == "meta"
+
+
 def test_bank_uses_prototype_row_of_the_type_by_name():
     # The stage brings only type "b", which is row 1 of the model's types; the original scored it against row 0.
     embedding = np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])

@@ -182,8 +182,11 @@ class CANALModule(BaseModuleClass):
         """
         labels = tensors[REGISTRY_KEYS.LABELS_KEY].view(-1).long()
         logits = inference_outputs["logits"]
+        # The loss inputs are made on the CPU with the stage; the batch may be on a GPU.
+        if subtrees is not None:
+            subtrees = subtrees.to(logits.device)
         # Validation scores the plain loss, the tie-break of early stopping.
-        weight = class_weight if self.training else None
+        weight = class_weight.to(logits.device) if class_weight is not None and self.training else None
         if subtrees is None:
             classification = F.cross_entropy(logits, labels, weight=weight, label_smoothing=label_smoothing)
             correct = logits.argmax(dim=-1) == labels
