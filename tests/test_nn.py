@@ -275,3 +275,47 @@ def test_ordinal_token_embedding():
     assert (torch.diff(bins[:-1] @ steps[0]) > 0).all()  # the bins are ordered along the step
     with pytest.raises(ValueError, match="token_init"):
         PerformerLM(**small, token_init="uniform")
+
+
+def test_encoder_start_options_keep_the_checkpoint_layout():
+    """A smaller bin step, zero residual branches and the head along the bins change the start, not the state dict:
+    a scBERT-shaped state dict loads into each with ``strict=True``."""
+    small = {"max_seq_len": 11, "dim": 16, "depth": 2, "heads": 2, "dim_head": 8}
+    reference = PerformerLM(**small, token_init="normal").state_dict()
+    stepped = PerformerLM(**small, bin_step=0.25)
+    identity = PerformerLM(**small, residual_init="zero")
+    tokens = torch.randint(0, 6, (3, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(identity.encode(tokens), identity.norm(identity.embed(tokens)))
+    for model in (stepped, identity):
+        assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in reference.items()}
+        model.load_state_dict(reference, strict=True)
+    for option in ({"residual_init": "ones"}, {"bin_step": 0}):
+        with pytest.raises(ValueError, match=next(iter(option))):
+            PerformerLM(**small, **option)
+
+
+def test_bin_step_sets_the_distance_between_bins():
+    small = {"max_seq_len": 11, "dim": 16, "depth": 1, "heads": 2, "dim_head": 8}
+    torch.manual_seed(0)
+    start = PerformerLM(**small, token_init="normal").token_emb.weight.detach()
+    torch.manual_seed(0)
+    bins = PerformerLM(**small, bin_step=0.25).token_emb.weight.detach()
+    steps = (bins[:-1] - ORDINAL_NOISE * start[:-1]).diff(dim=0)
+    assert steps[0].norm().item() == pytest.approx(0.25 * 16**0.5, rel=1e-5)
+
+
+def test_head_along_the_bins_scores_genes_by_their_bin():
+    """With identity blocks and no gene table, the head's per-gene score rises with the expression bin."""
+    from scanpy_canal.model._module import CANALModule
+
+    arch = {"dim": 16, "depth": 2, "heads": 2, "dim_head": 8, "residual_init": "zero", "head_init": "bins"}
+    module = CANALModule(n_genes=6, n_classes=2, arch=arch)
+    with torch.no_grad():
+        module.network.pos_emb.emb.weight.zero_()
+        hidden = module.network.encode(torch.tensor([[0, 1, 2, 3, 4, 5, 0]]))
+        head = module.head
+        scores = torch.nn.functional.linear(hidden, head.conv1.weight.view(1, -1), head.conv1.bias)[0, :6, 0]
+    assert (scores.diff() > 0).all()
+    with pytest.raises(ValueError, match="head_init"):
+        CANALModule(n_genes=6, n_classes=2, arch={**arch, "head_init": "uniform"})

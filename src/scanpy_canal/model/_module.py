@@ -33,15 +33,24 @@ class CANALModule(BaseModuleClass):
     n_classes
         Number of cell types.
     arch
-        Keyword arguments of :class:`~scanpy_canal.nn.PerformerLM` (``max_seq_len`` is set from `n_genes`).
+        Keyword arguments of :class:`~scanpy_canal.nn.PerformerLM` (``max_seq_len`` is set from `n_genes`), and
+        ``head_init``: ``"bins"`` points the head's per-gene score along the direction of the ordered expression bins
+        (:meth:`~scanpy_canal.nn.CANALHead.read_bins`; needs ``token_init="ordinal"``), ``"normal"`` (default)
+        leaves PyTorch's start.
     trainable_blocks
         Encoder blocks that learn; the final LayerNorm and the head always learn.
     """
 
     def __init__(self, *, n_genes: int, n_classes: int, arch: dict[str, Any], trainable_blocks: Sequence[int] = (-2,)):
         super().__init__()
-        self.network = PerformerLM(**{**arch, "max_seq_len": n_genes + 1})
+        encoder_arch = {key: value for key, value in arch.items() if key != "head_init"}
+        self.network = PerformerLM(**{**encoder_arch, "max_seq_len": n_genes + 1})
         self.network.to_out = CANALHead(n_genes + 1, self.network.config["dim"], n_classes)
+        head_init = arch.get("head_init", "normal")
+        if head_init == "bins":
+            self.head.read_bins(self.network.token_emb.weight)
+        elif head_init != "normal":
+            raise ValueError(f"head_init must be 'normal' or 'bins', got {head_init!r}.")
         set_trainable(self.network, blocks=trainable_blocks)
         self.teacher: PerformerLM | None = None
         self.teacher_embedding: torch.Tensor | None = None

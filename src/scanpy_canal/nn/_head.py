@@ -68,6 +68,20 @@ class CANALHead(nn.Module):
         return embedding, self.fc3(embedding)
 
     @torch.no_grad()
+    def read_bins(self, token_weight: torch.Tensor) -> None:
+        """Point the per-gene score along the ordered bins of `token_weight` (a ``token_init="ordinal"`` embedding).
+
+        Its bins (every row but the last) lie along one direction; scoring along it, a gene scores higher the higher
+        its expression bin from the start, rather than along a random direction of the normalised hidden state. The
+        direction is that from the first bin to the last, centred as the final LayerNorm centres its input, with
+        unit norm; the bias is zero.
+        """
+        direction = token_weight[-2] - token_weight[0]
+        direction = direction - direction.mean()
+        self.conv1.weight.copy_((direction / direction.norm()).view_as(self.conv1.weight))
+        self.conv1.bias.zero_()
+
+    @torch.no_grad()
     def add_classes(self, n_new: int) -> None:
         """Append `n_new` freshly initialised output rows; the existing rows keep their weights and order."""
         if n_new < 0:

@@ -124,6 +124,14 @@ class Performer(nn.Module):
         self.redraw_from = 0
         self.register_buffer("calls_since_last_redraw", torch.tensor(0))
 
+    @torch.no_grad()
+    def zero_residual_branches(self) -> None:
+        """Zero the last projection of every branch: each block then starts as the identity."""
+        for attention, feed_forward in self.net.layers:
+            for last in (attention.fn.to_out, feed_forward.fn.fn.w2):
+                last.weight.zero_()
+                last.bias.zero_()
+
     def redraw_features(self) -> None:
         """Redraw the random features of the blocks from ``redraw_from`` on, frozen ones included (scBERT: all)."""
         for attention, _ in self.net.layers[self.redraw_from :]:
@@ -151,18 +159,18 @@ ORDINAL_NOISE = 0.3
 
 
 @torch.no_grad()
-def order_token_embedding(weight: torch.Tensor) -> None:
+def order_token_embedding(weight: torch.Tensor, step: float = ORDINAL_STEP) -> None:
     """Space the expression-bin rows of a token embedding evenly along one direction, in place.
 
-    Row ``k`` of the bins (every row but the last, the mask token) becomes ``k * step * direction`` plus
-    :data:`ORDINAL_NOISE` times its random start, with ``step = ORDINAL_STEP * sqrt(dim)``. The direction is that from
+    Row ``k`` of the bins (every row but the last, the mask token) becomes ``k * step * sqrt(dim) * direction``
+    (a unit direction) plus :data:`ORDINAL_NOISE` times its random start; `step` defaults to :data:`ORDINAL_STEP`. The direction is that from
     the first bin's random row to the last one's, so no random number is drawn and the layers built after the
     embedding get the same weights as with a standard normal start. With bins that are random vectors, as scBERT
     starts, a model trained from random weights on a few hundred cells has to learn the order of the bins first.
     """
     n_bins = weight.shape[0] - 1
     direction = weight[n_bins - 1] - weight[0]
-    direction *= ORDINAL_STEP * math.sqrt(weight.shape[1]) / direction.norm()
+    direction *= step * math.sqrt(weight.shape[1]) / direction.norm()
     steps = torch.arange(n_bins, dtype=weight.dtype, device=weight.device)[:, None]
     weight[:n_bins] = steps * direction + ORDINAL_NOISE * weight[:n_bins]
 
@@ -220,6 +228,12 @@ class PerformerLM(nn.Module):
         (:func:`~scanpy_canal.nn.order_token_embedding`), so that a model trained from random weights can read
         expression levels from the start. ``"normal"``: PyTorch's standard normal rows, as in scBERT. Either way,
         pretrained weights replace it.
+    bin_step
+        With ``token_init="ordinal"``: distance between consecutive bins, per ``sqrt(dim)``.
+    residual_init
+        ``"zero"``: the last projection of every attention and feed-forward branch starts at zero, so each block
+        starts as the identity and a block that never trains stays one; ``"normal"``: PyTorch's default, as in
+        scBERT. The state dict's keys and shapes are the same either way.
 
     Examples
     --------
@@ -250,10 +264,16 @@ class PerformerLM(nn.Module):
         attn_dropout: float = 0.0,
         qkv_bias: bool = False,
         token_init: Literal["ordinal", "normal"] = "ordinal",
+        bin_step: float = ORDINAL_STEP,
+        residual_init: Literal["normal", "zero"] = "normal",
     ):
         super().__init__()
         if token_init not in ("ordinal", "normal"):
             raise ValueError(f"token_init must be 'ordinal' or 'normal', got {token_init!r}.")
+        if residual_init not in ("normal", "zero"):
+            raise ValueError(f"residual_init must be 'normal' or 'zero', got {residual_init!r}.")
+        if not bin_step > 0:
+            raise ValueError(f"bin_step must be positive, got {bin_step!r}.")
         self.config = {
             "num_tokens": num_tokens,
             "max_seq_len": max_seq_len,
@@ -272,10 +292,12 @@ class PerformerLM(nn.Module):
             "attn_dropout": attn_dropout,
             "qkv_bias": qkv_bias,
             "token_init": token_init,
+            "bin_step": bin_step,
+            "residual_init": residual_init,
         }
         self.token_emb = nn.Embedding(num_tokens, dim)
         if token_init == "ordinal":
-            order_token_embedding(self.token_emb.weight)
+            order_token_embedding(self.token_emb.weight, bin_step)
         self.pos_emb = GenePositionalEmbedding(dim, max_seq_len)
         self.dropout = nn.Dropout(emb_dropout)
         self.performer = Performer(
@@ -293,6 +315,8 @@ class PerformerLM(nn.Module):
             attn_dropout=attn_dropout,
             qkv_bias=qkv_bias,
         )
+        if residual_init == "zero":
+            self.performer.zero_residual_branches()
         self.norm = nn.LayerNorm(dim)
         self.to_out: nn.Module = nn.Linear(dim, num_tokens)
 
