@@ -37,6 +37,9 @@ the stream's HVG panel (``n_top_genes``) and the stream's ``rehearsal_size``:
 - ``canal_random_bins``: ``canal`` with scBERT's random bin embeddings (``token_init="normal"``);
 - ``canal_unbalanced``, ``canal_block_minus2``: ``canal`` with one default of the random start set back to a
   pretrained start's (an unweighted loss; the last but one block trains): the selection of defaults across streams;
+- ``canal_head_bins``: ``canal`` with the head's per-gene score along the ordered bins (``head_init="bins"``);
+  ``canal_reads_bins``: the same with zero-initialised residual branches and half the bin step
+  (``residual_init="zero"``, ``bin_step=0.25``);
 - ``canal_joint`` (upper bound): after each stage ``t``, a new CANAL model trained in one stage on the training cells
   of stages 1 to ``t`` together (panel: the HVGs of those cells);
 - ``lr_sequential``, ``lr_joint``, ``lr_bank``: logistic regression on all genes of the stream, refit after each
@@ -121,6 +124,10 @@ CANAL_VARIANTS = {
     # The random start's defaults, one at a time back to a pretrained start's (issue 27's selection across streams).
     "canal_unbalanced": {"balance_classes": False},
     "canal_block_minus2": {"arch": {"trainable_blocks": (-2,)}},
+    # An encoder that reads expression from a random start (issue 27): the head along the ordered bins, alone and
+    # with zero-initialised residual branches and a smaller bin step.
+    "canal_head_bins": {"arch": {"head_init": "bins"}},
+    "canal_reads_bins": {"arch": {"head_init": "bins", "residual_init": "zero", "bin_step": 0.25}},
 }
 REFIT_METHODS = [
     "canal_joint",

@@ -51,6 +51,22 @@ def test_pretrained_weights_bring_their_own_gene_table(small_stream, tmp_path):
     torch.testing.assert_close(model.module.network.pos_emb.emb.weight, encoder.pos_emb.emb.weight)
     with pytest.raises(ValueError, match="pretrained weights bring their own gene table"):
         make_model(small_stream, pretrained=str(path), gene_embedding="coexpression")
+    assert model.arch_["head_init"] == "normal"
+    with pytest.raises(ValueError, match="pretrained weights bring their own bins"):
+        make_model(small_stream, pretrained=str(path), head_init="bins")
+
+
+def test_random_start_reads_the_bins_from_the_head(small_stream, tmp_path):
+    model = make_model(small_stream)
+    bins = model.module.network.token_emb.weight.detach()
+    direction = bins[-2] - bins[0]
+    direction -= direction.mean()
+    weight = model.module.head.conv1.weight.detach().flatten()
+    torch.testing.assert_close(weight, direction / direction.norm())
+    model.train(max_epochs=1, **QUIET)
+    model.save(tmp_path / "model")
+    assert canal.CANAL.load(tmp_path / "model").arch_["head_init"] == "bins"
+    assert make_model(small_stream, head_init="normal").arch_["head_init"] == "normal"
 
 
 @pytest.mark.parametrize("start", ["random", "pretrained"])

@@ -24,7 +24,7 @@ from ._data import (
     registration_fields,
     setup_args,
 )
-from ._defaults import check_gene_embedding, start_default, with_start_defaults
+from ._defaults import check_gene_embedding, check_head_init, start_default, with_start_defaults
 from ._inference import InferenceMixin
 from ._io import SaveLoadMixin
 from ._legacy import LegacyCheckpointMixin
@@ -142,7 +142,7 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         self._build(
             genes=panel,
             cell_types=sorted(set(read_labels(adata, labels_key))),
-            arch={**DEFAULT_ARCH, **arch},
+            arch=check_head_init(start, {**DEFAULT_ARCH, **arch}),
             trainable_blocks=start_default(start, "trainable_blocks", trainable_blocks),
             seed=seed,
             start=start,
