@@ -22,10 +22,14 @@ known accuracy (a known cell counts if assigned its right type) and the H-score;
 seeds, for all types and apart for the **distant** and **close** types (:data:`CLOSE_TYPES`: a type is close when a
 type of its own lineage is still trained on, fixed before any run).
 
-Budget (2 shared cores, about 50 minutes): ``--seeds`` (default 0 and 1) on pbmc68k and synthetic; zeisel_class
-with the first seed only and :data:`ZEISEL_EPOCHS` epochs per stage (``train()`` allows 15; a Zeisel run takes 10 to
-15 minutes at 15). The JSON records what ran. The models are kept under ``--models`` so that ``--rescore`` scores
-them again without training.
+The input score is also computed with other settings (:data:`INPUT_VARIANTS`) from each model's own input space.
+
+Budget: on 2 shared cores a run takes 8 to 20 minutes (pbmc68k, and zeisel_class with :data:`ZEISEL_EPOCHS` epochs
+per stage; ``train()`` allows 15, a Zeisel run then takes 10 to 15 minutes), so ``--seeds`` defaults to 0 and 1 on
+pbmc68k and synthetic and zeisel_class runs the first seed only (about 50 minutes with ``--jobs 2``). On a GPU
+machine (``CANAL_BENCHMARK_ACCELERATOR=gpu``, ``--jobs 6``) 32 runs took 4 minutes. The JSON records what ran. The
+runs wait in a partial folder (``--resume``, ``--assemble``), and the models are kept under ``--models`` so that
+``--rescore`` scores them again without training.
 """
 
 from __future__ import annotations
