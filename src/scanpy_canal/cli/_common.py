@@ -20,6 +20,9 @@ ARCH_OPTIONS = ("dim", "depth", "heads", "dim_head")
 MODEL_FILE = "model.json"
 #: The modality of an ``.h5mu`` input read without ``--mod``, as in ``canal.tl.annotate``.
 DEFAULT_MOD = "rna"
+#: The choices of ``--precision`` (``model.Precision``; the commands load no model code to parse their arguments, and
+#: ``tests/test_options.py`` checks that the two agree, as it does for every option's default and choices).
+PRECISIONS = ("auto", "32", "bf16")
 
 
 def add_arch_options(group: argparse._ActionsContainer) -> None:
@@ -185,6 +188,12 @@ def add_lightning_options(parser: argparse.ArgumentParser, *, strategy_example: 
     parser.add_argument(
         "--strategy", default="auto", help=f"Lightning strategy, e.g. {strategy_example} (default: auto)"
     )
+
+
+def add_precision_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--precision`` to `parser`."""
+    helps = "float32, or bfloat16 autocast (default: auto, bfloat16 where the device computes it natively)"
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help=helps)
 
 
 def first_process() -> bool:

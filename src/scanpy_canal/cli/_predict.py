@@ -14,6 +14,7 @@ from ._common import (
     add_gene_symbols_option,
     add_mod_option,
     add_normalize_option,
+    add_precision_option,
     check_data,
     devices,
     is_mudata_file,
@@ -32,6 +33,27 @@ if TYPE_CHECKING:
 _SCVI_REGISTRATION_KEYS = ("_scvi_uuid", "_scvi_manager_uuid")
 #: The obs columns of ``canal.tl.annotate`` (after ``<key>_``) that the table of predictions holds.
 _OBS_NAMES = ("prediction", "confidence", "uncertainty", "novelty_pvalue", "majority_voting", "over_clustering")
+#: The choices of ``--score``, ``--fusion`` and ``--attention``: ``model.SCORES`` and the values of ``model.Fusion`` and
+#: ``model.Attention``, named here so that parsing loads no model code (``tests/test_options.py`` checks they agree).
+SCORES = ("mix", "energy", "max_probability", "knn", "mahalanobis", "input")
+FUSIONS = ("scaled", "bonferroni")
+ATTENTIONS = ("favor", "exact")
+#: The arguments of this command that are options of a prediction (fields of ``model.PredictOptions``), but ``mod``.
+PREDICT_OPTIONS = (
+    "novel",
+    "alpha",
+    "score",
+    "fusion",
+    "gene_symbols",
+    "min_gene_overlap",
+    "batch_size",
+    "chunk_size",
+    "precision",
+    "attention",
+    "compile",
+    "devices",
+    "strategy",
+)
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -64,7 +86,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     predict.add_argument(
         "--score",
-        choices=["mix", "energy", "max_probability", "knn", "mahalanobis", "input"],
+        choices=SCORES,
         nargs="+",
         default=None,
         help="with --novel: the novelty score, or several fused through their conformal p-values (default: input for "
@@ -72,7 +94,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     predict.add_argument(
         "--fusion",
-        choices=["scaled", "bonferroni"],
+        choices=FUSIONS,
         default="bonferroni",
         help="with several --score: how their p-values are fused (default: bonferroni; see CANAL.predict)",
     )
@@ -106,15 +128,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     predict.add_argument(
         "--chunk-size", type=positive(int), default=10_000, help="cells read and predicted at a time (default: 10000)"
     )
-    predict.add_argument(
-        "--precision",
-        choices=["auto", "32", "bf16"],
-        default="auto",
-        help="float32, or bfloat16 autocast (default: auto, bfloat16 where the device computes it natively)",
-    )
+    add_precision_option(predict)
     predict.add_argument(
         "--attention",
-        choices=["favor", "exact"],
+        choices=ATTENTIONS,
         default="favor",
         help="exact: softmax attention instead of the FAVOR+ the model was trained with (default: favor)",
     )
@@ -192,7 +209,8 @@ def _annotate(adata: AnnData, model: CANAL, args: argparse.Namespace) -> None:
     kept = {key: values.uns[key] for key in _SCVI_REGISTRATION_KEYS if key in values.uns}
     if layer is not None:
         type(model).setup_anndata(values, layer=layer)
-    options = from_arguments(PredictOptions, vars(args))
+    given = {name: getattr(args, name) for name in PREDICT_OPTIONS}
+    options = from_arguments(PredictOptions, given | {"mod": args.mod or DEFAULT_MOD})
     voting = {"majority_voting": args.majority_voting, "over_clustering": args.over_clustering}
     write_annotation(values, model, options, key_added=args.key_added, **voting)
     for key in _SCVI_REGISTRATION_KEYS:

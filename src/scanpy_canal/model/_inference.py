@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 from scipy import sparse
 
+from scanpy_canal._option_docs import PREDICT_DOCS, document_options
 from scanpy_canal.nn import PerformerLM
 
 from ._conformal import conformal_pvalues, score_thresholds
@@ -83,6 +84,7 @@ class InferenceMixin:
         batch_size = batch_size or self.module.inference_batch_size(next(network.parameters()).device)
         return forward_in_batches(network, x, batch_size, precision)
 
+    @document_options(PREDICT_DOCS)
     def get_latent_representation(
         self,
         adata: ad.AnnData | MuData | None = None,
@@ -96,10 +98,16 @@ class InferenceMixin:
     ) -> np.ndarray:
         """The 64-d embedding of each cell (the head's ``fc2`` output), shape ``(n_obs, 64)``.
 
-        The options are those of :meth:`predict`.
+        Parameters
+        ----------
+        adata
+            The cells, as for :meth:`predict`; default: the stage-1 data.
+        {options}
         """
-        return self.predict_outputs(adata, from_arguments(PredictOptions, locals())).embedding
+        options = from_arguments(PredictOptions, locals(), besides=("self", "adata"))
+        return self.predict_outputs(adata, options).embedding
 
+    @document_options(PREDICT_DOCS)
     def get_novelty(
         self,
         adata: ad.AnnData | MuData | None = None,
@@ -117,7 +125,13 @@ class InferenceMixin:
         """Each cell's closed-set prediction, novelty scores and conformal p-values, to unassign at any `alpha` later.
 
         A known cell's p-value is at most `alpha` with probability at most `alpha`; ``predict(novel=True, alpha=a)``
-        unassigns the cells whose p-value is at most ``a``. The options are those of :meth:`predict`.
+        unassigns the cells whose p-value is at most ``a``.
+
+        Parameters
+        ----------
+        adata
+            The cells, as for :meth:`predict`; default: the stage-1 data.
+        {options}
 
         Returns
         -------
@@ -130,7 +144,8 @@ class InferenceMixin:
         >>> novelty = model.get_novelty(query)  # doctest: +SKIP
         >>> labels = novelty["prediction"].where(novelty["pvalue"] > 0.01, "Unassigned")  # doctest: +SKIP
         """
-        outputs = self.predict_outputs(adata, from_arguments(PredictOptions, {**locals(), "novel": True}))
+        options = from_arguments(PredictOptions, {**locals(), "novel": True}, besides=("self", "adata"))
+        outputs = self.predict_outputs(adata, options)
         return outputs.novelty_frame()
 
     def _forward_query(self, adata: ad.AnnData, options: PredictOptions, project: bool) -> dict[str, torch.Tensor]:

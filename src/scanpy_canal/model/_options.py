@@ -7,56 +7,71 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from numbers import Real
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 from ._relations import RELATION_THRESHOLD
 from ._scores import SCORES, Score
 
-Threshold = Literal["conformal", "calibrated", "canal"] | float
+Rule = Literal["conformal", "calibrated", "canal"]
+Threshold = Rule | float
 Precision = Literal["auto", "32", "bf16"]
 Fusion = Literal["scaled", "bonferroni"]
+Attention = Literal["favor", "exact"]
+RepeatedCells = Literal["warn", "error"]
 _Options = TypeVar("_Options")
 
 
-def from_arguments(kind: type[_Options], arguments: Mapping[str, Any]) -> _Options:
-    """A `kind` (a dataclass) made of the entries of `arguments` named like its fields, e.g. a method's ``locals()``."""
-    return kind(**{f.name: arguments[f.name] for f in dataclasses.fields(kind) if f.name in arguments})
+def from_arguments(kind: type[_Options], arguments: Mapping[str, Any], *, besides: Sequence[str] = ()) -> _Options:
+    """A `kind` (a dataclass) made of `arguments`, e.g. a method's ``locals()``, but for the names in `besides`.
+
+    Every other name must be a field of `kind` (a parameter renamed in a signature is an error, not an option silently
+    left at its default); the fields not given take their defaults.
+    """
+    options = {name: value for name, value in arguments.items() if name not in besides}
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(kind) if f.init})
+    if unknown:
+        raise TypeError(f"{kind.__name__} has no option {', '.join(unknown)}.")
+    return kind(**options)
 
 
 def check_precision(precision: str) -> str:
     """`precision` if it is ``"auto"``, ``"32"`` or ``"bf16"``; an error otherwise."""
-    if precision not in ("auto", "32", "bf16"):
+    if precision not in get_args(Precision):
         raise ValueError(f"precision must be 'auto', '32' or 'bf16', got {precision!r}.")
     return precision
 
 
 @dataclass(frozen=True)
 class StageSettings:
-    """How one stage trains; each field is the :meth:`~scanpy_canal.CANAL.train` argument of the same name."""
+    """How one stage trains; each field is the :meth:`~scanpy_canal.CANAL.train` argument of the same name.
 
-    max_epochs: int
-    batch_size: int
-    lr: float
-    rehearsal_size: int
-    distill_weight: float
-    label_smoothing: float
-    balance_classes: bool
-    early_stopping_patience: int | None
-    validation_size: float
-    split_bank: bool
-    calibration_size: int
-    cache_frozen: bool | None
-    precision: Precision
-    accelerator: str
-    devices: int | list[int] | str
-    repeated_cells: Literal["warn", "error"] = "warn"
+    The fields that are `None` by default and have a default in :data:`~scanpy_canal.model._defaults.START_DEFAULTS`
+    take the one of how the encoder started (pretrained or random) before a stage is made of them.
+    """
+
+    max_epochs: int | None = None
+    batch_size: int = 16
+    lr: float | None = None
+    rehearsal_size: int = 1000
+    distill_weight: float = 0.1
+    label_smoothing: float = 0.1
+    balance_classes: bool | None = None
+    early_stopping_patience: int | None = 10
+    validation_size: float = 0.2
+    split_bank: bool = True
+    calibration_size: int = 2000
+    cache_frozen: bool | None = None
+    precision: Precision = "auto"
+    accelerator: str = "auto"
+    devices: int | list[int] | str = "auto"
+    repeated_cells: RepeatedCells = "warn"
     parents: Mapping[str, str] | Literal["find"] | None = None
     relation_threshold: float = RELATION_THRESHOLD
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
-        if self.repeated_cells not in ("warn", "error"):
+        if self.repeated_cells not in get_args(RepeatedCells):
             raise ValueError(f"repeated_cells must be 'warn' or 'error', got {self.repeated_cells!r}.")
         if self.parents not in (None, "find") and not (
             isinstance(self.parents, Mapping)
@@ -107,7 +122,7 @@ class PredictOptions:
     gene_symbols: str | None = None
     min_gene_overlap: float = 0.1
     mod: str = "rna"
-    attention: Literal["favor", "exact"] = "favor"
+    attention: Attention = "favor"
     #: `None`: compiled on a GPU for queries of ``AUTO_COMPILE_CELLS`` cells or more.
     compile: bool | None = None
     #: `None`: in this process, on the model's device; else Lightning's devices (with `strategy`).
@@ -119,7 +134,7 @@ class PredictOptions:
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
-        if self.attention not in ("favor", "exact"):
+        if self.attention not in get_args(Attention):
             raise ValueError(f"attention must be 'favor' or 'exact', got {self.attention!r}.")
         if self.compile not in (None, True, False):
             raise ValueError(f"compile must be True, False or None, got {self.compile!r}.")
@@ -133,14 +148,14 @@ class PredictOptions:
             raise ValueError(f"alpha must be a number strictly between 0 and 1, got {self.alpha!r}.")
         object.__setattr__(self, "default_score", self.score is None)
         object.__setattr__(self, "score", _checked_score(self.score, self.threshold))
-        if self.fusion not in ("scaled", "bonferroni"):
+        if self.fusion not in get_args(Fusion):
             raise ValueError(f"fusion must be 'scaled' or 'bonferroni', got {self.fusion!r}.")
         if _is_number(self.threshold):
             if not math.isfinite(self.threshold) or (self.score == "mix" and not 0 <= self.threshold <= 1):
                 raise ValueError(
                     f"threshold must be a finite number, in [0, 1] for the 'mix' score; got {self.threshold!r}."
                 )
-        elif self.threshold not in ("conformal", "calibrated", "canal"):
+        elif self.threshold not in get_args(Rule):
             raise ValueError(
                 f"threshold must be 'conformal', 'calibrated', 'canal' or a number, got {self.threshold!r}."
             )

@@ -13,7 +13,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from scipy import sparse
 
 from scanpy_canal.nn import PerformerLM, exact_attention, tokenize
 
+from ._options import Attention
 from ._precision import resolve_precision
 
 _OUTPUTS = ("manifold", "embedding", "logits")
@@ -37,7 +38,7 @@ class ForwardSettings:
 
     batch_size: int
     precision: str = "32"
-    attention: Literal["favor", "exact"] = "favor"
+    attention: Attention = "favor"
     compile: bool = False
 
 
