@@ -116,7 +116,7 @@ def score_model(model: canal.CANAL, stream: canal.datasets.Stream) -> dict:
         for fusion in FUSION_RULES:
             fused = model.predict_outputs(query, PredictOptions(novel=True, score=names, fusion=fusion))
             labels = np.where(fused.pvalue <= ALPHA, "Unassigned", closed).astype(object)
-            rows[f"{'+'.join(names)}/{fusion}"] = scored(truth, labels, is_novel, known.n_obs, fused.uncertainty)
+            rows[f"{'+'.join(names)}/{fusion}"] = scored(truth, labels, is_novel, known.n_obs, fused.novelty_score)
     return {
         "closed_set_accuracy": float((closed[: known.n_obs] == truth[: known.n_obs]).mean()),
         "n_known": int(known.n_obs),

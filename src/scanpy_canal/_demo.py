@@ -141,7 +141,7 @@ def run_stream(
     The metric matrices, and final ``acc``, ``bwt``, ``forgetting`` (from the closed-set accuracy matrix),
     ``macro_f1``, ``ari`` (closed set, all held-out cells) and, with `novel` and novel cells in the stream,
     ``known_accuracy``, ``unknown_accuracy``, ``h_score``, ``total_accuracy`` (held-out plus novel cells) and
-    ``novel_auroc`` (how well the uncertainty ranks the novel cells above the held-out ones, whatever the threshold)
+    ``novel_auroc`` (how well the novelty score ranks the novel cells above the held-out ones, whatever the threshold)
     and ``known_rejection`` (the share of held-out known cells unassigned).
     With pretraining, ``pretraining`` holds its per-epoch history.
     """
@@ -202,7 +202,7 @@ def run_stream(
         final["known_rejection"] = float(np.mean(outputs.labels[: held_out.n_obs] == "Unassigned"))
         final["total_accuracy"] = scores["accuracy"]
         is_novel = query.obs[stream.labels_key].isin(stream.novel_types).to_numpy()
-        final["novel_auroc"] = float(roc_auc_score(is_novel, outputs.uncertainty))
+        final["novel_auroc"] = float(roc_auc_score(is_novel, outputs.novelty_score))
     return StreamResult(
         accuracy=accuracy,
         macro_f1=macro_f1,

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 _SCVI_REGISTRATION_KEYS = ("_scvi_uuid", "_scvi_manager_uuid")
 #: The obs columns of ``canal.tl.annotate`` (after ``<key>_``) that the table of predictions holds.
-_OBS_NAMES = ("prediction", "confidence", "uncertainty", "novelty_pvalue", "majority_voting", "over_clustering")
+_OBS_NAMES = ("prediction", "confidence", "novelty_score", "novelty_pvalue", "majority_voting", "over_clustering")
 #: The choices of ``--score``, ``--fusion`` and ``--attention``: ``model.SCORES`` and the values of ``model.Fusion`` and
 #: ``model.Attention``, named here so that parsing loads no model code (``tests/test_options.py`` checks they agree).
 SCORES = ("mix", "energy", "max_probability", "knn", "mahalanobis", "input")
@@ -62,9 +62,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "predict",
         help="annotate cells (.h5ad) with a saved model",
         description="Predicts the cell type of every cell. An .h5ad output is the input with the keys of "
-        "canal.tl.annotate added (obs <key>_prediction, <key>_confidence, <key>_uncertainty, <key>_novelty_pvalue; "
+        "canal.tl.annotate added (obs <key>_prediction, <key>_confidence, <key>_novelty_score, <key>_novelty_pvalue; "
         "obsm X_<key>, <key>_probabilities; uns <key>); a .csv output has one row per cell: obs_names, prediction, "
-        "confidence and, with --novel, uncertainty and novelty_pvalue (with --majority-voting also majority_voting and "
+        "confidence and, with --novel, novelty_score and novelty_pvalue (with --majority-voting also majority_voting and "
         "over_clustering). Cells are read, aligned to the model's genes "
         "and predicted --chunk-size at a time; for a .csv output the input's X is read from disk chunk by chunk, so "
         "memory stays bounded (unless --normalize, which normalises a copy of the values in memory). An .h5mu input "
@@ -237,7 +237,7 @@ def _normalized(adata: AnnData, layer: str | None) -> AnnData:
 
 
 def _prediction_table(adata: AnnData, key: str) -> pd.DataFrame:
-    """Prediction, confidence and, when computed, uncertainty, p-value, majority vote and cluster of each cell."""
+    """Prediction, confidence and, when computed, novelty score, p-value, majority vote and cluster of each cell."""
     columns = {f"{key}_{name}": name for name in _OBS_NAMES}
     return adata.obs[_obs_columns(adata, key)].rename(columns=columns)
 

@@ -35,7 +35,7 @@ logger = logging.getLogger("scanpy_canal")
 class Outputs:
     """Everything one forward pass over a query gives (see :meth:`~scanpy_canal.CANAL.predict`).
 
-    With novel-cell detection also: each cell's novelty score (`uncertainty`; with several scores fused, one minus
+    With novel-cell detection also: each cell's novelty score (`novelty_score`; with several scores fused, one minus
     the fused p-value) and, except with the query-relative ``"canal"`` rule, its conformal p-value (fused from
     those of each score, in the columns of `scores` and `pvalues`); the score above which a cell is unassigned
     (`threshold`; for the conformal rule the pooled one, with those of types that have calibration cells of their
@@ -46,7 +46,7 @@ class Outputs:
     labels: np.ndarray
     probabilities: pd.DataFrame
     embedding: np.ndarray
-    uncertainty: np.ndarray | None = None
+    novelty_score: np.ndarray | None = None
     pvalue: np.ndarray | None = None
     threshold: float | None = None
     type_thresholds: dict[str, float] = field(default_factory=dict)
@@ -56,7 +56,7 @@ class Outputs:
 
     def novelty_frame(self) -> pd.DataFrame:
         """What :meth:`~scanpy_canal.CANAL.get_novelty` returns: prediction, score, p-value, then each score's."""
-        columns = {"prediction": self.probabilities.idxmax(axis=1), "score": self.uncertainty, "pvalue": self.pvalue}
+        columns = {"prediction": self.probabilities.idxmax(axis=1), "score": self.novelty_score, "pvalue": self.pvalue}
         for name in self.scores.columns:
             columns[f"{name}_score"] = self.scores[name].to_numpy()
             columns[f"{name}_pvalue"] = self.pvalues[name].to_numpy()
@@ -323,7 +323,7 @@ class InferenceMixin:
             else:
                 outputs.threshold = self._fixed_threshold(calibration, options)
                 unassigned = scores > outputs.threshold
-        outputs.uncertainty = scores.numpy()
+        outputs.novelty_score = scores.numpy()
         outputs.labels = np.where(unassigned.numpy(), UNASSIGNED, outputs.labels).astype(object)
 
     def _fixed_threshold(self, calibration: dict[str, torch.Tensor], options: PredictOptions) -> float:

@@ -92,7 +92,7 @@ def annotate(
     ``.obs[f"{key}_majority_voting"]``, ``.obs[f"{key}_over_clustering"]``
         Only with `majority_voting`: the majority vote of the cell's cluster (categories as for the prediction), and
         the clusters voted in.
-    ``.obs[f"{key}_uncertainty"]``
+    ``.obs[f"{key}_novelty_score"]``
         The novelty score, higher for cells less like any known type (only when `novel`; in ``[0, 1]`` for the
         ``"mix"`` score). Above ``.uns[key]["threshold"]`` (for the conformal rule: above the cell's type's threshold
         in ``.uns[key]["type_thresholds"]`` if it has one) means unassigned.
@@ -121,7 +121,7 @@ def annotate(
     >>> canal.tl.annotate(query, "models/pbmc", majority_voting=True)  # doctest: +SKIP
     >>> sc.pp.neighbors(query, use_rep="X_canal")  # doctest: +SKIP
     >>> sc.tl.umap(query)  # doctest: +SKIP
-    >>> sc.pl.umap(query, color=["canal_prediction", "canal_uncertainty"])  # doctest: +SKIP
+    >>> sc.pl.umap(query, color=["canal_prediction", "canal_novelty_score"])  # doctest: +SKIP
     """
     arguments = dict(locals())  # before the import below binds other names here
     from scanpy_canal.model import CANAL, PredictOptions, from_arguments
@@ -159,7 +159,7 @@ def write_annotation(
     if model.cell_type_tree["depth"].any():
         columns[f"{key_added}_depth"] = outputs.depth
     if options.novel:
-        columns[f"{key_added}_uncertainty"] = outputs.uncertainty.astype(np.float32)
+        columns[f"{key_added}_novelty_score"] = outputs.novelty_score.astype(np.float32)
         if outputs.pvalue is not None:
             columns[f"{key_added}_novelty_pvalue"] = outputs.pvalue.astype(np.float32)
             columns[f"{key_added}_unassigned_by"] = _unassigned_by(outputs.pvalues, outputs.labels)
