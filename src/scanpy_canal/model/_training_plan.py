@@ -45,7 +45,9 @@ class CANALTrainingPlan(TrainingPlan):
     lr
         Peak learning rate of the schedule.
     **loss_kwargs
-        Passed to the module's ``loss`` (``label_smoothing``, ``distill_weight``).
+        Passed to the module's ``loss`` (``label_smoothing``, ``distill_weight``, ``class_weight``, ``subtrees``): every
+        input of the loss comes through here, none is set on the module. Tensors go to the training device when
+        fitting starts.
     """
 
     def __init__(
@@ -62,7 +64,11 @@ class CANALTrainingPlan(TrainingPlan):
         self.cache_frozen = cache_frozen
 
     def on_fit_start(self) -> None:
-        """Compute the teacher embeddings and the frozen-block cache on the device the stage trains on."""
+        """On the device the stage trains on: the loss's tensors, the teacher embeddings and the frozen-block cache."""
+        self.loss_kwargs = {
+            name: value.to(self.device) if isinstance(value, torch.Tensor) else value
+            for name, value in self.loss_kwargs.items()
+        }
         batch_size = self.module.inference_batch_size(self.device)
         self.module.prepare_stage(self.cells, cache_frozen=self.cache_frozen, batch_size=batch_size)
 
