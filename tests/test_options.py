@@ -10,9 +10,10 @@ import typing
 import pytest
 
 from scanpy_canal import CANAL, tl
+from scanpy_canal._choices import SCORES
 from scanpy_canal._option_docs import PREDICT_DOCS, STAGE_DOCS, documented_names
 from scanpy_canal.cli import _common, _predict, _train
-from scanpy_canal.model import SCORES, PredictOptions, StageSettings, from_arguments
+from scanpy_canal.model import PredictOptions, StageSettings, from_arguments
 from scanpy_canal.model import _options as options_module
 
 PREDICTING = [CANAL.predict, CANAL.get_novelty, CANAL.get_latent_representation, tl.annotate]
@@ -29,7 +30,7 @@ def default(field: dataclasses.Field):
 
 def evaluated(annotation: str, function=None):
     """A string annotation as a type, with the names of the options module (the aliases) and of `function`'s module."""
-    namespace = {**vars(typing), **vars(collections.abc), **vars(options_module)}
+    namespace = {**vars(typing), **vars(collections.abc), **vars(options_module)}  # the aliases, as it imports them
     return eval(annotation, {**namespace, **(function.__globals__ if function else {})})
 
 

@@ -13,7 +13,10 @@ import re
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
+from scanpy_canal._choices import SCORES
+
 F = TypeVar("F", bound=Callable)
+_SCORE_NAMES = ", ".join(f'``"{name}"``' for name in SCORES)
 
 #: The options of :meth:`~scanpy_canal.CANAL.predict`, :meth:`~scanpy_canal.CANAL.get_novelty`,
 #: :meth:`~scanpy_canal.CANAL.get_latent_representation` and :func:`scanpy_canal.tl.annotate`: an entry's name
@@ -31,11 +34,10 @@ PREDICT_DOCS: dict[str, str] = {
     ),
     "alpha": 'Largest fraction of known cells the ``"conformal"`` rule may unassign, in ``(0, 1)``.',
     "score": (
-        'The novelty score, or several fused (conformal rule): by default ``"input"`` with the ``"conformal"``\n'
-        'rule (``"energy"`` for a model saved before it existed), ``"mix"`` with the others. ``"input"``: distance\n'
-        'from the cell\'s expression to the reference cells in a PCA of the training cells; ``"energy"``, ``"mix"``\n'
-        '(CANAL\'s), ``"max_probability"``; ``"knn"``, ``"mahalanobis"``: distances to the bank in the embedding.\n'
-        "See :doc:`/method`."
+        f"The novelty score, one of {_SCORE_NAMES}\n"
+        '(see :doc:`/method`), or several fused (conformal rule). By default ``"input"``, the distance from the cell\'s expression to the\n'
+        'reference cells in a PCA of the training cells, with the ``"conformal"`` rule (``"energy"`` for a model saved\n'
+        'before it existed); ``"mix"`` (CANAL\'s) with the others.'
     ),
     "fusion": (
         'How several scores make one p-value, the guarantee kept: ``"bonferroni"``, ``m`` times the smallest of\n'

@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from scanpy_canal._choices import PRECISIONS
+
 if TYPE_CHECKING:
     from anndata import AnnData
     from mudata import MuData
@@ -20,9 +22,6 @@ ARCH_OPTIONS = ("dim", "depth", "heads", "dim_head")
 MODEL_FILE = "model.json"
 #: The modality of an ``.h5mu`` input read without ``--mod``, as in ``canal.tl.annotate``.
 DEFAULT_MOD = "rna"
-#: The choices of ``--precision`` (``model.Precision``; the commands load no model code to parse their arguments, and
-#: ``tests/test_options.py`` checks that the two agree, as it does for every option's default and choices).
-PRECISIONS = ("auto", "32", "bf16")
 
 
 def add_arch_options(group: argparse._ActionsContainer) -> None:

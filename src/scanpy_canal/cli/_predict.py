@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from scanpy_canal._choices import ATTENTIONS, FUSIONS, SCORES
+
 from ._common import (
     DEFAULT_MOD,
     add_gene_symbols_option,
@@ -33,11 +35,6 @@ if TYPE_CHECKING:
 _SCVI_REGISTRATION_KEYS = ("_scvi_uuid", "_scvi_manager_uuid")
 #: The obs columns of ``canal.tl.annotate`` (after ``<key>_``) that the table of predictions holds.
 _OBS_NAMES = ("prediction", "confidence", "novelty_score", "novelty_pvalue", "majority_voting", "over_clustering")
-#: The choices of ``--score``, ``--fusion`` and ``--attention``: ``model.SCORES`` and the values of ``model.Fusion`` and
-#: ``model.Attention``, named here so that parsing loads no model code (``tests/test_options.py`` checks they agree).
-SCORES = ("mix", "energy", "max_probability", "knn", "mahalanobis", "input")
-FUSIONS = ("scaled", "bonferroni")
-ATTENTIONS = ("favor", "exact")
 #: The arguments of this command that are options of a prediction (fields of ``model.PredictOptions``), but ``mod``.
 PREDICT_OPTIONS = (
     "novel",

@@ -13,14 +13,15 @@ import pandas as pd
 import torch
 from scipy import sparse
 
+from scanpy_canal._choices import Fusion, Precision, Score
 from scanpy_canal._option_docs import PREDICT_DOCS, document_options
 from scanpy_canal.nn import PerformerLM
 
 from ._conformal import conformal_pvalues, score_thresholds
 from ._data import layer_matrix, modality, panel_chunk, query_panel
 from ._novelty import calibrated_reference, mixup_reference
-from ._options import FALLBACK_SCORE, Fusion, Precision, PredictOptions, check_precision, from_arguments
-from ._scores import BANK_SCORES, Score, ScoreReference, fuse_pvalues, scaled_maximum
+from ._options import FALLBACK_SCORE, PredictOptions, check_precision, from_arguments
+from ._scores import BANK_SCORES, ScoreReference, fuse_pvalues, scaled_maximum
 from ._streaming import ForwardSettings, forward_chunks, forward_settings
 from ._tree import decode, has_children
 

@@ -9,15 +9,22 @@ from dataclasses import dataclass, field
 from numbers import Real
 from typing import Any, Literal, TypeVar, get_args
 
-from ._relations import RELATION_THRESHOLD
-from ._scores import SCORES, Score
+from scanpy_canal._choices import (
+    ATTENTIONS,
+    FUSIONS,
+    PRECISIONS,
+    SCORES,
+    Attention,
+    Fusion,
+    Precision,
+    RepeatedCells,
+    Rule,
+    Score,
+    Threshold,
+)
 
-Rule = Literal["conformal", "calibrated", "canal"]
-Threshold = Rule | float
-Precision = Literal["auto", "32", "bf16"]
-Fusion = Literal["scaled", "bonferroni"]
-Attention = Literal["favor", "exact"]
-RepeatedCells = Literal["warn", "error"]
+from ._relations import RELATION_THRESHOLD
+
 _Options = TypeVar("_Options")
 
 
@@ -36,7 +43,7 @@ def from_arguments(kind: type[_Options], arguments: Mapping[str, Any], *, beside
 
 def check_precision(precision: str) -> str:
     """`precision` if it is ``"auto"``, ``"32"`` or ``"bf16"``; an error otherwise."""
-    if precision not in get_args(Precision):
+    if precision not in PRECISIONS:
         raise ValueError(f"precision must be 'auto', '32' or 'bf16', got {precision!r}.")
     return precision
 
@@ -134,7 +141,7 @@ class PredictOptions:
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
-        if self.attention not in get_args(Attention):
+        if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be 'favor' or 'exact', got {self.attention!r}.")
         if self.compile not in (None, True, False):
             raise ValueError(f"compile must be True, False or None, got {self.compile!r}.")
@@ -148,7 +155,7 @@ class PredictOptions:
             raise ValueError(f"alpha must be a number strictly between 0 and 1, got {self.alpha!r}.")
         object.__setattr__(self, "default_score", self.score is None)
         object.__setattr__(self, "score", _checked_score(self.score, self.threshold))
-        if self.fusion not in get_args(Fusion):
+        if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be 'scaled' or 'bonferroni', got {self.fusion!r}.")
         if _is_number(self.threshold):
             if not math.isfinite(self.threshold) or (self.score == "mix" and not 0 <= self.threshold <= 1):

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from scipy import sparse
 
+from scanpy_canal._choices import Attention
 from scanpy_canal.nn import PerformerLM, exact_attention, tokenize
 
-from ._options import Attention
 from ._precision import resolve_precision
 
 _OUTPUTS = ("manifold", "embedding", "logits")

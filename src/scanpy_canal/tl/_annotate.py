@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from scanpy_canal._choices import Attention, Fusion, Precision, Score, Threshold
 from scanpy_canal._option_docs import PREDICT_DOCS, document_options
 
 from ._majority import majority_votes, over_clusters
@@ -17,7 +18,7 @@ from ._majority import majority_votes, over_clusters
 if TYPE_CHECKING:
     from mudata import MuData
 
-    from scanpy_canal.model import CANAL, Attention, Fusion, Precision, PredictOptions, Score, Threshold
+    from scanpy_canal.model import CANAL, PredictOptions
 
 
 _NOVELTY_PARAMS = ("novel", "temperature", "threshold", "alpha", "score", "fusion", "seed")
