@@ -41,7 +41,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 from continual_stream import CANAL_SETTINGS, STREAMS, canal_train_kwargs, set_threads
-from encoder_throughput import machine_info, write_report
+from harness import machine_info, write_report
 from novelty import scored, summarise_values
 from zeisel import LEVELS, bank_shares, load_zeisel, zeisel_stream
 

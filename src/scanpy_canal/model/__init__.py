@@ -3,10 +3,9 @@
 from ._data import highly_variable_genes, modality
 from ._inference import UNASSIGNED, Outputs
 from ._model import CANAL
-from ._module import CANALModule
-from ._options import Attention, Fusion, Precision, PredictOptions, StageSettings, Threshold, from_arguments
+from ._module import CANALModule, stage_loss
+from ._options import PredictOptions, StageSettings, from_arguments
 from ._pretrain import PretrainingPlan, pretrain
-from ._scores import SCORES, Score
 from ._training_plan import BestEpochEarlyStopping, CANALTrainingPlan
 
 # The other names imported here are this package's interface to the layers above it (see docs/code_map.md);
