@@ -1,5 +1,6 @@
 """Each option is written once: the fields of ``PredictOptions`` and ``StageSettings`` are its name, type and default,
-``scanpy_canal._option_docs`` its documentation; every public signature and the command line agree with them."""
+``scanpy_canal._option_docs.PREDICT_DOCS`` and ``model._options.STAGE_DOCS`` its documentation; every public signature
+and the command line agree with them."""
 
 import argparse
 import collections.abc
@@ -11,10 +12,11 @@ import pytest
 
 from scanpy_canal import CANAL, tl
 from scanpy_canal._choices import SCORES
-from scanpy_canal._option_docs import PREDICT_DOCS, STAGE_DOCS, documented_names
+from scanpy_canal._option_docs import PREDICT_DOCS, documented_names
 from scanpy_canal.cli import _common, _predict, _train
 from scanpy_canal.model import PredictOptions, StageSettings, from_arguments
 from scanpy_canal.model import _options as options_module
+from scanpy_canal.model._options import STAGE_DOCS
 
 PREDICTING = [CANAL.predict, CANAL.get_novelty, CANAL.get_latent_representation, tl.annotate]
 

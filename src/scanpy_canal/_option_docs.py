@@ -1,9 +1,10 @@
-"""The documentation of every option, written once and filled into each docstring that takes the option.
+"""The documentation of every prediction option, written once and filled into each docstring that takes the option.
 
-The options themselves (name, type, default) are the fields of ``model._options.PredictOptions`` and
-``model._options.StageSettings``; ``tests/test_options.py`` checks that every field has its entry here and that every
-public signature taking an option has the field's default and type. This module sits below every package, so that
-:mod:`scanpy_canal.tl` documents its options without importing the model (and scvi-tools) on import.
+The options themselves (name, type, default) are the fields of ``model._options.PredictOptions``;
+``tests/test_options.py`` checks that every field has its entry here and that every public signature taking an option
+has the field's default and type. This module sits below every package, so that :mod:`scanpy_canal.tl` documents its
+options without importing the model (and scvi-tools) on import. The stage options, which only
+:meth:`~scanpy_canal.CANAL.train` takes, are documented beside their fields (``model._options.STAGE_DOCS``).
 """
 
 from __future__ import annotations
@@ -75,70 +76,6 @@ PREDICT_DOCS: dict[str, str] = {
         "With a cell-type tree (:attr:`~scanpy_canal.CANAL.cell_type_tree`): a call goes from a type down to its\n"
         "most probable child while that child's subtree holds at least this share of the type's subtree probability\n"
         "(and more than the type's own)."
-    ),
-}
-
-#: The options of one stage, :meth:`~scanpy_canal.CANAL.train`'s.
-STAGE_DOCS: dict[str, str] = {
-    "max_epochs": "Upper bound on epochs. Default: 100 with pretrained weights (the original's), 15 from a random start.",
-    "batch_size": "Cells per minibatch.",
-    "lr": (
-        "Peak learning rate of the per-epoch cosine schedule with warm restarts (epoch 1 trains at 1e-6). Default:\n"
-        "2e-4 with pretrained weights (the original's), 1e-3 from a random start."
-    ),
-    "rehearsal_size": "Capacity of the example bank kept after this stage and replayed in the next one (0 keeps none).",
-    "distill_weight": "Weight of the embedding distillation loss before the ``C_old / C_new`` factor (0 disables it).",
-    "label_smoothing": "Label smoothing of the cross-entropy.",
-    "balance_classes": (
-        "Weight each cell type's cross-entropy by the inverse of its number of training cells (scikit-learn's\n"
-        '``class_weight="balanced"``): a type replayed from the bank with a few cells counts as much as a new one\n'
-        "with hundreds. Default: on from a random start, off with pretrained weights (the original)."
-    ),
-    "early_stopping_patience": "Stop after more than this many epochs without a better validation accuracy (`None`: never).",
-    "validation_size": (
-        "Fraction of each cell type held out, in ``(0, 1)``; every type keeps one cell to train on. Two thirds of\n"
-        "the stage's own held-out cells become calibration cells, the others choose the best epoch."
-    ),
-    "split_bank": (
-        "Hold out part of the bank for validation too, as the original. `False`: every bank cell trains (worth it\n"
-        "for a few cells per type), but early stopping then sees only the stage's types."
-    ),
-    "calibration_size": (
-        "Capacity of the calibration cells behind novel-cell p-values: held-out cells of every stage, never trained\n"
-        "on nor replayed, at most ``calibration_size // C`` per type (spread over the stages); 0 keeps none. Their\n"
-        "memory cost is in :attr:`stage_history_` (``calibration_bytes``)."
-    ),
-    "cache_frozen": (
-        "Compute the hidden states of the frozen blocks before the first trainable one once per cell and stage\n"
-        "(their random features are then not redrawn). `None` (default): when those of all training cells fit in\n"
-        "4 GiB. `False`: recompute them at every step, as the original."
-    ),
-    "precision": (
-        '``"auto"``: bfloat16 autocast (Lightning\'s ``"bf16-mixed"``) where the device computes it natively (GPUs,\n'
-        'CPUs with AVX-512 BF16 or AMX), float32 elsewhere; or ``"32"`` or ``"bf16"``. Before a long stage, its\n'
-        "expected duration on this device is logged, from its first batches."
-    ),
-    "accelerator, devices": (
-        'Lightning\'s; ``accelerator="gpu", devices=-1, strategy="ddp_find_unused_parameters_true"`` trains on all\n'
-        "GPUs (see :doc:`/multi_gpu`)."
-    ),
-    "repeated_cells": (
-        "Cells the model has seen, with the same observation name and values as a cell it keeps from an earlier\n"
-        "stage (its example bank or calibration cells), are trained on with a warning that gives their number\n"
-        '(``"warn"``), or make the stage an error (``"error"``), e.g. to catch a stage\'s data given twice.'
-    ),
-    "parents": (
-        'Relations this stage adds to the cell-type tree, ``{child: parent}`` (e.g. ``{"CD4 T": "T cell"}``),\n'
-        'between known types and the stage\'s; `None` (default) or ``{}`` adds none. ``"find"``: found from the\n'
-        "data (see :doc:`/refinement`); an option, as on pbmc68k's stream without refinements it relates types\n"
-        "that are not (ACC 0.568 against 0.766). A cell labelled with a type that has children is supervised by\n"
-        "the summed probability of the type and its descendants, also when replayed; the tree is\n"
-        ":attr:`cell_type_tree`."
-    ),
-    "relation_threshold": (
-        'With ``parents="find"``: the share of a new type\'s cells the model must call one known type before the\n'
-        "stage (not novel) for the new type to become its child, or call two or more known types together for it\n"
-        "to become their parent."
     ),
 }
 

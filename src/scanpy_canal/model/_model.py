@@ -13,7 +13,7 @@ from scvi.data import AnnDataManager
 from scvi.model.base import BaseModelClass
 
 from scanpy_canal._choices import Attention, Fusion, Precision, RepeatedCells, Score, Threshold
-from scanpy_canal._option_docs import PREDICT_DOCS, STAGE_DOCS, document_options
+from scanpy_canal._option_docs import PREDICT_DOCS, document_options
 from scanpy_canal.nn import coexpression_embedding
 from scanpy_canal.pp import align_genes, gene_names
 
@@ -31,7 +31,7 @@ from ._inference import InferenceMixin
 from ._io import SaveLoadMixin
 from ._legacy import LegacyCheckpointMixin
 from ._module import DEFAULT_ARCH, CANALModule
-from ._options import REFINE_THRESHOLD, PredictOptions, StageSettings, from_arguments
+from ._options import REFINE_THRESHOLD, STAGE_DOCS, PredictOptions, StageSettings, from_arguments
 from ._panel import initial_panel
 from ._relations import RELATION_THRESHOLD
 from ._stage import StageTrainingMixin
