@@ -95,15 +95,14 @@ from pathlib import Path
 import anndata as ad
 import novelty
 import numpy as np
-import pandas as pd
 import peers
 import torch
 from continual_stream_report import print_tables
-from encoder_throughput import machine_info, write_report
+from harness import machine_info, write_report
 from zeisel import LEVELS, zeisel_stream
 
 import scanpy_canal as canal
-from scanpy_canal._demo import DEMO_ARCH, StreamResult, run_stream
+from scanpy_canal._demo import DEMO_ARCH, StreamResult, run_stages, run_stream
 
 RESULTS = Path(__file__).resolve().parent / "results" / "continual_stream.json"
 #: Every CANAL run: the encoder and ``model.train``'s arguments beyond its defaults for a random start
@@ -272,70 +271,11 @@ def canal_train_kwargs(epochs: int | None) -> dict:
     return {"max_epochs": epochs, **CANAL_SETTINGS["train"], "enable_model_summary": False}
 
 
-def evaluate_predictor(stream: canal.datasets.Stream, predict: Predictor, n_seen: int) -> dict:
-    """Score `predict` on the held-out cells of the first `n_seen` stages.
-
-    Parameters
-    ----------
-    stream
-        The stream whose ``test`` sets are scored.
-    predict
-        Maps an AnnData to one predicted label per cell.
-    n_seen
-        Number of stages trained so far.
-
-    Returns
-    -------
-    ``accuracy`` and ``macro_f1``: lists, one value per test set; ``pooled``: the scores of
-    :func:`scanpy_canal.tl.evaluate` on all those test sets together.
-    """
-    tests = stream.test[:n_seen]
-    predicted = np.asarray(predict(ad.concat(tests)), dtype=object)
-    bounds = np.cumsum([0] + [test.n_obs for test in tests])
-    per_set = [
-        canal.tl.evaluate(test.obs[stream.labels_key], predicted[start:stop])
-        for test, start, stop in zip(tests, bounds[:-1], bounds[1:], strict=True)
-    ]
-    truth = np.concatenate([test.obs[stream.labels_key].astype(str).to_numpy() for test in tests])
-    return {
-        "accuracy": [s["accuracy"] for s in per_set],
-        "macro_f1": [s["macro_f1"] for s in per_set],
-        "pooled": canal.tl.evaluate(truth, predicted),
-    }
-
-
-def run_stages(stream: canal.datasets.Stream, stages: list[tuple[str, int, Callable[[], Predictor]]]) -> dict:
-    """Fit and score a model stage by stage.
-
-    Parameters
-    ----------
-    stream
-        The stream.
-    stages
-        ``(row name, stages seen, fit)`` per row of the matrices (row ``stages seen``; rows not given stay NaN, and
-        so does what depends on them, e.g. BWT); ``fit()`` trains and returns the predictor.
-
-    Returns
-    -------
-    The result in the layout of :meth:`scanpy_canal._demo.StreamResult.to_dict` (without ``accuracy_novel``).
-    """
-    columns = [f"stage {t + 1}" for t in range(stream.n_stages)]
-    accuracy = pd.DataFrame(np.nan, index=columns, columns=columns)
-    macro_f1, seconds = accuracy.copy(), []
-    for _, n_seen, fit in stages:
-        start = time.perf_counter()
-        predict = fit()
-        seconds.append(time.perf_counter() - start)
-        scores = evaluate_predictor(stream, predict, n_seen)
-        accuracy.iloc[n_seen - 1, :n_seen], macro_f1.iloc[n_seen - 1, :n_seen] = scores["accuracy"], scores["macro_f1"]
-    if len(stages) == stream.n_stages:
-        final = canal.tl.continual_metrics(accuracy.to_numpy())
-    else:  # trained after the last stage only
-        final = {"acc": float(accuracy.iloc[-1].mean()), "bwt": np.nan, "forgetting": np.nan}
-    final.update(macro_f1=scores["pooled"]["macro_f1"], ari=scores["pooled"]["ari"])
-    result = StreamResult(accuracy, macro_f1, accuracy * np.nan, final, seconds).to_dict()
-    del result["accuracy_novel"]
-    return result
+def closed_set(result: StreamResult) -> dict:
+    """A stream run in the report's layout for closed-set labels (without ``accuracy_novel``)."""
+    content = result.to_dict()
+    del content["accuracy_novel"]
+    return content
 
 
 def fit_canal(data: ad.AnnData, labels_key: str, seed: int, epochs: int | None, n_top_genes: int) -> Predictor:
@@ -363,7 +303,7 @@ def run_method(
             content["novelty"] = novelty.evaluate_model(result.model, stream)
         return content
     if method == "scanvi_scarches":
-        return run_stages(stream, peers.scanvi_rows(stream, seed))
+        return closed_set(run_stages(stream, peers.scanvi_rows(stream, seed)))
     selection = spec.celltypist_feature_selection
     fit = {
         "canal_joint": lambda data: fit_canal(data, key, seed, epochs, spec.n_top_genes),
@@ -376,7 +316,7 @@ def run_method(
     }[method]
     memory = "last" if method == "lr_sequential" else method.rsplit("_", 1)[1]
     rows = peers.refit_rows(stream, fit, memory=memory, bank_size=bank, seed=seed)
-    return run_stages(stream, rows[-1:] if method == "canal_joint" and spec.joint_last_stage_only else rows)
+    return closed_set(run_stages(stream, rows[-1:] if method == "canal_joint" and spec.joint_last_stage_only else rows))
 
 
 def summarise(runs: list[dict]) -> dict:

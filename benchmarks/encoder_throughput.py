@@ -36,17 +36,13 @@ S = 16907, measured), so points whose estimate exceeds 90% of the available memo
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from harness import available_bytes, machine_info, matmul_reference, time_calls, write_report
 from torch.utils.flop_counter import FlopCounterMode
 
 from scanpy_canal.nn import PerformerLM
@@ -121,29 +117,6 @@ def counted_flops_per_cell(model: PerformerLM, seq_len: int) -> int:
 # timing
 
 
-def time_calls(fn: Callable[[], object], *, budget: float, max_reps: int) -> tuple[float, int]:
-    """Median seconds of `fn` after one warm-up call, over calls until `budget` seconds or `max_reps` calls."""
-    fn()
-    times: list[float] = []
-    while not times or (sum(times) < budget and len(times) < max_reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), len(times)
-
-
-def available_bytes() -> int | None:
-    """`MemAvailable` from /proc/meminfo, or `None` where there is no such file."""
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def estimated_peak_bytes(seq_len: int, batch_size: int, config: dict) -> int:
     """Peak activation memory of one `encode` call, dominated by the (B, h, S, m) feature-map tensors."""
     return 4 * PEAK_TENSORS * batch_size * seq_len * config["heads"] * config["nb_features"]
@@ -153,48 +126,12 @@ def measure_encoder(model: PerformerLM, seq_len: int, batch_size: int, args: arg
     """Seconds per batch and cells/s of `model.encode` on random tokens of shape ``(batch_size, seq_len)``."""
     tokens = torch.randint(0, 6, (batch_size, seq_len))
     with torch.inference_mode():
-        seconds, reps = time_calls(lambda: model.encode(tokens), budget=args.budget, max_reps=args.max_reps)
+        seconds, reps = time_calls(lambda: model.encode(tokens), max_reps=args.max_reps, budget=args.budget)
     return {"seconds_per_batch": seconds, "n_reps": reps, "cells_per_s": batch_size / seconds}
-
-
-def measure_matmul(rows: int, inner: int, outer: int, args: argparse.Namespace) -> dict:
-    """GFLOP/s of a float32 ``(rows, inner) @ (inner, outer)`` `torch.matmul`."""
-    a, b = torch.randn(rows, inner), torch.randn(inner, outer)
-    with torch.inference_mode():
-        seconds, reps = time_calls(lambda: torch.matmul(a, b), budget=args.budget, max_reps=args.max_reps)
-    return {
-        "shape": [rows, inner, outer],
-        "seconds": seconds,
-        "n_reps": reps,
-        "gflops": 2 * rows * inner * outer / seconds / 1e9,
-    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # the run
-
-
-def machine_info() -> dict:
-    """What the numbers depend on: CPU, threads, library versions, and how busy the machine is."""
-    cpu_model = platform.processor()
-    if Path("/proc/cpuinfo").exists():
-        names = [
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ]
-        cpu_model = names[0] if names else cpu_model
-    return {
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "memory_available_gb": (available_bytes() or 0) / 1e9,
-        "torch_version": torch.__version__,
-        "torch_num_threads": torch.get_num_threads(),
-        "python_version": platform.python_version(),
-        "platform": platform.platform(),
-        "load_average_start": list(os.getloadavg()),
-    }
 
 
 def flops_summary(model: PerformerLM, seq_len: int) -> dict:
@@ -242,7 +179,8 @@ def benchmark_seq_len(seq_len: int, args: argparse.Namespace, report: dict) -> N
         return
     best = max(measured, key=lambda p: p["cells_per_s"])
     cfg = model.config
-    reference = measure_matmul(best["batch_size"] * seq_len, cfg["dim"], cfg["heads"] * cfg["dim_head"], args)
+    rows = best["batch_size"] * seq_len
+    reference = matmul_reference(rows, cfg, budget=args.budget, max_reps=args.max_reps)
     report["matmul_reference"][str(seq_len)] = reference | {"batch_size": best["batch_size"]}
     for point in measured:
         point["fraction_of_matmul"] = point["achieved_gflops"] / reference["gflops"]
@@ -276,11 +214,6 @@ def print_summary(report: dict) -> None:
             print(
                 f"{p['seq_len']:>7} {p['batch_size']:>5} {p['cells_per_s']:>10.2f} {p['achieved_gflops']:>10.1f} {p['fraction_of_matmul']:>10.1%}"
             )
-
-
-def write_report(report: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> dict:

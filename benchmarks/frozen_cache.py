@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from encoder_throughput import machine_info, write_report
+from harness import machine_info, write_report
 
 from scanpy_canal._demo import run_stream
 from scanpy_canal.datasets import pbmc68k_stream

@@ -25,10 +25,8 @@ The JSON is written after every step, so a run cut short keeps what it measured.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -38,6 +36,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import torch
+from harness import machine_info, write_report
 from lightning.pytorch.callbacks import Callback
 from scipy import sparse
 
@@ -83,16 +82,6 @@ class EpochTimes(Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         torch.cuda.synchronize() if torch.cuda.is_available() else None
         self.times.append(time.perf_counter() - self._start)
-
-
-def machine() -> dict:
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {
-        "device": gpu or "cpu",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-    }
 
 
 def train_stage(stream, arch: dict, precision: str, args) -> tuple[canal.CANAL, dict]:
@@ -164,13 +153,12 @@ def network_speed(model, x, settings: ForwardSettings) -> tuple[float, dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    report: dict = {"machine": machine(), "settings": {k: str(v) for k, v in vars(args).items()}, "errors": {}}
+    report: dict = {"machine": machine_info(), "settings": {k: str(v) for k, v in vars(args).items()}, "errors": {}}
     out = Path(os.environ.get("OUT", args.output.parent))
 
     def save() -> None:
         for path in {args.output, out / args.output.name}:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(report, indent=2) + "\n")
+            write_report(report, path)
 
     def step(name, function):
         start = time.perf_counter()

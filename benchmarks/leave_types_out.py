@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 import torch
 from continual_stream import CANAL_SETTINGS, STREAMS, canal_train_kwargs, set_threads
-from encoder_throughput import machine_info, write_report
+from harness import machine_info, write_report
 from novelty import scored, summarise_values
 from scipy import sparse
 from zeisel import LEVELS, bank_shares, load_zeisel, zeisel_stream
@@ -127,7 +127,7 @@ def score_model(model: canal.CANAL, stream: canal.datasets.Stream) -> dict:
         for fusion in FUSION_RULES:
             fused = model.predict_outputs(query, PredictOptions(novel=True, score=names, fusion=fusion))
             labels = np.where(fused.pvalue <= ALPHA, "Unassigned", closed).astype(object)
-            rows[f"{'+'.join(names)}/{fusion}"] = scored(truth, labels, is_novel, known.n_obs, fused.uncertainty)
+            rows[f"{'+'.join(names)}/{fusion}"] = scored(truth, labels, is_novel, known.n_obs, fused.novelty_score)
     for (components, k), (scores, pvalues) in input_variants(model, query, outputs.probabilities).items():
         labels = np.where(pvalues <= ALPHA, "Unassigned", closed).astype(object)
         rows[f"input_pcs{components}_k{k}"] = scored(truth, labels, is_novel, known.n_obs, scores)

@@ -25,16 +25,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from encoder_throughput import machine_info, matmul_flops_per_cell, write_report
+from encoder_throughput import matmul_flops_per_cell
+from harness import machine_info, matmul_reference, time_calls, write_report
 
+from scanpy_canal.model import stage_loss
 from scanpy_canal.nn import SCBERT_CONFIG, CANALHead, PerformerLM, frozen_prefix, set_trainable
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -59,19 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def timed(fn: Callable[[], object], device: torch.device, reps: int) -> float:
-    """Median seconds of `fn` over `reps` calls after one warm-up call."""
-
-    def once() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
-
-    once()
-    return statistics.median(once() for _ in range(reps))
+    """Median seconds of `fn` over `reps` calls after one warm-up call (see :func:`harness.time_calls`)."""
+    return time_calls(fn, max_reps=reps, device=device)[0]
 
 
 def build_network(seq_len: int, device: torch.device) -> PerformerLM:
@@ -112,20 +100,6 @@ def measure_prediction(network: PerformerLM, tokens: torch.Tensor, args, precisi
     }
 
 
-def measure_matmul(rows: int, config: dict, device: torch.device, precision: str, reps: int) -> float:
-    """GFLOP/s of a ``(rows, dim) @ (dim, heads * dim_head)`` product, the query projection's shape."""
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    inner, outer = config["dim"], config["heads"] * config["dim_head"]
-    a = torch.randn(rows, inner, device=device, dtype=dtype)
-    b = torch.randn(inner, outer, device=device, dtype=dtype)
-    return 2 * rows * inner * outer / timed(lambda: a @ b, device, max(reps, 10)) / 1e9
-
-
-def training_loss(outputs, labels: torch.Tensor, teacher_embedding: torch.Tensor) -> torch.Tensor:
-    _, embedding, logits = outputs
-    return F.cross_entropy(logits, labels, label_smoothing=0.1) + 0.1 * F.mse_loss(embedding, teacher_embedding)
-
-
 def measure_training(network: PerformerLM, tokens: torch.Tensor, args, precision: str) -> dict:
     device = tokens.device
     labels = torch.randint(0, N_CLASSES, (len(tokens),), device=device)
@@ -138,7 +112,15 @@ def measure_training(network: PerformerLM, tokens: torch.Tensor, args, precision
     def step(outputs_fn, target_fn, start: int) -> None:
         rows = slice(start, start + batch)
         with autocast():
-            loss = training_loss(outputs_fn(rows), labels[rows], target_fn(rows))
+            _, embedding, logits = outputs_fn(rows)
+            loss, _, _ = stage_loss(
+                logits,
+                labels[rows],
+                label_smoothing=0.1,
+                embedding=embedding,
+                teacher_embedding=target_fn(rows),
+                distill_weight=0.1,
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -187,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
     report = {
-        "machine": machine_info() | {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"},
+        "machine": machine_info(device),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "results": [],
     }
@@ -197,7 +179,11 @@ def main(argv: list[str] | None = None) -> dict:
         for precision in ("32", "bf16"):
             point = {"seq_len": seq_len, "precision": precision}
             point["prediction"] = measure_prediction(network, tokens, args, precision)
-            matmul = measure_matmul(args.batch_size * seq_len, network.config, device, precision, args.reps)
+            rows = args.batch_size * seq_len
+            reference = matmul_reference(
+                rows, network.config, device=device, precision=precision, max_reps=max(args.reps, 10)
+            )
+            matmul = reference["gflops"]
             point["prediction"] |= {
                 "matmul_gflops": matmul,
                 "fraction_of_matmul": point["prediction"]["batched_encoder_gflops"] / matmul,

@@ -32,7 +32,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 from continual_stream_report import format_stat
-from encoder_throughput import write_report
+from harness import write_report
 from sklearn.metrics import roc_auc_score
 
 import scanpy_canal as canal

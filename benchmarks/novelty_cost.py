@@ -25,7 +25,7 @@ from pathlib import Path
 
 import anndata as ad
 import torch
-from encoder_throughput import machine_info, write_report
+from harness import machine_info, write_report
 
 import scanpy_canal as canal
 from scanpy_canal._demo import DEMO_ARCH

@@ -41,7 +41,8 @@ if TYPE_CHECKING:
     import scanpy_canal as canal
 
 Predictor = Callable[[ad.AnnData], np.ndarray]
-Row = tuple[str, int, Callable[[], Predictor]]
+#: ``(stages seen, fit)``: a row of :func:`scanpy_canal._demo.run_stages`.
+Row = tuple[int, Callable[[], Predictor]]
 #: ``celltypist.train`` settings beyond the data and the per-stream ``feature_selection``.
 CELLTYPIST_SETTINGS = {"use_SGD": True, "check_expression": False, "max_iter": 1000}
 #: ``scanvi_scarches``: latent size, and the fixed epochs of the scVI and scANVI reference and of each query stage.
@@ -174,7 +175,7 @@ def refit_rows(
         bank.update(stream.train[t])
         return data
 
-    return [(f"stage {t + 1}", t + 1, lambda t=t: fit(training(t))) for t in range(stream.n_stages)]
+    return [(t + 1, lambda t=t: fit(training(t))) for t in range(stream.n_stages)]
 
 
 def scanvi_rows(stream: canal.datasets.Stream, seed: int) -> list[Row]:
@@ -188,7 +189,7 @@ def scanvi_rows(stream: canal.datasets.Stream, seed: int) -> list[Row]:
             models.append(fit_scanvi_reference(data, seed) if t == 0 else fit_scanvi_query(data, models[-1]))
         return lambda adata, model=models[-1]: predict_scanvi(model, scanvi_input(adata, space))
 
-    return [(f"stage {t + 1}", t + 1, lambda t=t: fit(t)) for t in range(stream.n_stages)]
+    return [(t + 1, lambda t=t: fit(t)) for t in range(stream.n_stages)]
 
 
 def scanvi_input(adata: ad.AnnData, space: list[str], labels_key: str | None = None) -> ad.AnnData:

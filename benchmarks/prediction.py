@@ -27,14 +27,14 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from encoder_throughput import machine_info, matmul_flops_per_cell, write_report
+from encoder_throughput import matmul_flops_per_cell
+from harness import machine_info, matmul_reference, time_calls, write_report
 
 import scanpy_canal as canal
 from scanpy_canal.model._module import DEFAULT_ARCH
@@ -116,10 +116,8 @@ def original_attention():
 
 
 def cells_per_second(fn, n_cells: int) -> float:
-    fn()  # warm-up
-    start = time.perf_counter()
-    fn()
-    return n_cells / (time.perf_counter() - start)
+    """Cells per second of one call of `fn` on `n_cells` cells, after a warm-up call."""
+    return n_cells / time_calls(fn, max_reps=1)[0]
 
 
 def profile_prediction(model: canal.CANAL, query) -> dict:
@@ -134,16 +132,6 @@ def profile_prediction(model: canal.CANAL, query) -> dict:
         kind = "matrix products" if name in MATMUL_OPS else "element-wise" if name in ELEMENTWISE_OPS else "other"
         kinds[kind] += share
     return {"by_kind": kinds, "top_ops": dict(by_op[:12])}
-
-
-def matmul_gflops(rows: int, config: dict) -> float:
-    a, b = torch.randn(rows, config["dim"]), torch.randn(config["dim"], config["heads"] * config["dim_head"])
-    with torch.inference_mode():
-        a @ b
-        start, reps = time.perf_counter(), 10
-        for _ in range(reps):
-            a @ b
-    return 2 * rows * a.shape[1] * b.shape[1] * reps / (time.perf_counter() - start) / 1e9
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -186,7 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     flops = sum(matmul_flops_per_cell(config["max_seq_len"], config).values())
     achieved = flops * results["ours_closed_32"] / 1e9
-    reference = matmul_gflops(report["settings"]["inference_batch_size"] * config["max_seq_len"], config)
+    rows = report["settings"]["inference_batch_size"] * config["max_seq_len"]
+    reference = matmul_reference(rows, config)["gflops"]
     report["efficiency"] = {
         "encoder_gflop_per_cell": flops / 1e9,
         "achieved_gflops": achieved,

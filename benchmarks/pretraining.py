@@ -30,9 +30,7 @@ their means and standard deviations, and pretrained minus random.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -42,6 +40,7 @@ import anndata as ad
 import numpy as np
 import torch
 from continual_stream import STREAMS, set_threads
+from harness import machine_info, write_report
 
 import scanpy_canal as canal
 from scanpy_canal._demo import DEMO_ARCH, DEMO_PRETRAINING, run_stream
@@ -143,17 +142,6 @@ def summarise(runs: dict[int, dict]) -> dict:
     return summary
 
 
-def machine_info() -> dict:
-    return {
-        "cpu_count": os.cpu_count(),
-        "torch_version": torch.__version__,
-        "torch_num_threads": torch.get_num_threads(),
-        "python_version": platform.python_version(),
-        "platform": platform.platform(),
-        "load_average_start": list(os.getloadavg()),
-    }
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     set_threads(1)  # see continual_stream.THREADS_HELP
@@ -186,8 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         "seconds": time.perf_counter() - start,
         "load_average_end": list(os.getloadavg()),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2))
+    write_report(report, args.output)
     for metric in summary["random"]:
         pre, rand = summary["pretrained"][metric], summary["random"][metric]
         print(

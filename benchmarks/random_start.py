@@ -43,11 +43,11 @@ from pathlib import Path
 
 import anndata as ad
 import peers
-from continual_stream import STREAMS, THREADS_HELP, StreamSpec, run_method, run_stages, set_threads, summarise
-from encoder_throughput import machine_info, write_report
+from continual_stream import STREAMS, THREADS_HELP, StreamSpec, closed_set, run_method, set_threads, summarise
+from harness import machine_info, write_report
 
 import scanpy_canal as canal
-from scanpy_canal._demo import DEMO_ARCH
+from scanpy_canal._demo import DEMO_ARCH, run_stages, run_stream
 
 RESULTS = Path(__file__).resolve().parent / "results" / "random_start.json"
 #: ``train()``'s defaults that the variants change (batch size 16, distillation 0.1 etc. stay as they are).
@@ -97,28 +97,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def canal_rows(stream: canal.datasets.Stream, spec: StreamSpec, arch: dict, variant: dict, seed: int, epochs):
-    """The rows of one CANAL stream run for ``continual_stream.run_stages``; `epochs` (if not None) caps
-    ``max_epochs``."""
+def canal_run(stream: canal.datasets.Stream, spec: StreamSpec, arch: dict, variant: dict, seed: int, epochs) -> dict:
+    """One CANAL stream run of a variant (closed-set labels); `epochs` (if not None) caps ``max_epochs``."""
     settings = {**TRAIN_DEFAULTS, **variant}
-    blocks = settings.pop("trainable_blocks", (-2,))
-    embedding = settings.pop("gene_embedding", "random")
+    model_kwargs = {
+        "trainable_blocks": settings.pop("trainable_blocks", (-2,)),
+        "gene_embedding": settings.pop("gene_embedding", "random"),
+    }
     if epochs is not None:
         settings["max_epochs"] = min(settings["max_epochs"], epochs)
-    state = {}
-
-    def fit(t: int):
-        data = stream.train[t].copy()
-        canal.CANAL.setup_anndata(data, labels_key=stream.labels_key)
-        if t == 0:
-            state["model"] = canal.CANAL(
-                data, n_top_genes=spec.n_top_genes, seed=seed, trainable_blocks=blocks, gene_embedding=embedding, **arch
-            )
-        model = state["model"]
-        model.train(None if t == 0 else data, rehearsal_size=spec.rehearsal_size, **settings, **TRAINER)
-        return model.predict
-
-    return [(f"stage {t + 1}", t + 1, lambda t=t: fit(t)) for t in range(stream.n_stages)]
+    result = run_stream(
+        stream,
+        arch=arch,
+        n_top_genes=spec.n_top_genes,
+        seed=seed,
+        novel=False,
+        model_kwargs=model_kwargs,
+        rehearsal_size=spec.rehearsal_size,
+        **settings,
+        **TRAINER,
+    )
+    return closed_set(result)
 
 
 def panel_rows(stream: canal.datasets.Stream, spec: StreamSpec, peer: str, seed: int):
@@ -137,9 +136,9 @@ def panel_rows(stream: canal.datasets.Stream, spec: StreamSpec, peer: str, seed:
 
 def run_one(stream, spec: StreamSpec, arch: dict, method: str, seed: int, epochs: int | None) -> dict:
     if method in VARIANTS:
-        return run_stages(stream, canal_rows(stream, spec, arch, VARIANTS[method], seed, epochs))
+        return canal_run(stream, spec, arch, VARIANTS[method], seed, epochs)
     if method in PANEL_PEERS:
-        return run_stages(stream, panel_rows(stream, spec, method, seed))
+        return closed_set(run_stages(stream, panel_rows(stream, spec, method, seed)))
     return run_method(stream, spec, method, seed, epochs or 0, log=print)
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
-from encoder_throughput import machine_info, write_report
+from harness import machine_info, write_report
 from scipy import sparse
 
 RESULTS = Path(__file__).resolve().parent / "results" / "streaming.json"

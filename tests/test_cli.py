@@ -114,7 +114,7 @@ def test_predict_writes_h5ad_and_csv(files, stage1_dir, tmp_path, capsys):
     out_h5ad, out_csv = tmp_path / "annotated.h5ad", tmp_path / "predictions.csv"
     assert main(["predict", str(files["query"]), "--model-dir", str(stage1_dir), "--output", str(out_h5ad)]) == 0
     annotated = ad.read_h5ad(out_h5ad)
-    assert {"canal_prediction", "canal_confidence"} <= set(annotated.obs) and "canal_uncertainty" not in annotated.obs
+    assert {"canal_prediction", "canal_confidence"} <= set(annotated.obs) and "canal_novelty_score" not in annotated.obs
     assert {"X_canal", "canal_probabilities"} <= set(annotated.obsm) and set(annotated.uns) == {"canal"}
     assert (annotated.X != query.X).nnz == 0 and annotated.obs_names.equals(query.obs_names)
 
@@ -123,7 +123,7 @@ def test_predict_writes_h5ad_and_csv(files, stage1_dir, tmp_path, capsys):
     assert "Unassigned" in capsys.readouterr().out
     table = pd.read_csv(out_csv, index_col=0)
     assert table.index.name == "obs_names" and table.index.equals(query.obs_names)
-    assert list(table.columns) == ["prediction", "confidence", "uncertainty", "novelty_pvalue"]
+    assert list(table.columns) == ["prediction", "confidence", "novelty_score", "novelty_pvalue"]
     assert table["novelty_pvalue"].between(0, 1).all()
     model = CANAL.load(stage1_dir)
     np.testing.assert_array_equal(table["prediction"], model.predict(query, novel=True))

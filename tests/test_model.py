@@ -432,7 +432,7 @@ def test_annotate_writes_documented_keys(two_stage_model, small_stream):
     assert query.obs.equals(before.obs) and not query.obsm
     obs = annotated.obs
     assert list(obs["canal_prediction"].cat.categories) == [*two_stage_model.cell_types, "Unassigned"]
-    assert obs["canal_confidence"].between(0, 1).all() and np.isfinite(obs["canal_uncertainty"]).all()
+    assert obs["canal_confidence"].between(0, 1).all() and np.isfinite(obs["canal_novelty_score"]).all()
     assert obs["canal_novelty_pvalue"].between(0, 1, inclusive="right").all()
     assert annotated.uns["canal"]["params"]["score"] == "input"  # the conformal rule's default score
     fused = canal.tl.annotate(query, two_stage_model, novel=True, score=("input", "energy"), copy=True)
@@ -442,13 +442,13 @@ def test_annotate_writes_documented_keys(two_stage_model, small_stream):
     unassigned = (fused.obs["canal_prediction"] == "Unassigned").to_numpy()
     assert set(by[unassigned]) <= {"input", "energy"} and set(by[~unassigned]) <= {""}
     mix = canal.tl.annotate(query, two_stage_model, novel=True, score="mix", copy=True)
-    assert mix.obs["canal_uncertainty"].between(0, 1).all()  # the mix score alone is in [0, 1]
+    assert mix.obs["canal_novelty_score"].between(0, 1).all()  # the mix score alone is in [0, 1]
     assert annotated.obsm["canal_probabilities"].shape == (query.n_obs, len(two_stage_model.cell_types))
     assert annotated.obsm["X_canal"].shape == (query.n_obs, 64)
     assert annotated.uns["canal"]["cell_types"] == two_stage_model.cell_types and annotated.uns["canal"]["stage"] == 2
 
     canal.tl.annotate(query, two_stage_model, key_added="ref")
-    assert "ref_prediction" in query.obs and "ref_uncertainty" not in query.obs
+    assert "ref_prediction" in query.obs and "ref_novelty_score" not in query.obs
     assert list(query.obs["ref_prediction"].cat.categories) == two_stage_model.cell_types
 
 

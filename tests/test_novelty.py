@@ -166,16 +166,16 @@ def test_the_default_score_follows_the_rule(two_stage_model, small_stream):
     canal.tl.annotate(query, two_stage_model, novel=True)
     assert query.uns["canal"]["params"]["score"] == "input"
     np.testing.assert_allclose(
-        query.obs["canal_uncertainty"], two_stage_model.get_novelty(query, score="input")["score"], rtol=1e-6
+        query.obs["canal_novelty_score"], two_stage_model.get_novelty(query, score="input")["score"], rtol=1e-6
     )
     canal.tl.annotate(query, two_stage_model, novel=True, score=["input", "energy"])
     assert list(query.uns["canal"]["params"]["score"]) == ["input", "energy"]
     fused = two_stage_model.get_novelty(query, score=["input", "energy"])
-    np.testing.assert_allclose(query.obs["canal_uncertainty"], 1 - fused["pvalue"], rtol=1e-6)
+    np.testing.assert_allclose(query.obs["canal_novelty_score"], 1 - fused["pvalue"], rtol=1e-6)
     # The other rules keep the score whose scale they were made for.
     canal.tl.annotate(query, two_stage_model, novel=True, threshold="calibrated")
     assert query.uns["canal"]["params"]["score"] == "mix"
-    assert query.obs["canal_uncertainty"].between(0, 1).all()
+    assert query.obs["canal_novelty_score"].between(0, 1).all()
 
 
 @pytest.mark.parametrize("alpha", [0, 1, -0.1, 1.5, "0.05", True, float("nan"), None])

@@ -210,7 +210,7 @@ def test_uncertainty_rings_unassigned_cells(annotated, tmp_path):
     np.testing.assert_allclose(
         rings.get_offsets(), annotated.obsm["X_umap"][(annotated.obs["canal_prediction"] == "Unassigned").to_numpy()]
     )
-    assert ax.get_title().startswith("canal uncertainty (threshold")
+    assert ax.get_title().startswith("canal novelty score (threshold")
 
     fig, given = plt.subplots()
     assert uncertainty(annotated, ax=given, show=False, title="mine") is given and given.get_title() == "mine"
@@ -226,7 +226,17 @@ def test_uncertainty_shows_the_pvalues_and_the_threshold(annotated):
     threshold = annotated.uns["canal"]["threshold"]
     assert [line.get_ydata()[0] for line in ax.figure.axes[1].get_lines()] == [threshold]
     with pytest.raises(ValueError, match="value must be"):
-        uncertainty(annotated, value="score", show=False)
+        uncertainty(annotated, value="energy", show=False)  # one score's p-values need several fused
+
+
+def test_uncertainty_reads_the_former_names_with_a_warning(annotated):
+    former = annotated.copy()
+    former.obs = former.obs.rename(columns={"canal_novelty_score": "canal_uncertainty"})
+    with pytest.warns(FutureWarning, match="former name of 'canal_novelty_score'"):
+        ax = uncertainty(former, show=False)
+    assert ax.get_title().startswith("canal novelty score (threshold")
+    with pytest.warns(FutureWarning, match='value="score"'):
+        uncertainty(annotated, value="uncertainty", show=False)
 
 
 def test_uncertainty_shows_which_score_flags_a_cell(annotated, two_stage_model):
@@ -247,7 +257,7 @@ def test_uncertainty_errors(annotated):
     with pytest.raises(ValueError, match=r"novel=True"):
         uncertainty(annotated, key="other", show=False)
     plain = annotated.copy()
-    del plain.obs["canal_uncertainty"]
+    del plain.obs["canal_novelty_score"]
     with pytest.raises(ValueError, match=r"canal\.tl\.annotate"):
         uncertainty(plain, show=False)
 

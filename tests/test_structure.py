@@ -18,6 +18,8 @@ LAYERS = [
         "scanpy_canal._directories",
         "scanpy_canal._snapshot",
         "scanpy_canal._genes",
+        "scanpy_canal._option_docs",
+        "scanpy_canal._choices",
     },
     {"scanpy_canal.nn"},
     {"scanpy_canal.pp", "scanpy_canal.datasets"},

@@ -7,7 +7,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anndata as ad
 import numpy as np
@@ -15,6 +15,9 @@ import pandas as pd
 
 from scanpy_canal.datasets import Stream
 from scanpy_canal.tl import continual_metrics, evaluate
+
+if TYPE_CHECKING:
+    from scanpy_canal.model import CANAL, Outputs, PredictOptions
 
 #: A small encoder that trains a stream on a laptop CPU in minutes.
 DEMO_ARCH = {"dim": 32, "depth": 2, "heads": 4, "dim_head": 16}
@@ -94,6 +97,67 @@ class StreamResult:
         ]
 
 
+#: What a fit returns: cells -> their closed-set labels, or (closed-set labels, labels with novel-cell detection).
+Predictor = Callable[[ad.AnnData], "np.ndarray | tuple[np.ndarray, np.ndarray]"]
+#: One row of a stream run: how many stages the fit has seen, and the fit, which trains and returns a predictor.
+Row = tuple[int, Callable[[], Predictor]]
+
+
+def run_stages(stream: Stream, rows: Sequence[Row], *, log: Callable[[str], None] | None = None) -> StreamResult:
+    """Fit a model stage by stage and score it on the held-out cells of every stage it has seen.
+
+    The one loop of every stream run: :func:`run_stream` (CANAL) and the benchmarks' peers.
+
+    Parameters
+    ----------
+    stream
+        The stream whose ``test`` sets are scored.
+    rows
+        ``(stages seen, fit)`` per row of the matrices; rows not given stay NaN, and so does what depends on them
+        (e.g. BWT when only the last stage is fitted).
+    log
+        Receives one line per row.
+
+    Returns
+    -------
+    The matrices (``accuracy_novel`` NaN where the predictor gives closed-set labels only), the seconds each fit took
+    and the final ``acc``, ``bwt``, ``forgetting``, ``macro_f1`` and ``ari`` (of all held-out cells seen, pooled).
+    """
+    names = [f"stage {t + 1}" for t in range(stream.n_stages)]
+    accuracy = pd.DataFrame(np.nan, index=names, columns=names)
+    macro_f1, accuracy_novel, seconds = accuracy.copy(), accuracy.copy(), []
+    for n_seen, fit in rows:
+        start = time.perf_counter()
+        predict = fit()
+        seconds.append(time.perf_counter() - start)
+        tests = stream.test[:n_seen]
+        closed, novel = _labels(predict(ad.concat(tests)))
+        bounds = np.cumsum([0] + [test.n_obs for test in tests])
+        for j, test in enumerate(tests):
+            truth, cells = test.obs[stream.labels_key], slice(bounds[j], bounds[j + 1])
+            scores = evaluate(truth, closed[cells])
+            accuracy.iloc[n_seen - 1, j], macro_f1.iloc[n_seen - 1, j] = scores["accuracy"], scores["macro_f1"]
+            if novel is not None:
+                accuracy_novel.iloc[n_seen - 1, j] = evaluate(truth, novel[cells])["accuracy"]
+        if log is not None:
+            mean = np.nanmean(accuracy.iloc[n_seen - 1])
+            log(f"stage {n_seen}/{stream.n_stages}: {seconds[-1]:.0f} s, mean held-out accuracy {mean:.3f}")
+    if len(rows) == stream.n_stages:
+        final = continual_metrics(accuracy.to_numpy())
+    else:  # fitted after the last stage only
+        final = {"acc": float(accuracy.iloc[-1].mean()), "bwt": np.nan, "forgetting": np.nan}
+    truth = np.concatenate([test.obs[stream.labels_key].astype(str).to_numpy() for test in tests])
+    pooled = evaluate(truth, closed)
+    final.update(macro_f1=pooled["macro_f1"], ari=pooled["ari"])
+    return StreamResult(accuracy, macro_f1, accuracy_novel, final, seconds)
+
+
+def _labels(predicted: np.ndarray | tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+    """A predictor's closed-set labels and, if it gives them, its labels with novel-cell detection."""
+    closed, novel = predicted if isinstance(predicted, tuple) else (predicted, None)
+    return np.asarray(closed, dtype=object), None if novel is None else np.asarray(novel, dtype=object)
+
+
 def run_stream(
     stream: Stream,
     *,
@@ -105,10 +169,11 @@ def run_stream(
     pretrained_genes: Sequence[str] | str | os.PathLike | None = None,
     pretrain_epochs: int = 0,
     pretrain_kwargs: dict[str, Any] | None = None,
+    model_kwargs: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
     **train_kwargs: Any,
 ) -> StreamResult:
-    """Train a CANAL model on every stage of `stream` and evaluate it after each stage.
+    """Train a CANAL model on every stage of `stream` and evaluate it after each stage (with :func:`run_stages`).
 
     Parameters
     ----------
@@ -131,6 +196,8 @@ def run_stream(
     pretrain_kwargs
         Further arguments of :func:`~scanpy_canal.pretrain` (default: :data:`DEMO_PRETRAINING`; accelerator and
         progress bar as in `train_kwargs`).
+    model_kwargs
+        Further arguments of :class:`~scanpy_canal.CANAL` (e.g. ``trainable_blocks``, ``gene_embedding``).
     log
         Receives one line per stage.
     **train_kwargs
@@ -141,24 +208,19 @@ def run_stream(
     The metric matrices, and final ``acc``, ``bwt``, ``forgetting`` (from the closed-set accuracy matrix),
     ``macro_f1``, ``ari`` (closed set, all held-out cells) and, with `novel` and novel cells in the stream,
     ``known_accuracy``, ``unknown_accuracy``, ``h_score``, ``total_accuracy`` (held-out plus novel cells) and
-    ``novel_auroc`` (how well the uncertainty ranks the novel cells above the held-out ones, whatever the threshold)
+    ``novel_auroc`` (how well the novelty score ranks the novel cells above the held-out ones, whatever the threshold)
     and ``known_rejection`` (the share of held-out known cells unassigned).
     With pretraining, ``pretraining`` holds its per-epoch history.
     """
-    from sklearn.metrics import roc_auc_score
-
     from scanpy_canal.model import CANAL, PredictOptions
 
     options = PredictOptions(novel=novel)
-    names = [f"stage {t + 1}" for t in range(stream.n_stages)]
-    accuracy = pd.DataFrame(np.nan, index=names, columns=names)
-    macro_f1, accuracy_novel = accuracy.copy(), accuracy.copy()
-    seconds = []
     settings = {
         "n_top_genes": n_top_genes,
         "seed": seed,
         "pretrained": pretrained,
         "pretrained_genes": pretrained_genes,
+        **(model_kwargs or {}),
     }
     progress = {"enable_progress_bar": train_kwargs.get("enable_progress_bar", True), "enable_model_summary": False}
     pretrain_kwargs = {
@@ -170,48 +232,42 @@ def run_stream(
     model, pretraining = _initial_model(
         stream, settings, arch=arch, pretrain_epochs=pretrain_epochs, pretrain_kwargs=pretrain_kwargs, log=log
     )
-    for t, data in enumerate(stream.train):
-        if t > 0:
-            data = data.copy()
+
+    def fit(t: int) -> Predictor:
+        data = None if t == 0 else stream.train[t].copy()
+        if data is not None:
             CANAL.setup_anndata(data, labels_key=stream.labels_key)
-        start = time.perf_counter()
-        model.train(None if t == 0 else data, **train_kwargs)
-        seconds.append(time.perf_counter() - start)
-        for j, test in enumerate(stream.test[: t + 1]):
-            truth = test.obs[stream.labels_key]
-            outputs = model.predict_outputs(test, options)  # one forward pass: closed-set and novel labels
-            scores = evaluate(truth, outputs.probabilities.idxmax(axis=1))
-            accuracy.iloc[t, j], macro_f1.iloc[t, j] = scores["accuracy"], scores["macro_f1"]
-            if novel:
-                accuracy_novel.iloc[t, j] = evaluate(truth, outputs.labels)["accuracy"]
-        log(
-            f"stage {t + 1}/{stream.n_stages}: {data.n_obs} cells, {len(model.cell_types)} types known, "
-            f"{seconds[-1]:.0f} s, mean held-out accuracy {np.nanmean(accuracy.iloc[t]):.3f}"
-        )
-    final = continual_metrics(accuracy.to_numpy())
+        model.train(data, **train_kwargs)
+        log(f"stage {t + 1}: {stream.train[t].n_obs} cells, {len(model.cell_types)} types known")
+        return lambda cells: _closed_and_novel(model.predict_outputs(cells, options), novel)
+
+    result = run_stages(stream, [(t + 1, lambda t=t: fit(t)) for t in range(stream.n_stages)], log=log)
+    result.pretraining, result.model = pretraining, model
+    if novel and stream.novel is not None:
+        result.final.update(_novel_metrics(model, stream, options))
+    return result
+
+
+def _closed_and_novel(outputs: Outputs, novel: bool) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """The closed-set labels of a model's outputs and, with `novel`, its labels with novel-cell detection."""
+    closed = outputs.probabilities.idxmax(axis=1).to_numpy()
+    return (closed, outputs.labels) if novel else closed
+
+
+def _novel_metrics(model: CANAL, stream: Stream, options: PredictOptions) -> dict[str, float]:
+    """How the final model finds the stream's novel cells among all held-out ones (see :func:`run_stream`)."""
+    from sklearn.metrics import roc_auc_score
+
     held_out = ad.concat(stream.test)
-    with_novel = novel and stream.novel is not None
-    query = ad.concat([held_out, stream.novel]) if with_novel else held_out
+    query = ad.concat([held_out, stream.novel])
     outputs = model.predict_outputs(query, options)
-    closed = outputs.probabilities.idxmax(axis=1).to_numpy()[: held_out.n_obs]
-    scores = evaluate(held_out.obs[stream.labels_key], closed)
-    final.update(macro_f1=scores["macro_f1"], ari=scores["ari"])
-    if with_novel:
-        scores = evaluate(query.obs[stream.labels_key], outputs.labels, novel_types=stream.novel_types)
-        final.update({key: scores[key] for key in ("known_accuracy", "unknown_accuracy", "h_score")})
-        final["known_rejection"] = float(np.mean(outputs.labels[: held_out.n_obs] == "Unassigned"))
-        final["total_accuracy"] = scores["accuracy"]
-        is_novel = query.obs[stream.labels_key].isin(stream.novel_types).to_numpy()
-        final["novel_auroc"] = float(roc_auc_score(is_novel, outputs.uncertainty))
-    return StreamResult(
-        accuracy=accuracy,
-        macro_f1=macro_f1,
-        accuracy_novel=accuracy_novel,
-        final=final,
-        seconds=seconds,
-        pretraining=pretraining,
-        model=model,
-    )
+    scores = evaluate(query.obs[stream.labels_key], outputs.labels, novel_types=stream.novel_types)
+    metrics = {key: scores[key] for key in ("known_accuracy", "unknown_accuracy", "h_score")}
+    metrics["known_rejection"] = float(np.mean(outputs.labels[: held_out.n_obs] == "Unassigned"))
+    metrics["total_accuracy"] = scores["accuracy"]
+    is_novel = query.obs[stream.labels_key].isin(stream.novel_types).to_numpy()
+    metrics["novel_auroc"] = float(roc_auc_score(is_novel, outputs.novelty_score))
+    return metrics
 
 
 def _initial_model(

@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from scanpy_canal._choices import PRECISIONS
+
 if TYPE_CHECKING:
     from anndata import AnnData
     from mudata import MuData
@@ -185,6 +187,12 @@ def add_lightning_options(parser: argparse.ArgumentParser, *, strategy_example: 
     parser.add_argument(
         "--strategy", default="auto", help=f"Lightning strategy, e.g. {strategy_example} (default: auto)"
     )
+
+
+def add_precision_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--precision`` to `parser`."""
+    helps = "float32, or bfloat16 autocast (default: auto, bfloat16 where the device computes it natively)"
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help=helps)
 
 
 def first_process() -> bool:

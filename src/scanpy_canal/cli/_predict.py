@@ -9,11 +9,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from scanpy_canal._choices import ATTENTIONS, FUSIONS, SCORES
+
 from ._common import (
     DEFAULT_MOD,
     add_gene_symbols_option,
     add_mod_option,
     add_normalize_option,
+    add_precision_option,
     check_data,
     devices,
     is_mudata_file,
@@ -31,7 +34,23 @@ if TYPE_CHECKING:
 
 _SCVI_REGISTRATION_KEYS = ("_scvi_uuid", "_scvi_manager_uuid")
 #: The obs columns of ``canal.tl.annotate`` (after ``<key>_``) that the table of predictions holds.
-_OBS_NAMES = ("prediction", "confidence", "uncertainty", "novelty_pvalue", "majority_voting", "over_clustering")
+_OBS_NAMES = ("prediction", "confidence", "novelty_score", "novelty_pvalue", "majority_voting", "over_clustering")
+#: The arguments of this command that are options of a prediction (fields of ``model.PredictOptions``), but ``mod``.
+PREDICT_OPTIONS = (
+    "novel",
+    "alpha",
+    "score",
+    "fusion",
+    "gene_symbols",
+    "min_gene_overlap",
+    "batch_size",
+    "chunk_size",
+    "precision",
+    "attention",
+    "compile",
+    "devices",
+    "strategy",
+)
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -40,9 +59,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "predict",
         help="annotate cells (.h5ad) with a saved model",
         description="Predicts the cell type of every cell. An .h5ad output is the input with the keys of "
-        "canal.tl.annotate added (obs <key>_prediction, <key>_confidence, <key>_uncertainty, <key>_novelty_pvalue; "
+        "canal.tl.annotate added (obs <key>_prediction, <key>_confidence, <key>_novelty_score, <key>_novelty_pvalue; "
         "obsm X_<key>, <key>_probabilities; uns <key>); a .csv output has one row per cell: obs_names, prediction, "
-        "confidence and, with --novel, uncertainty and novelty_pvalue (with --majority-voting also majority_voting and "
+        "confidence and, with --novel, novelty_score and novelty_pvalue (with --majority-voting also majority_voting and "
         "over_clustering). Cells are read, aligned to the model's genes "
         "and predicted --chunk-size at a time; for a .csv output the input's X is read from disk chunk by chunk, so "
         "memory stays bounded (unless --normalize, which normalises a copy of the values in memory). An .h5mu input "
@@ -64,7 +83,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     predict.add_argument(
         "--score",
-        choices=["mix", "energy", "max_probability", "knn", "mahalanobis", "input"],
+        choices=SCORES,
         nargs="+",
         default=None,
         help="with --novel: the novelty score, or several fused through their conformal p-values (default: input for "
@@ -72,7 +91,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     predict.add_argument(
         "--fusion",
-        choices=["scaled", "bonferroni"],
+        choices=FUSIONS,
         default="bonferroni",
         help="with several --score: how their p-values are fused (default: bonferroni; see CANAL.predict)",
     )
@@ -106,15 +125,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     predict.add_argument(
         "--chunk-size", type=positive(int), default=10_000, help="cells read and predicted at a time (default: 10000)"
     )
-    predict.add_argument(
-        "--precision",
-        choices=["auto", "32", "bf16"],
-        default="auto",
-        help="float32, or bfloat16 autocast (default: auto, bfloat16 where the device computes it natively)",
-    )
+    add_precision_option(predict)
     predict.add_argument(
         "--attention",
-        choices=["favor", "exact"],
+        choices=ATTENTIONS,
         default="favor",
         help="exact: softmax attention instead of the FAVOR+ the model was trained with (default: favor)",
     )
@@ -192,7 +206,8 @@ def _annotate(adata: AnnData, model: CANAL, args: argparse.Namespace) -> None:
     kept = {key: values.uns[key] for key in _SCVI_REGISTRATION_KEYS if key in values.uns}
     if layer is not None:
         type(model).setup_anndata(values, layer=layer)
-    options = from_arguments(PredictOptions, vars(args))
+    given = {name: getattr(args, name) for name in PREDICT_OPTIONS}
+    options = from_arguments(PredictOptions, given | {"mod": args.mod or DEFAULT_MOD})
     voting = {"majority_voting": args.majority_voting, "over_clustering": args.over_clustering}
     write_annotation(values, model, options, key_added=args.key_added, **voting)
     for key in _SCVI_REGISTRATION_KEYS:
@@ -219,7 +234,7 @@ def _normalized(adata: AnnData, layer: str | None) -> AnnData:
 
 
 def _prediction_table(adata: AnnData, key: str) -> pd.DataFrame:
-    """Prediction, confidence and, when computed, uncertainty, p-value, majority vote and cluster of each cell."""
+    """Prediction, confidence and, when computed, novelty score, p-value, majority vote and cluster of each cell."""
     columns = {f"{key}_{name}": name for name in _OBS_NAMES}
     return adata.obs[_obs_columns(adata, key)].rename(columns=columns)
 

@@ -14,6 +14,7 @@ from ._common import (
     add_lightning_options,
     add_mod_option,
     add_normalize_option,
+    add_precision_option,
     arch_arguments,
     check_data,
     first_process,
@@ -74,12 +75,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     add_lightning_options(train, strategy_example="ddp_find_unused_parameters_true")
     train.add_argument("--batch-size", type=positive(int), default=16, help="cells per minibatch (default: 16)")
-    train.add_argument(
-        "--precision",
-        choices=["auto", "32", "bf16"],
-        default="auto",
-        help="float32, or bfloat16 autocast (default: auto, bfloat16 where the device computes it natively)",
-    )
+    add_precision_option(train)
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.add_argument(
         "--wait",

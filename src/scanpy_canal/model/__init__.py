@@ -3,8 +3,8 @@
 from ._data import highly_variable_genes, modality
 from ._inference import UNASSIGNED, Outputs
 from ._model import CANAL
-from ._module import CANALModule
-from ._options import PredictOptions, from_arguments
+from ._module import CANALModule, stage_loss
+from ._options import PredictOptions, StageSettings, from_arguments
 from ._pretrain import PretrainingPlan, pretrain
 from ._training_plan import BestEpochEarlyStopping, CANALTrainingPlan
 

@@ -13,13 +13,15 @@ import pandas as pd
 import torch
 from scipy import sparse
 
+from scanpy_canal._choices import Fusion, Precision, Score
+from scanpy_canal._option_docs import PREDICT_DOCS, document_options
 from scanpy_canal.nn import PerformerLM
 
 from ._conformal import conformal_pvalues, score_thresholds
 from ._data import layer_matrix, modality, panel_chunk, query_panel
 from ._novelty import calibrated_reference, mixup_reference
-from ._options import FALLBACK_SCORE, Fusion, Precision, PredictOptions, check_precision, from_arguments
-from ._scores import BANK_SCORES, Score, ScoreReference, fuse_pvalues, scaled_maximum
+from ._options import FALLBACK_SCORE, PredictOptions, check_precision, from_arguments
+from ._scores import BANK_SCORES, ScoreReference, fuse_pvalues, scaled_maximum
 from ._streaming import ForwardSettings, forward_chunks, forward_settings
 from ._tree import decode, has_children
 
@@ -34,7 +36,7 @@ logger = logging.getLogger("scanpy_canal")
 class Outputs:
     """Everything one forward pass over a query gives (see :meth:`~scanpy_canal.CANAL.predict`).
 
-    With novel-cell detection also: each cell's novelty score (`uncertainty`; with several scores fused, one minus
+    With novel-cell detection also: each cell's novelty score (`novelty_score`; with several scores fused, one minus
     the fused p-value) and, except with the query-relative ``"canal"`` rule, its conformal p-value (fused from
     those of each score, in the columns of `scores` and `pvalues`); the score above which a cell is unassigned
     (`threshold`; for the conformal rule the pooled one, with those of types that have calibration cells of their
@@ -45,7 +47,7 @@ class Outputs:
     labels: np.ndarray
     probabilities: pd.DataFrame
     embedding: np.ndarray
-    uncertainty: np.ndarray | None = None
+    novelty_score: np.ndarray | None = None
     pvalue: np.ndarray | None = None
     threshold: float | None = None
     type_thresholds: dict[str, float] = field(default_factory=dict)
@@ -55,7 +57,7 @@ class Outputs:
 
     def novelty_frame(self) -> pd.DataFrame:
         """What :meth:`~scanpy_canal.CANAL.get_novelty` returns: prediction, score, p-value, then each score's."""
-        columns = {"prediction": self.probabilities.idxmax(axis=1), "score": self.uncertainty, "pvalue": self.pvalue}
+        columns = {"prediction": self.probabilities.idxmax(axis=1), "score": self.novelty_score, "pvalue": self.pvalue}
         for name in self.scores.columns:
             columns[f"{name}_score"] = self.scores[name].to_numpy()
             columns[f"{name}_pvalue"] = self.pvalues[name].to_numpy()
@@ -83,6 +85,7 @@ class InferenceMixin:
         batch_size = batch_size or self.module.inference_batch_size(next(network.parameters()).device)
         return forward_in_batches(network, x, batch_size, precision)
 
+    @document_options(PREDICT_DOCS)
     def get_latent_representation(
         self,
         adata: ad.AnnData | MuData | None = None,
@@ -96,10 +99,16 @@ class InferenceMixin:
     ) -> np.ndarray:
         """The 64-d embedding of each cell (the head's ``fc2`` output), shape ``(n_obs, 64)``.
 
-        The options are those of :meth:`predict`.
+        Parameters
+        ----------
+        adata
+            The cells, as for :meth:`predict`; default: the stage-1 data.
+        {options}
         """
-        return self.predict_outputs(adata, from_arguments(PredictOptions, locals())).embedding
+        options = from_arguments(PredictOptions, locals(), besides=("self", "adata"))
+        return self.predict_outputs(adata, options).embedding
 
+    @document_options(PREDICT_DOCS)
     def get_novelty(
         self,
         adata: ad.AnnData | MuData | None = None,
@@ -117,7 +126,13 @@ class InferenceMixin:
         """Each cell's closed-set prediction, novelty scores and conformal p-values, to unassign at any `alpha` later.
 
         A known cell's p-value is at most `alpha` with probability at most `alpha`; ``predict(novel=True, alpha=a)``
-        unassigns the cells whose p-value is at most ``a``. The options are those of :meth:`predict`.
+        unassigns the cells whose p-value is at most ``a``.
+
+        Parameters
+        ----------
+        adata
+            The cells, as for :meth:`predict`; default: the stage-1 data.
+        {options}
 
         Returns
         -------
@@ -130,7 +145,8 @@ class InferenceMixin:
         >>> novelty = model.get_novelty(query)  # doctest: +SKIP
         >>> labels = novelty["prediction"].where(novelty["pvalue"] > 0.01, "Unassigned")  # doctest: +SKIP
         """
-        outputs = self.predict_outputs(adata, from_arguments(PredictOptions, {**locals(), "novel": True}))
+        options = from_arguments(PredictOptions, {**locals(), "novel": True}, besides=("self", "adata"))
+        outputs = self.predict_outputs(adata, options)
         return outputs.novelty_frame()
 
     def _forward_query(self, adata: ad.AnnData, options: PredictOptions, project: bool) -> dict[str, torch.Tensor]:
@@ -308,7 +324,7 @@ class InferenceMixin:
             else:
                 outputs.threshold = self._fixed_threshold(calibration, options)
                 unassigned = scores > outputs.threshold
-        outputs.uncertainty = scores.numpy()
+        outputs.novelty_score = scores.numpy()
         outputs.labels = np.where(unassigned.numpy(), UNASSIGNED, outputs.labels).astype(object)
 
     def _fixed_threshold(self, calibration: dict[str, torch.Tensor], options: PredictOptions) -> float:

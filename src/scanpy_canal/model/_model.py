@@ -12,6 +12,8 @@ import pandas as pd
 from scvi.data import AnnDataManager
 from scvi.model.base import BaseModelClass
 
+from scanpy_canal._choices import Attention, Fusion, Precision, RepeatedCells, Score, Threshold
+from scanpy_canal._option_docs import PREDICT_DOCS, document_options
 from scanpy_canal.nn import coexpression_embedding
 from scanpy_canal.pp import align_genes, gene_names
 
@@ -29,18 +31,9 @@ from ._inference import InferenceMixin
 from ._io import SaveLoadMixin
 from ._legacy import LegacyCheckpointMixin
 from ._module import DEFAULT_ARCH, CANALModule
-from ._options import (
-    REFINE_THRESHOLD,
-    Fusion,
-    Precision,
-    PredictOptions,
-    StageSettings,
-    Threshold,
-    from_arguments,
-)
+from ._options import REFINE_THRESHOLD, STAGE_DOCS, PredictOptions, StageSettings, from_arguments
 from ._panel import initial_panel
 from ._relations import RELATION_THRESHOLD
-from ._scores import Score
 from ._stage import StageTrainingMixin
 from ._state import ModelStateMixin
 from ._training_plan import CANALTrainingPlan
@@ -196,6 +189,7 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         cls.register_manager(manager)
 
     # ------------------------------------------------------------------------------------------------ training
+    @document_options(STAGE_DOCS)
     def train(
         self,
         adata: ad.AnnData | None = None,
@@ -216,7 +210,7 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         precision: Precision = "auto",
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
-        repeated_cells: Literal["warn", "error"] = "warn",
+        repeated_cells: RepeatedCells = "warn",
         parents: Mapping[str, str] | Literal["find"] | None = None,
         relation_threshold: float = RELATION_THRESHOLD,
         **trainer_kwargs: Any,
@@ -240,68 +234,16 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
             The stage's labelled cells; `None` for stage 1 means the constructor's data.
         stage
             The stage number, to guard against running stages out of order (default: the next one).
-        max_epochs
-            Upper bound on epochs. Default: 100 with pretrained weights (the original's), 15 from a random start.
-        batch_size
-            Cells per minibatch.
-        lr
-            Peak learning rate of the per-epoch cosine schedule with warm restarts (epoch 1 trains at 1e-6). Default:
-            2e-4 with pretrained weights (the original's), 1e-3 from a random start.
-        rehearsal_size
-            Capacity of the example bank kept after this stage and replayed in the next one (0 keeps none).
-        distill_weight
-            Weight of the embedding distillation loss before the ``C_old / C_new`` factor (0 disables it).
-        label_smoothing
-            Label smoothing of the cross-entropy.
-        balance_classes
-            Weight each cell type's cross-entropy by the inverse of its number of training cells (scikit-learn's
-            ``class_weight="balanced"``): a type replayed from the bank with a few cells counts as much as a new one
-            with hundreds. Default: on from a random start, off with pretrained weights (the original).
-        early_stopping_patience
-            Stop after more than this many epochs without a better validation accuracy (`None`: never).
-        validation_size
-            Fraction of each cell type held out, in ``(0, 1)``; every type keeps one cell to train on. Two thirds of
-            the stage's own held-out cells become calibration cells, the others choose the best epoch.
-        split_bank
-            Hold out part of the bank for validation too, as the original. `False`: every bank cell trains (worth it
-            for a few cells per type), but early stopping then sees only the stage's types.
-        calibration_size
-            Capacity of the calibration cells behind novel-cell p-values: held-out cells of every stage, never trained
-            on nor replayed, at most ``calibration_size // C`` per type (spread over the stages); 0 keeps none. Their
-            memory cost is in :attr:`stage_history_` (``calibration_bytes``).
-        cache_frozen
-            Compute the hidden states of the frozen blocks before the first trainable one once per cell and stage
-            (their random features are then not redrawn). `None` (default): when those of all training cells fit in
-            4 GiB. `False`: recompute them at every step, as the original.
-        precision
-            ``"auto"``: bfloat16 autocast (Lightning's ``"bf16-mixed"``) where the device computes it natively (GPUs,
-            CPUs with AVX-512 BF16 or AMX), float32 elsewhere; or ``"32"`` or ``"bf16"``. Before a long stage, its
-            expected duration on this device is logged, from its first batches.
-        accelerator, devices
-            Lightning's; ``accelerator="gpu", devices=-1, strategy="ddp_find_unused_parameters_true"`` trains on all
-            GPUs (see :doc:`/multi_gpu`).
-        repeated_cells
-            Cells the model has seen, with the same observation name and values as a cell it keeps from an earlier
-            stage (its example bank or calibration cells), are trained on with a warning that gives their number
-            (``"warn"``), or make the stage an error (``"error"``), e.g. to catch a stage's data given twice.
-        parents
-            Relations this stage adds to the cell-type tree, ``{child: parent}`` (e.g. ``{"CD4 T": "T cell"}``),
-            between known types and the stage's; `None` (default) or ``{}`` adds none. ``"find"``: found from the
-            data (see :doc:`/refinement`); an option, as on pbmc68k's stream without refinements it relates types
-            that are not (ACC 0.568 against 0.766). A cell labelled with a type that has children is supervised by
-            the summed probability of the type and its descendants, also when replayed; the tree is
-            :attr:`cell_type_tree`.
-        relation_threshold
-            With ``parents="find"``: the share of a new type's cells the model must call one known type before the stage
-            (not novel) for the new type to become its child, or call two or more known types together for it to
-            become their parent.
+        {options}
         **trainer_kwargs
             Passed to :class:`scvi.train.Trainer` (e.g. ``strategy``, ``enable_progress_bar``).
         """
-        settings = from_arguments(StageSettings, with_start_defaults(self.start_, locals()))
+        arguments = with_start_defaults(self.start_, locals())
+        settings = from_arguments(StageSettings, arguments, besides=("self", "adata", "stage"))
         self._train_stage(adata, stage=stage, settings=settings)
 
     # ---------------------------------------------------------------------------------------------- inference
+    @document_options(PREDICT_DOCS)
     def predict(
         self,
         adata: ad.AnnData | MuData | None = None,
@@ -320,7 +262,7 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         gene_symbols: str | None = None,
         min_gene_overlap: float = 0.1,
         mod: str = "rna",
-        attention: Literal["favor", "exact"] = "favor",
+        attention: Attention = "favor",
         compile: bool | None = None,
         devices: int | list[int] | str | None = None,
         strategy: str = "auto",
@@ -335,59 +277,15 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         adata
             Cells with ``log2(1 + counts per 10k)`` values (a registered layer is used), or a MuData whose modality
             `mod` holds them; default: the stage-1 data.
-        novel
-            Call ``"Unassigned"`` the cells whose novelty `score` the `threshold` rule rejects.
-        temperature, batch_size
-            Energy temperature; cells per forward pass.
         soft
             Return the class probabilities instead of labels.
-        seed
-            Seed of the mixup partners and weights of the ``"calibrated"`` and ``"canal"`` rules.
-        threshold
-            ``"conformal"`` (default): unassign the cells whose conformal p-value is at most `alpha`, so that a known
-            cell is unassigned with probability at most `alpha`: the cell's score against those of calibration cells
-            of every stage predicted as the same type (if 50 or more), or of all; a cell's call does not depend on the
-            query. ``"calibrated"``: the ``"mix"`` score above the cut that best separates held-out cells from cells
-            mixed between two types. ``"canal"``: the original, query-relative rule. Or the score above which a cell
-            is unassigned.
-        alpha
-            Largest fraction of known cells the ``"conformal"`` rule may unassign, in ``(0, 1)``.
-        score
-            The novelty score, or several fused (conformal rule): by default ``"input"`` with the ``"conformal"``
-            rule (``"energy"`` for a model saved before it existed), ``"mix"`` with the others. ``"input"``: distance from the cell's expression to the
-            reference cells in a PCA of the training cells; ``"energy"``, ``"mix"`` (CANAL's), ``"max_probability"``;
-            ``"knn"``, ``"mahalanobis"``: distances to the bank in the embedding. See :doc:`/method`.
-        fusion
-            How several scores make one p-value, the guarantee kept: ``"bonferroni"``, ``m`` times the smallest of
-            the ``m`` scores' p-values; ``"scaled"``, the largest score on the bank's scale, calibrated.
-        precision
-            ``"auto"``: bfloat16 autocast where the device computes it natively (GPUs, CPUs with AVX-512 BF16 or AMX;
-            faster, probabilities differ slightly), float32 elsewhere; or ``"32"`` or ``"bf16"``.
-        chunk_size
-            Cells read, aligned and predicted at a time; a backed AnnData is read chunk by chunk, in bounded memory.
-        gene_symbols
-            Column of ``adata.var`` holding the gene names to match the panel with, for when ``var_names`` are e.g.
-            Ensembl IDs (see :func:`scanpy_canal.pp.align_genes`). Default: the one `adata` was registered with.
-        min_gene_overlap
-            Smallest fraction of the panel's genes the query must have; with fewer it is an error (0 allows any).
-        mod
-            The modality to predict when `adata` is a MuData.
-        attention, compile
-            ``attention="exact"``: softmax attention instead of the FAVOR+ estimate the network was trained with (see
-            :doc:`/multi_gpu`). `compile`: run the network through ``torch.compile`` (`None`: on a GPU, from 100,000
-            cells).
-        devices, strategy
-            Predict through Lightning on these devices (e.g. ``devices=4, strategy="ddp"``), each process a share of
-            the chunks; `None`: in this process, on the model's device.
-        refine_threshold
-            With a :attr:`cell_type_tree`: a call goes from a type down to its most probable child while that child's
-            subtree holds at least this share of the type's subtree probability (and more than the type's own).
+        {options}
 
         Returns
         -------
         An array of cell-type names (with a cell-type tree, each as fine as the cell allows), or with `soft` a
         DataFrame of probabilities (cells x cell types).
         """
-        options = from_arguments(PredictOptions, locals())
+        options = from_arguments(PredictOptions, locals(), besides=("self", "adata", "soft"))
         outputs = self.predict_outputs(adata, options)
         return outputs.probabilities if soft else outputs.labels

@@ -194,19 +194,24 @@ class CANALModule(BaseModuleClass):
         # The loss inputs are made on the CPU with the stage; the batch may be on a GPU.
         if subtrees is not None:
             subtrees = subtrees.to(logits.device)
-        # Validation scores the plain loss, the tie-break of early stopping.
-        weight = class_weight.to(logits.device) if class_weight is not None and self.training else None
+        if class_weight is not None:
+            class_weight = class_weight.to(logits.device)
+        loss, classification, distillation = stage_loss(
+            logits,
+            labels,
+            label_smoothing=label_smoothing,
+            class_weight=class_weight if self.training else None,  # validation scores the plain loss (tie-break)
+            subtrees=subtrees,
+            embedding=inference_outputs["embedding"],
+            teacher_embedding=inference_outputs.get("teacher_embedding"),
+            distill_weight=distill_weight,
+        )
         if subtrees is None:
-            classification = F.cross_entropy(logits, labels, weight=weight, label_smoothing=label_smoothing)
             correct = logits.argmax(dim=-1) == labels
-        else:
-            classification = coarse_cross_entropy(logits, labels, subtrees, weight, label_smoothing)
-            correct = subtrees[labels, logits.argmax(dim=-1)] > 0  # a finer call inside the label's subtree is right
+        else:  # a finer call inside the label's subtree is right
+            correct = subtrees[labels, logits.argmax(dim=-1)] > 0
         metrics = {"accuracy": correct.float().mean(), "classification_loss": classification.detach()}
-        loss = classification
-        if "teacher_embedding" in inference_outputs:
-            distillation = F.mse_loss(inference_outputs["embedding"], inference_outputs["teacher_embedding"])
-            loss = loss + distill_weight * distillation
+        if distillation is not None:
             metrics["distillation_loss"] = distillation.detach()
         return LossOutput(
             loss=loss,
@@ -216,6 +221,32 @@ class CANALModule(BaseModuleClass):
             n_obs_minibatch=labels.shape[0],
             extra_metrics=metrics,
         )
+
+
+def stage_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    label_smoothing: float,
+    class_weight: torch.Tensor | None = None,
+    subtrees: torch.Tensor | None = None,
+    embedding: torch.Tensor | None = None,
+    teacher_embedding: torch.Tensor | None = None,
+    distill_weight: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A stage's training loss, its cross-entropy and, with a `teacher_embedding`, its distillation term.
+
+    The cross-entropy with label smoothing (weighted per class by `class_weight`; with `subtrees`, the coarse one of
+    :func:`coarse_cross_entropy`) plus ``distill_weight`` times the MSE of `embedding` to `teacher_embedding`.
+    """
+    if subtrees is None:
+        classification = F.cross_entropy(logits, labels, weight=class_weight, label_smoothing=label_smoothing)
+    else:
+        classification = coarse_cross_entropy(logits, labels, subtrees, class_weight, label_smoothing)
+    if teacher_embedding is None:
+        return classification, classification, None
+    distillation = F.mse_loss(embedding, teacher_embedding)
+    return classification + distill_weight * distillation, classification, distillation
 
 
 def coarse_cross_entropy(

@@ -7,56 +7,78 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from numbers import Real
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
+
+from scanpy_canal._choices import (
+    ATTENTIONS,
+    FUSIONS,
+    PRECISIONS,
+    SCORES,
+    Attention,
+    Fusion,
+    Precision,
+    RepeatedCells,
+    Rule,
+    Score,
+    Threshold,
+)
 
 from ._relations import RELATION_THRESHOLD
-from ._scores import SCORES, Score
 
-Threshold = Literal["conformal", "calibrated", "canal"] | float
-Precision = Literal["auto", "32", "bf16"]
-Fusion = Literal["scaled", "bonferroni"]
 _Options = TypeVar("_Options")
 
 
-def from_arguments(kind: type[_Options], arguments: Mapping[str, Any]) -> _Options:
-    """A `kind` (a dataclass) made of the entries of `arguments` named like its fields, e.g. a method's ``locals()``."""
-    return kind(**{f.name: arguments[f.name] for f in dataclasses.fields(kind) if f.name in arguments})
+def from_arguments(kind: type[_Options], arguments: Mapping[str, Any], *, besides: Sequence[str] = ()) -> _Options:
+    """A `kind` (a dataclass) made of `arguments`, e.g. a method's ``locals()``, but for the names in `besides`.
+
+    Every other name must be a field of `kind` (a parameter renamed in a signature is an error, not an option silently
+    left at its default); the fields not given take their defaults.
+    """
+    options = {name: value for name, value in arguments.items() if name not in besides}
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(kind) if f.init})
+    if unknown:
+        raise TypeError(f"{kind.__name__} has no option {', '.join(unknown)}.")
+    return kind(**options)
 
 
 def check_precision(precision: str) -> str:
     """`precision` if it is ``"auto"``, ``"32"`` or ``"bf16"``; an error otherwise."""
-    if precision not in ("auto", "32", "bf16"):
+    if precision not in PRECISIONS:
         raise ValueError(f"precision must be 'auto', '32' or 'bf16', got {precision!r}.")
     return precision
 
 
 @dataclass(frozen=True)
 class StageSettings:
-    """How one stage trains; each field is the :meth:`~scanpy_canal.CANAL.train` argument of the same name."""
+    """How one stage trains; each field is the :meth:`~scanpy_canal.CANAL.train` argument of the same name.
 
-    max_epochs: int
-    batch_size: int
-    lr: float
-    rehearsal_size: int
-    distill_weight: float
-    label_smoothing: float
-    balance_classes: bool
-    early_stopping_patience: int | None
-    validation_size: float
-    split_bank: bool
-    calibration_size: int
-    cache_frozen: bool | None
-    precision: Precision
-    accelerator: str
-    devices: int | list[int] | str
-    repeated_cells: Literal["warn", "error"] = "warn"
+    The fields that are `None` by default and have a default in :data:`~scanpy_canal.model._defaults.START_DEFAULTS`
+    take the one of how the encoder started (pretrained or random) before a stage is made of them.
+    """
+
+    max_epochs: int | None = None
+    batch_size: int = 16
+    lr: float | None = None
+    rehearsal_size: int = 1000
+    distill_weight: float = 0.1
+    label_smoothing: float = 0.1
+    balance_classes: bool | None = None
+    early_stopping_patience: int | None = 10
+    validation_size: float = 0.2
+    split_bank: bool = True
+    calibration_size: int = 2000
+    cache_frozen: bool | None = None
+    precision: Precision = "auto"
+    accelerator: str = "auto"
+    devices: int | list[int] | str = "auto"
+    repeated_cells: RepeatedCells = "warn"
     parents: Mapping[str, str] | Literal["find"] | None = None
     relation_threshold: float = RELATION_THRESHOLD
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
-        if self.repeated_cells not in ("warn", "error"):
+        if self.repeated_cells not in get_args(RepeatedCells):
             raise ValueError(f"repeated_cells must be 'warn' or 'error', got {self.repeated_cells!r}.")
         if self.parents not in (None, "find") and not (
             isinstance(self.parents, Mapping)
@@ -70,6 +92,70 @@ class StageSettings:
         if not isinstance(self.calibration_size, int) or self.calibration_size < 0:
             raise ValueError(f"calibration_size must be a number of cells, 0 or more; got {self.calibration_size!r}.")
 
+
+#: The documentation of each field of :class:`StageSettings`, filled into :meth:`~scanpy_canal.CANAL.train`'s docstring.
+STAGE_DOCS: dict[str, str] = {
+    "max_epochs": "Upper bound on epochs. Default: 100 with pretrained weights (the original's), 15 from a random start.",
+    "batch_size": "Cells per minibatch.",
+    "lr": (
+        "Peak learning rate of the per-epoch cosine schedule with warm restarts (epoch 1 trains at 1e-6). Default:\n"
+        "2e-4 with pretrained weights (the original's), 1e-3 from a random start."
+    ),
+    "rehearsal_size": "Capacity of the example bank kept after this stage and replayed in the next one (0 keeps none).",
+    "distill_weight": "Weight of the embedding distillation loss before the ``C_old / C_new`` factor (0 disables it).",
+    "label_smoothing": "Label smoothing of the cross-entropy.",
+    "balance_classes": (
+        "Weight each cell type's cross-entropy by the inverse of its number of training cells (scikit-learn's\n"
+        '``class_weight="balanced"``): a type replayed from the bank with a few cells counts as much as a new one\n'
+        "with hundreds. Default: on from a random start, off with pretrained weights (the original)."
+    ),
+    "early_stopping_patience": "Stop after more than this many epochs without a better validation accuracy (`None`: never).",
+    "validation_size": (
+        "Fraction of each cell type held out, in ``(0, 1)``; every type keeps one cell to train on. Two thirds of\n"
+        "the stage's own held-out cells become calibration cells, the others choose the best epoch."
+    ),
+    "split_bank": (
+        "Hold out part of the bank for validation too, as the original. `False`: every bank cell trains (worth it\n"
+        "for a few cells per type), but early stopping then sees only the stage's types."
+    ),
+    "calibration_size": (
+        "Capacity of the calibration cells behind novel-cell p-values: held-out cells of every stage, never trained\n"
+        "on nor replayed, at most ``calibration_size // C`` per type (spread over the stages); 0 keeps none. Their\n"
+        "memory cost is in :attr:`stage_history_` (``calibration_bytes``)."
+    ),
+    "cache_frozen": (
+        "Compute the hidden states of the frozen blocks before the first trainable one once per cell and stage\n"
+        "(their random features are then not redrawn). `None` (default): when those of all training cells fit in\n"
+        "4 GiB. `False`: recompute them at every step, as the original."
+    ),
+    "precision": (
+        '``"auto"``: bfloat16 autocast (Lightning\'s ``"bf16-mixed"``) where the device computes it natively (GPUs,\n'
+        'CPUs with AVX-512 BF16 or AMX), float32 elsewhere; or ``"32"`` or ``"bf16"``. Before a long stage, its\n'
+        "expected duration on this device is logged, from its first batches."
+    ),
+    "accelerator, devices": (
+        'Lightning\'s; ``accelerator="gpu", devices=-1, strategy="ddp_find_unused_parameters_true"`` trains on all\n'
+        "GPUs (see :doc:`/multi_gpu`)."
+    ),
+    "repeated_cells": (
+        "Cells the model has seen, with the same observation name and values as a cell it keeps from an earlier\n"
+        "stage (its example bank or calibration cells), are trained on with a warning that gives their number\n"
+        '(``"warn"``), or make the stage an error (``"error"``), e.g. to catch a stage\'s data given twice.'
+    ),
+    "parents": (
+        'Relations this stage adds to the cell-type tree, ``{child: parent}`` (e.g. ``{"CD4 T": "T cell"}``),\n'
+        'between known types and the stage\'s; `None` (default) or ``{}`` adds none. ``"find"``: found from the\n'
+        "data (see :doc:`/refinement`); an option, as on pbmc68k's stream without refinements it relates types\n"
+        "that are not (ACC 0.568 against 0.766). A cell labelled with a type that has children is supervised by\n"
+        "the summed probability of the type and its descendants, also when replayed; the tree is\n"
+        ":attr:`cell_type_tree`."
+    ),
+    "relation_threshold": (
+        'With ``parents="find"``: the share of a new type\'s cells the model must call one known type before the\n'
+        "stage (not novel) for the new type to become its child, or call two or more known types together for it\n"
+        "to become their parent."
+    ),
+}
 
 #: The novelty score of the conformal rule unless another is asked for: the input space's distance, which sees cells
 #: unlike any reference cell. On the leave-types-out benchmark it had the best AUROC and unknown recall of every
@@ -107,7 +193,7 @@ class PredictOptions:
     gene_symbols: str | None = None
     min_gene_overlap: float = 0.1
     mod: str = "rna"
-    attention: Literal["favor", "exact"] = "favor"
+    attention: Attention = "favor"
     #: `None`: compiled on a GPU for queries of ``AUTO_COMPILE_CELLS`` cells or more.
     compile: bool | None = None
     #: `None`: in this process, on the model's device; else Lightning's devices (with `strategy`).
@@ -119,7 +205,7 @@ class PredictOptions:
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
-        if self.attention not in ("favor", "exact"):
+        if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be 'favor' or 'exact', got {self.attention!r}.")
         if self.compile not in (None, True, False):
             raise ValueError(f"compile must be True, False or None, got {self.compile!r}.")
@@ -133,14 +219,14 @@ class PredictOptions:
             raise ValueError(f"alpha must be a number strictly between 0 and 1, got {self.alpha!r}.")
         object.__setattr__(self, "default_score", self.score is None)
         object.__setattr__(self, "score", _checked_score(self.score, self.threshold))
-        if self.fusion not in ("scaled", "bonferroni"):
+        if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be 'scaled' or 'bonferroni', got {self.fusion!r}.")
         if _is_number(self.threshold):
             if not math.isfinite(self.threshold) or (self.score == "mix" and not 0 <= self.threshold <= 1):
                 raise ValueError(
                     f"threshold must be a finite number, in [0, 1] for the 'mix' score; got {self.threshold!r}."
                 )
-        elif self.threshold not in ("conformal", "calibrated", "canal"):
+        elif self.threshold not in get_args(Rule):
             raise ValueError(
                 f"threshold must be 'conformal', 'calibrated', 'canal' or a number, got {self.threshold!r}."
             )

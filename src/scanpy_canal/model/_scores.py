@@ -20,14 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import torch
 
+from scanpy_canal._choices import SCORES, Score
+
 from ._input_space import InputReference
 
-Score = Literal["mix", "energy", "max_probability", "knn", "mahalanobis", "input"]
-SCORES: tuple[str, ...] = get_args(Score)
 #: Scores that compare a cell with the example bank's embeddings.
 BANK_SCORES = ("knn", "mahalanobis")
 #: Neighbours of the ``"knn"`` score.

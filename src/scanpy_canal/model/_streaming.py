@@ -13,13 +13,14 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import sparse
 
+from scanpy_canal._choices import Attention
 from scanpy_canal.nn import PerformerLM, exact_attention, tokenize
 
 from ._precision import resolve_precision
@@ -37,7 +38,7 @@ class ForwardSettings:
 
     batch_size: int
     precision: str = "32"
-    attention: Literal["favor", "exact"] = "favor"
+    attention: Attention = "favor"
     compile: bool = False
 
 

@@ -45,7 +45,9 @@ class CANALTrainingPlan(TrainingPlan):
     lr
         Peak learning rate of the schedule.
     **loss_kwargs
-        Passed to the module's ``loss`` (``label_smoothing``, ``distill_weight``).
+        Passed to the module's ``loss`` (``label_smoothing``, ``distill_weight``, ``class_weight``, ``subtrees``): every
+        input of the loss comes through here, none is set on the module; the loss moves its tensors to the batch's
+        device.
     """
 
     def __init__(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -127,7 +128,7 @@ def uncertainty(
     *,
     basis: str = "umap",
     key: str = "canal",
-    value: Literal["uncertainty", "pvalue"] | str = "uncertainty",
+    value: Literal["score", "pvalue"] | str = "score",
     ring_color: str = "black",
     ring_size: float | None = None,
     ax: Axes | None = None,
@@ -138,7 +139,7 @@ def uncertainty(
 ) -> Axes | Figure | None:
     """Plot CANAL's novel-cell scores on an embedding, with the unassigned cells ringed and the threshold marked.
 
-    The cells are coloured by ``adata.obs[f"{key}_uncertainty"]`` (or with ``value="pvalue"`` by their conformal
+    The cells are coloured by ``adata.obs[f"{key}_novelty_score"]`` (or with ``value="pvalue"`` by their conformal
     ``adata.obs[f"{key}_novelty_pvalue"]``) through :func:`scanpy.pl.embedding`; those predicted ``"Unassigned"`` in
     ``adata.obs[f"{key}_prediction"]`` get a ring (at the first two components of the basis). A line on the colour bar
     marks the threshold: the score above which a cell is unassigned (for the conformal rule the pooled one; a type
@@ -153,9 +154,12 @@ def uncertainty(
     key
         The `key_added` of :func:`~scanpy_canal.tl.annotate`.
     value
-        Colour by the novelty score (``"uncertainty"``), by its p-value (``"pvalue"``), or by the p-value of one of
+        Colour by the novelty score (``"score"``), by its p-value (``"pvalue"``), or by the p-value of one of
         the fused scores (its name, e.g. ``"input"``: a column of ``adata.obsm[f"{key}_novelty_pvalues"]``), to see
-        which score flags which cells; the line then marks ``alpha / m`` for ``m`` fused scores.
+        which score flags which cells; the line then marks ``alpha / m`` for ``m`` fused scores. ``"uncertainty"``,
+        the former name of ``"score"``, is deprecated; so is reading the former column ``{key}_uncertainty`` when
+        ``{key}_novelty_score`` is missing (data annotated before it was renamed): both still work, with a
+        :class:`FutureWarning`.
     ring_color
         Edge colour of the rings around the unassigned cells.
     ring_size
@@ -180,12 +184,14 @@ def uncertainty(
 
     per_score = adata.obsm.get(f"{key}_novelty_pvalues")
     scores = [] if per_score is None else list(pd.DataFrame(per_score).columns)
-    if value not in ("uncertainty", "pvalue", *scores):
+    value = _renamed_value(value)
+    if value not in ("score", "pvalue", *scores):
         raise ValueError(
-            f"value must be 'uncertainty', 'pvalue' or a score of adata.obsm[{f'{key}_novelty_pvalues'!r}] "
+            f"value must be 'score', 'pvalue' or a score of adata.obsm[{f'{key}_novelty_pvalues'!r}] "
             f"({', '.join(map(repr, scores)) or 'none'}), got {value!r}."
         )
-    color = {"uncertainty": f"{key}_uncertainty", "pvalue": f"{key}_novelty_pvalue"}.get(value, f"{key}_{value}_pvalue")
+    columns = {"score": novelty_score_column(adata, key), "pvalue": f"{key}_novelty_pvalue"}
+    color = columns.get(value, f"{key}_{value}_pvalue")
     prediction = f"{key}_prediction"
     for column in (prediction,) if value in scores else (color, prediction):
         if column not in adata.obs:
@@ -210,7 +216,7 @@ def uncertainty(
         )
     if "title" not in kwargs and title is not None:
         kwargs["title"] = title
-    if value != "uncertainty":
+    if value != "score":
         kwargs.setdefault("cmap", "viridis_r")  # the cells most likely novel stand out
     sc.pl.embedding(adata, basis=basis, color=color, show=False, ax=ax, **kwargs)
     colorbars = [other for other in ax.figure.axes if other is not ax and other.get_label() == "<colorbar>"]
@@ -242,7 +248,7 @@ def _threshold_mark(params: Any, key: str, value: str, n_scores: int) -> tuple[f
     if not isinstance(params, Mapping):
         return None, None
     alpha = params.get("params", {}).get("alpha")
-    if value not in ("pvalue", "uncertainty"):
+    if value not in ("pvalue", "score"):
         level = None if alpha is None else alpha / max(n_scores, 1)
         return level, f"{key} {value} p-value" + ("" if level is None else f" (flags at p ≤ {level:.3g})")
     if value == "pvalue":
@@ -250,4 +256,33 @@ def _threshold_mark(params: Any, key: str, value: str, n_scores: int) -> tuple[f
     threshold = params.get("threshold")
     if threshold is None:
         return None, None
-    return float(threshold), f"{key} uncertainty (threshold {float(threshold):.2f})"
+    return float(threshold), f"{key} novelty score (threshold {float(threshold):.2f})"
+
+
+def novelty_score_column(adata: AnnData, key: str) -> str:
+    """The column of ``adata.obs`` holding the novelty score: ``{key}_novelty_score``, or its former name.
+
+    Data annotated before the rename have ``{key}_uncertainty``; it is read with a :class:`FutureWarning`.
+    """
+    column, former = f"{key}_novelty_score", f"{key}_uncertainty"
+    if column not in adata.obs and former in adata.obs:
+        warnings.warn(
+            f"adata.obs[{former!r}] is the former name of {column!r}, read until the next release: annotate the "
+            "data again (canal.tl.annotate), or rename the column.",
+            FutureWarning,
+            stacklevel=3,
+        )
+        return former
+    return column
+
+
+def _renamed_value(value: str) -> str:
+    """`value` of :func:`uncertainty`, its former name ``"uncertainty"`` as ``"score"`` (with a FutureWarning)."""
+    if value != "uncertainty":
+        return value
+    warnings.warn(
+        'value="uncertainty" is now value="score"; the former name goes in the next release.',
+        FutureWarning,
+        stacklevel=3,
+    )
+    return "score"

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from anndata import AnnData
+
+from scanpy_canal._choices import Attention, Fusion, Precision, Score, Threshold
+from scanpy_canal._option_docs import PREDICT_DOCS, document_options
 
 from ._majority import majority_votes, over_clusters
 
@@ -19,8 +22,11 @@ if TYPE_CHECKING:
 
 
 _NOVELTY_PARAMS = ("novel", "temperature", "threshold", "alpha", "score", "fusion", "seed")
+#: The parameters of :func:`annotate` that are not options of a prediction.
+_OWN_PARAMETERS = ("data", "model", "majority_voting", "over_clustering", "key_added", "copy")
 
 
+@document_options(PREDICT_DOCS)
 def annotate(
     data: AnnData | MuData,
     model: CANAL | str | os.PathLike,
@@ -32,16 +38,16 @@ def annotate(
     mod: str = "rna",
     batch_size: int | None = None,
     temperature: float = 0.8,
-    threshold: Literal["conformal", "calibrated", "canal"] | float = "conformal",
+    threshold: Threshold = "conformal",
     alpha: float = 0.05,
-    score: str | Sequence[str] | None = None,
-    fusion: Literal["scaled", "bonferroni"] = "bonferroni",
+    score: Score | Sequence[Score] | None = None,
+    fusion: Fusion = "bonferroni",
     seed: int = 0,
-    precision: Literal["auto", "32", "bf16"] = "auto",
+    precision: Precision = "auto",
     chunk_size: int = 10_000,
     gene_symbols: str | None = None,
     min_gene_overlap: float = 0.1,
-    attention: Literal["favor", "exact"] = "favor",
+    attention: Attention = "favor",
     compile: bool | None = None,
     devices: int | list[int] | str | None = None,
     strategy: str = "auto",
@@ -59,8 +65,6 @@ def annotate(
         Cells with ``log2(1 + counts per 10k)`` values, or a MuData whose modality `mod` holds them.
     model
         A trained :class:`~scanpy_canal.CANAL`, or the directory of a saved one (as ``CANAL.load`` reads it).
-    novel
-        Call cells of never-seen types ``"Unassigned"`` and write their novelty score and p-value.
     majority_voting
         Also give every cell the prediction that most cells of its cluster in `over_clustering` got (a tie goes to the
         type the model learnt first), as CellTypist does: within a fine cluster, the odd call out is usually noise.
@@ -70,33 +74,7 @@ def annotate(
         resolution 5 of the 15-nearest-neighbour graph of the CANAL embedding.
     key_added
         Prefix of every key written.
-    mod
-        Modality of a MuData to annotate.
-    batch_size
-        Cells per forward pass.
-    temperature, threshold, alpha, score, fusion, seed
-        Novel-cell detection settings, see :meth:`~scanpy_canal.CANAL.predict`: by default a cell is unassigned when
-        its conformal p-value is at most `alpha`, so at most that fraction of known cells is (in expectation).
-    precision
-        ``"auto"`` (bfloat16 autocast where the device computes it natively, float32 elsewhere), ``"32"`` or
-        ``"bf16"``, see :meth:`~scanpy_canal.CANAL.predict`.
-    chunk_size
-        Cells read and predicted at a time; a backed AnnData (``anndata.read_h5ad(path, backed="r")``) is read from
-        disk chunk by chunk, so memory stays bounded.
-    gene_symbols
-        Column of ``.var`` holding the gene names to match the model's panel with, for when ``var_names`` are e.g.
-        Ensembl IDs.
-    min_gene_overlap
-        Smallest fraction of the panel's genes `data` must have; with fewer it is an error. The overlap is logged
-        at info level, and as a warning when less than half of the panel is found.
-    attention, compile
-        Exact softmax attention instead of FAVOR+, and ``torch.compile``, see :meth:`~scanpy_canal.CANAL.predict`.
-    devices, strategy
-        Predict through Lightning on these devices (e.g. ``devices=4, strategy="ddp"``), each process a share of the
-        chunks; `None`: in this process, on the model's device.
-    refine_threshold
-        With a cell-type tree (:attr:`~scanpy_canal.CANAL.cell_type_tree`): how sure a call must be to go from a type
-        down to one of its children, see :meth:`~scanpy_canal.CANAL.predict`.
+    {options}
     copy
         Return an annotated copy instead of writing into `data`.
 
@@ -115,7 +93,7 @@ def annotate(
     ``.obs[f"{key}_majority_voting"]``, ``.obs[f"{key}_over_clustering"]``
         Only with `majority_voting`: the majority vote of the cell's cluster (categories as for the prediction), and
         the clusters voted in.
-    ``.obs[f"{key}_uncertainty"]``
+    ``.obs[f"{key}_novelty_score"]``
         The novelty score, higher for cells less like any known type (only when `novel`; in ``[0, 1]`` for the
         ``"mix"`` score). Above ``.uns[key]["threshold"]`` (for the conformal rule: above the cell's type's threshold
         in ``.uns[key]["type_thresholds"]`` if it has one) means unassigned.
@@ -144,11 +122,12 @@ def annotate(
     >>> canal.tl.annotate(query, "models/pbmc", majority_voting=True)  # doctest: +SKIP
     >>> sc.pp.neighbors(query, use_rep="X_canal")  # doctest: +SKIP
     >>> sc.tl.umap(query)  # doctest: +SKIP
-    >>> sc.pl.umap(query, color=["canal_prediction", "canal_uncertainty"])  # doctest: +SKIP
+    >>> sc.pl.umap(query, color=["canal_prediction", "canal_novelty_score"])  # doctest: +SKIP
     """
+    arguments = dict(locals())  # before the import below binds other names here
     from scanpy_canal.model import CANAL, PredictOptions, from_arguments
 
-    options = from_arguments(PredictOptions, locals())  # checked before a model is loaded or a cell is read
+    options = from_arguments(PredictOptions, arguments, besides=_OWN_PARAMETERS)  # checked before a cell is read
     if over_clustering is not None and not majority_voting:
         raise ValueError("over_clustering names the clusters of majority voting: pass majority_voting=True too.")
     model = model if isinstance(model, CANAL) else CANAL.load(model)
@@ -181,7 +160,7 @@ def write_annotation(
     if model.cell_type_tree["depth"].any():
         columns[f"{key_added}_depth"] = outputs.depth
     if options.novel:
-        columns[f"{key_added}_uncertainty"] = outputs.uncertainty.astype(np.float32)
+        columns[f"{key_added}_novelty_score"] = outputs.novelty_score.astype(np.float32)
         if outputs.pvalue is not None:
             columns[f"{key_added}_novelty_pvalue"] = outputs.pvalue.astype(np.float32)
             columns[f"{key_added}_unassigned_by"] = _unassigned_by(outputs.pvalues, outputs.labels)
