@@ -7,6 +7,7 @@ import anndata as ad
 import numpy as np
 import pytest
 import torch
+from conftest import QUIET, make_model, register
 from scipy import stats
 
 import scanpy_canal as canal
@@ -121,3 +122,21 @@ def test_input_reference_rejects_a_damaged_file():
         InputReference.from_tensors(tensors, 7)
     with pytest.raises(ValueError, match="lacks"):
         InputReference.from_tensors({"mean": tensors["mean"]}, 6)
+
+
+def test_every_stage_refits_the_input_reference_on_its_cells_and_bank(small_stream):
+    """The input space is fitted anew at every stage and its reference cells are the bank's, so a type first seen in
+    stage 2 is near the reference after stage 2 and far from it after stage 1."""
+    model = make_model(small_stream)
+    settings = {"max_epochs": 1, "rehearsal_size": 40, **QUIET}
+    model.train(**settings)
+    first = model.input_reference_
+    second_stage = register(small_stream.train[1])
+    new_types = sorted(set(second_stage.obs["cell_type"]) - set(model.cell_types))
+    new_cells = second_stage[second_stage.obs["cell_type"].isin(new_types)]
+    before = model.get_novelty(new_cells, score="input")["pvalue"].median()
+    model.train(second_stage, **settings)
+    second = model.input_reference_
+    assert not torch.equal(first.components, second.components)
+    assert second.cells.shape[0] == model.example_bank.n_obs
+    assert model.get_novelty(new_cells, score="input")["pvalue"].median() > before
