@@ -59,26 +59,55 @@ def test_predictions_are_fine_where_the_cell_allows(refined_model, refinement_st
     assert np.array_equal(depth, refined_model.cell_type_tree.loc[called, "depth"].to_numpy())
 
 
-def test_relation_rule_on_seeded_calls():
+def seeded_calls(spec: dict[str, dict[str, float]], n: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """`n` cells of each new type of `spec`, called at random with the shares it gives."""
     rng = np.random.default_rng(0)
-    labels = np.repeat(["CD4 T", "Mono", "Lymphoid"], 100)
-    called = np.concatenate(
-        [
-            rng.choice(["T cell", "B"], 100, p=[0.9, 0.1]),  # a refinement of "T cell"
-            rng.choice(["T cell", "B", "Unassigned"], 100, p=[0.3, 0.2, 0.5]),  # unrelated: spread, and novel
-            rng.choice(["T cell", "B", "NK"], 100, p=[0.5, 0.45, 0.05]),  # a coarse name over "T cell" and "B"
-        ]
+    labels = np.repeat(list(spec), n)
+    called = np.concatenate([rng.choice(list(shares), n, p=list(shares.values())) for shares in spec.values()])
+    return called, labels
+
+
+def test_a_known_type_spread_over_new_types_is_refined():
+    called, labels = seeded_calls(
+        {
+            "CD4 T": {"T cell": 0.9, "B": 0.1},
+            "CD8 T": {"T cell": 0.85, "Unassigned": 0.15},
+            "Mono": {"T cell": 0.3, "B": 0.2, "Unassigned": 0.5},  # unrelated: spread, and novel
+        }
     )
-    relations, evidence = find_relations(called, labels, ["T cell", "B", "NK"], ["CD4 T", "Mono", "Lymphoid"], {})
-    assert relations == {"CD4 T": "T cell"}  # "Lymphoid" would take "T cell", which "CD4 T" made a parent
-    relations, _ = find_relations(called, labels, ["T cell", "B", "NK"], ["Mono", "Lymphoid"], {})
-    assert relations == {"T cell": "Lymphoid", "B": "Lymphoid"}
+    known, new = ["T cell", "B"], ["CD4 T", "CD8 T", "Mono"]
+    reverse = pd.DataFrame({"CD4 T": [0.5, 0.0], "CD8 T": [0.4, 0.1], "Mono": [0.1, 0.9]}, index=known)
+    relations, evidence = find_relations(called, labels, known, new, {}, reverse=reverse)
+    assert relations == {"CD4 T": "T cell", "CD8 T": "T cell"}
     assert evidence["Mono"]["called"] == pytest.approx({"T cell": 0.3, "B": 0.2}, abs=0.08)
-    # The reverse check: no "T cell" held out is classified "CD4 T" by the stage's labels, so no relation.
-    reverse = pd.DataFrame({"CD4 T": [0.0, 0.0], "Mono": [1.0, 0.0], "Lymphoid": [0.0, 1.0]}, index=["T cell", "B"])
-    assert find_relations(called, labels, ["T cell", "B"], ["CD4 T"], {}, reverse=reverse)[0] == {}
-    # A model that calls most cells of other types "T cell" cannot tell it apart: it relates nothing.
-    assert find_relations(called, labels, ["T cell", "B"], ["CD4 T"], {}, false_calls={"T cell": 0.5})[0] == {}
+    assert evidence["CD4 T"]["reverse"] == {"T cell": 0.5}
+    # A child must be called its parent by most of its cells (here "CD8 T" is not), and take a share of its cells.
+    weak = seeded_calls({"CD4 T": {"T cell": 0.9, "B": 0.1}, "CD8 T": {"T cell": 0.6, "Unassigned": 0.4}})
+    assert find_relations(*weak, known, new[:2], {}, reverse=reverse)[0] == {"CD4 T": "T cell"}
+    one_sided = reverse.assign(**{"CD8 T": [0.1, 0.1], "Mono": [0.4, 0.8]})
+    assert find_relations(called, labels, known, new, {}, reverse=one_sided)[0] == {"CD4 T": "T cell"}
+    # Without the reverse check, nothing is related.
+    assert find_relations(called, labels, known, new, {})[0] == {}
+
+
+def test_one_new_type_onto_one_known_type_is_no_refinement():
+    """pbmc68k's stream without refinements: memory CD4+ T cells called regulatory T, the only new type there."""
+    called, labels = seeded_calls({"Memory": {"T Reg": 0.92, "Unassigned": 0.08}, "NK": {"NK": 1.0}})
+    reverse = pd.DataFrame({"Memory": [1.0, 0.0], "NK": [0.0, 1.0]}, index=["T Reg", "Dendritic"])
+    assert find_relations(called, labels, ["T Reg", "Dendritic"], ["Memory", "NK"], {}, reverse=reverse)[0] == {}
+
+
+def test_a_new_type_over_known_ones_is_their_parent_unless_another_new_type_is_too():
+    lymphoid = {"T cell": 0.5, "B": 0.45, "NK": 0.05}
+    called, labels = seeded_calls({"Lymphoid": lymphoid, "Mono": {"NK": 0.2, "Unassigned": 0.8}})
+    known, reverse = ["T cell", "B", "NK"], pd.DataFrame({"Lymphoid": [0.9, 0.8, 0.1]}, index=["T cell", "B", "NK"])
+    relations, _ = find_relations(called, labels, known, ["Lymphoid", "Mono"], {}, reverse=reverse)
+    assert relations == {"T cell": "Lymphoid", "B": "Lymphoid"}
+    # Two new types called the same known ones are siblings of them, not a coarser name (pbmc68k's naive T cells).
+    called, labels = seeded_calls({"Lymphoid": lymphoid, "Naive": {"T cell": 0.7, "B": 0.3}})
+    assert find_relations(called, labels, known, ["Lymphoid", "Naive"], {}, reverse=reverse)[0] == {}
+    # A known type that already has a parent is not put under a new coarse type.
+    assert find_relations(called, labels, known, ["Lymphoid"], {"B": "NK"}, reverse=reverse)[0] == {}
 
 
 @pytest.mark.parametrize(
