@@ -217,7 +217,7 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
         repeated_cells: Literal["warn", "error"] = "warn",
-        parents: Mapping[str, str] | Literal["find"] | None = None,
+        parents: Mapping[str, str] | Literal["find"] = "find",
         relation_threshold: float = RELATION_THRESHOLD,
         **trainer_kwargs: Any,
     ) -> None:
@@ -285,12 +285,12 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
             stage (its example bank or calibration cells), are trained on with a warning that gives their number
             (``"warn"``), or make the stage an error (``"error"``), e.g. to catch a stage's data given twice.
         parents
-            Relations this stage adds to the cell-type tree, ``{child: parent}`` (e.g. ``{"CD4 T": "T cell"}``),
-            between known types and the stage's; `None` (default) or ``{}`` adds none. ``"find"``: found from the
-            data (see :doc:`/refinement`); an option, as on pbmc68k's stream without refinements it relates types
-            that are not (ACC 0.568 against 0.766). A cell labelled with a type that has children is supervised by
-            the summed probability of the type and its descendants, also when replayed; the tree is
-            :attr:`cell_type_tree`.
+            Relations this stage adds to the cell-type tree. ``"find"`` (default): found from the data, where the
+            known types' held-out cells spread over two or more new types that the model calls them (see
+            :doc:`/refinement`); none on pbmc68k's and the synthetic stream without refinements. Or told,
+            ``{child: parent}`` (e.g. ``{"CD4 T": "T cell"}``), between known types and the stage's; ``{}`` adds
+            none. A cell labelled with a type that has children is supervised by the summed probability of the type
+            and its descendants, also when replayed; the tree is :attr:`cell_type_tree`.
         relation_threshold
             With ``parents="find"``: the share of a new type's cells the model must call one known type before the stage
             (not novel) for the new type to become its child, or call two or more known types together for it to

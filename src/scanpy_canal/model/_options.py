@@ -50,7 +50,7 @@ class StageSettings:
     accelerator: str
     devices: int | list[int] | str
     repeated_cells: Literal["warn", "error"] = "warn"
-    parents: Mapping[str, str] | Literal["find"] | None = None
+    parents: Mapping[str, str] | Literal["find"] = "find"
     relation_threshold: float = RELATION_THRESHOLD
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -58,12 +58,12 @@ class StageSettings:
         check_precision(self.precision)
         if self.repeated_cells not in ("warn", "error"):
             raise ValueError(f"repeated_cells must be 'warn' or 'error', got {self.repeated_cells!r}.")
-        if self.parents not in (None, "find") and not (
+        if self.parents != "find" and not (
             isinstance(self.parents, Mapping)
             and all(isinstance(k, str) and isinstance(v, str) for k, v in self.parents.items())
         ):
             raise TypeError(
-                f"parents must be 'find' or map cell-type names to their parents' names, got {self.parents!r}."
+                f"parents must be 'find' or map cell-type names to their parents' names ({{}}: none), got {self.parents!r}."
             )
         if not (_is_number(self.relation_threshold) and 0.5 < self.relation_threshold <= 1):
             raise ValueError(f"relation_threshold must be a share in (0.5, 1], got {self.relation_threshold!r}.")
