@@ -11,8 +11,9 @@ from conftest import QUIET, TINY_ARCH, register
 
 import scanpy_canal as canal
 from scanpy_canal.model._module import coarse_cross_entropy
+from scanpy_canal.model._options import PredictOptions
 from scanpy_canal.model._relations import find_relations
-from scanpy_canal.model._tree import decode, grow_tree, subtree_matrix
+from scanpy_canal.model._tree import among_children, decode, grow_tree, subtree_matrix
 
 TYPES = ["T cell", "B", "CD4 T", "CD8 T"]
 SETTINGS = {"max_epochs": 8, "lr": 3e-3, "batch_size": 8, "rehearsal_size": 40, **QUIET}
@@ -20,21 +21,24 @@ SETTINGS = {"max_epochs": 8, "lr": 3e-3, "batch_size": 8, "rehearsal_size": 40, 
 
 @pytest.fixture(scope="module")
 def refinement_stream():
-    """Stage 1: types 0 and 1 both named "coarse", with type 2; stage 2: types 0 and 1 by name, and 3 to 5 (new)."""
+    """Stage 1: types 0 and 1 both named "coarse", with type 2; stage 2: types 0 and 1 by name, and 3 to 5 (new).
+
+    Test: stage 2's test cells, and type 6, novel.
+    """
     stream = canal.datasets.synthetic_stream(n_stages=2, n_genes=60, types_per_stage=3, cells_per_type=60, seed=0)
     first, second = stream.train[0].copy(), stream.train[1].copy()
     first.obs["cell_type"] = first.obs["cell_type"].astype(str).replace({"type_0": "coarse", "type_1": "coarse"})
     second = second[second.obs["cell_type"] != "type_2"].copy()
-    return register(first), register(second), stream.test[1]
+    return register(first), register(second), stream.test[1], stream.novel
 
 
 @pytest.fixture(scope="module")
 def refined_model(refinement_stream):
-    """A model trained on both stages of `refinement_stream`, relations found from the data (shared: do not modify)."""
-    first, second, _ = refinement_stream
+    """A model trained on both stages of `refinement_stream` at the defaults, relations found from the data (shared)."""
+    first, second, *_ = refinement_stream
     model = canal.CANAL(first, trainable_blocks=(-2,), **TINY_ARCH)
     model.train(**SETTINGS)
-    model.train(second, parents="find", **SETTINGS)
+    model.train(second, **SETTINGS)
     return model
 
 
@@ -57,6 +61,26 @@ def test_predictions_are_fine_where_the_cell_allows(refined_model, refinement_st
     assert (called == test.obs["cell_type"].astype(str)).mean() >= 0.8
     depth = adata.obs["canal_depth"].to_numpy()
     assert np.array_equal(depth, refined_model.cell_type_tree.loc[called, "depth"].to_numpy())
+
+
+def test_a_cell_flagged_novel_among_a_parents_children_is_called_the_parent(refined_model, refinement_stream):
+    """Novel cells whose probability stays in "coarse"'s subtree, split between its children: "coarse"."""
+    outputs = refined_model.predict_outputs(refinement_stream[3], PredictOptions(novel=True, alpha=0.2))
+    probabilities, tree = outputs.probabilities.to_numpy(), (refined_model.cell_type_parents_, refined_model.cell_types)
+    among = among_children(probabilities, *tree, decode(probabilities, *tree, refine_threshold=0.5)[0])
+    flagged = outputs.pvalue <= 0.2
+    assert (flagged & among).any() and (flagged & ~among).any()
+    assert set(outputs.labels[flagged & among]) == {"coarse"} and (outputs.depth[flagged & among] == 0).all()
+    assert (outputs.labels[flagged & ~among] == "Unassigned").all()
+
+
+def test_among_children_needs_most_probability_in_the_subtree_and_among_the_children():
+    parents = {"CD4 T": "T cell", "CD8 T": "T cell"}
+    probabilities = np.array(
+        [[0.1, 0.1, 0.4, 0.4], [0.6, 0.1, 0.15, 0.15], [0.05, 0.5, 0.25, 0.2], [0.1, 0.6, 0.2, 0.1]]
+    )
+    calls = ["T cell", "T cell", "T cell", "B"]
+    assert among_children(probabilities, parents, TYPES, calls).tolist() == [True, False, False, False]
 
 
 def seeded_calls(spec: dict[str, dict[str, float]], n: int = 100) -> tuple[np.ndarray, np.ndarray]:
@@ -196,12 +220,12 @@ def test_the_tree_survives_save_and_load_and_an_older_model_loads_flat(refined_m
 
 
 def test_a_stream_without_refinements_trains_as_without_the_tree(small_stream):
-    """No relation found: the same loss values, epoch by epoch, as with ``parents={}``."""
+    """At the defaults no relation is found: the same loss values, epoch by epoch, as with ``parents={}``."""
     histories = []
-    for parents in ("find", {}):
+    for parents in ({}, {"parents": {}}):
         model = canal.CANAL(register(small_stream.train[0]), **TINY_ARCH)
         model.train(**{**SETTINGS, "max_epochs": 2})
-        model.train(register(small_stream.train[1]), parents=parents, **{**SETTINGS, "max_epochs": 2})
+        model.train(register(small_stream.train[1]), **parents, **{**SETTINGS, "max_epochs": 2})
         assert model.stage_history_[-1]["new_parents"] == {}
         histories.append(model.history)
     pd.testing.assert_frame_equal(histories[0], histories[1])
