@@ -13,7 +13,7 @@ names, with the monocytes and dendritic cells. The test has every type under its
 
 Methods, scored on the test after stage 2:
 
-- ``canal_tree``: CANAL with relations found from the data (``parents="find"``);
+- ``canal_tree``: CANAL at its defaults: relations found from the data (``parents="find"``);
 - ``canal_flat``: the same with ``parents={}``: every name its own class, as before the tree;
 - ``lr_drop_coarse``: logistic regression on both stages' cells, the cells named ``"T cell"`` thrown away;
 - ``lr_coarse_class``: logistic regression on both stages' cells, ``"T cell"`` a class of its own.
@@ -24,9 +24,10 @@ called ``"T cell"``), ``unrelated_called_coarse`` (the share of the other test c
 shares of each new type's cells the stage-1 model called each known type) and the scores at other
 ``refine_threshold`` values (from the same probabilities).
 
-Streams without refinements: ``canal.datasets.pbmc68k_stream(seed=0)`` (3 class-incremental stages), CANAL at its
-defaults against ``parents={}``: the relations found (the evidence sets ``relation_threshold``) and the accuracy on
-every stage's test cells after the last stage.
+Streams without refinements (``plain_pbmc68k``, ``plain_synthetic``): the ``pbmc68k`` and ``synthetic`` streams of
+``benchmarks/continual_stream.py`` (3 class-incremental stages each), CANAL at its defaults against ``parents={}``:
+the relations found with their evidence, and the accuracy on every stage's test cells after the last stage (the
+same model when no relation is found: finding leaves the random state as it was).
 
 Every CANAL run starts from random weights: the demo's encoder (dim 32, 2 blocks), a panel of 300 HVGs of stage 1,
 ``train``'s defaults for a random start, on the CPU.
@@ -42,6 +43,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
+from continual_stream import STREAMS
 from sklearn.linear_model import LogisticRegression
 
 import scanpy_canal as canal
@@ -62,6 +64,7 @@ FINE = {
 STAGE_1 = ("CD19+ B", "CD56+ NK")
 STAGE_2 = ("CD14+ Monocyte", "Dendritic")
 REFINE_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+PLAIN_STREAMS = ("pbmc68k", "synthetic")
 
 
 def refinement_stream() -> tuple[list[ad.AnnData], ad.AnnData]:
@@ -111,7 +114,7 @@ def train_canal(stages: list[ad.AnnData], seed: int, epochs: int | None, **train
 
 
 def canal_tree(stages, test, seed, epochs) -> dict:
-    model = train_canal(stages, seed, epochs, parents="find")
+    model = train_canal(stages, seed, epochs)
     truth = test.obs["cell_type"].astype(str).to_numpy()
     probabilities = model.predict(test, soft=True).to_numpy()
     by_threshold = {}
@@ -139,12 +142,12 @@ def logistic_regression(stages, test, *, drop_coarse: bool) -> dict:
     return scores(test.obs["cell_type"].astype(str).to_numpy(), classifier.predict(test.X))
 
 
-def plain_stream(seed: int, epochs: int | None) -> dict:
-    """CANAL at its defaults and with ``parents={}`` on pbmc68k's class-incremental stream."""
-    stream = canal.datasets.pbmc68k_stream(seed=0)
+def plain_stream(name: str, seed: int, epochs: int | None) -> dict:
+    """CANAL at its defaults and with ``parents={}`` on the class-incremental stream `name` of :data:`STREAMS`."""
+    stream = STREAMS[name].build()
     test = ad.concat(stream.test)
     truth = test.obs["cell_type"].astype(str).to_numpy()
-    found = train_canal(stream.train, seed, epochs, parents="find")
+    found = train_canal(stream.train, seed, epochs)
     run = {
         "new_parents": [record["new_parents"] for record in found.stage_history_],
         "relation_evidence": [record["relation_evidence"] for record in found.stage_history_],
@@ -190,7 +193,7 @@ def main() -> None:
             "lr_drop_coarse": logistic_regression(stages, test, drop_coarse=True),
             "lr_coarse_class": logistic_regression(stages, test, drop_coarse=False),
         },
-        "runs": {"canal_tree": [], "canal_flat": [], "plain_stream": []},
+        "runs": {"canal_tree": [], "canal_flat": [], **{f"plain_{name}": [] for name in PLAIN_STREAMS}},
     }
     started = time.perf_counter()
     for seed in args.seeds:  # seed by seed, so that a report cut short holds whole seeds
@@ -200,9 +203,10 @@ def main() -> None:
             write(report, args.output, started)
         if args.part == "refinement":
             continue
-        report["runs"]["plain_stream"].append({"seed": seed, **plain_stream(seed, args.epochs)})
-        report["results"]["plain_stream"] = summarise(report["runs"]["plain_stream"])
-        write(report, args.output, started)
+        for name in PLAIN_STREAMS:
+            report["runs"][f"plain_{name}"].append({"seed": seed, **plain_stream(name, seed, args.epochs)})
+            report["results"][f"plain_{name}"] = summarise(report["runs"][f"plain_{name}"])
+            write(report, args.output, started)
 
 
 def write(report: dict, output: Path, started: float) -> None:

@@ -11,8 +11,9 @@ from conftest import QUIET, TINY_ARCH, register
 
 import scanpy_canal as canal
 from scanpy_canal.model._module import coarse_cross_entropy
+from scanpy_canal.model._options import PredictOptions
 from scanpy_canal.model._relations import find_relations
-from scanpy_canal.model._tree import decode, grow_tree, subtree_matrix
+from scanpy_canal.model._tree import among_children, decode, grow_tree, subtree_matrix
 
 TYPES = ["T cell", "B", "CD4 T", "CD8 T"]
 SETTINGS = {"max_epochs": 8, "lr": 3e-3, "batch_size": 8, "rehearsal_size": 40, **QUIET}
@@ -20,21 +21,24 @@ SETTINGS = {"max_epochs": 8, "lr": 3e-3, "batch_size": 8, "rehearsal_size": 40, 
 
 @pytest.fixture(scope="module")
 def refinement_stream():
-    """Stage 1: types 0 and 1 both named "coarse", with type 2; stage 2: types 0 and 1 by name, and 3 to 5 (new)."""
+    """Stage 1: types 0 and 1 both named "coarse", with type 2; stage 2: types 0 and 1 by name, and 3 to 5 (new).
+
+    Test: stage 2's test cells, and type 6, novel.
+    """
     stream = canal.datasets.synthetic_stream(n_stages=2, n_genes=60, types_per_stage=3, cells_per_type=60, seed=0)
     first, second = stream.train[0].copy(), stream.train[1].copy()
     first.obs["cell_type"] = first.obs["cell_type"].astype(str).replace({"type_0": "coarse", "type_1": "coarse"})
     second = second[second.obs["cell_type"] != "type_2"].copy()
-    return register(first), register(second), stream.test[1]
+    return register(first), register(second), stream.test[1], stream.novel
 
 
 @pytest.fixture(scope="module")
 def refined_model(refinement_stream):
-    """A model trained on both stages of `refinement_stream`, relations found from the data (shared: do not modify)."""
-    first, second, _ = refinement_stream
+    """A model trained on both stages of `refinement_stream` at the defaults, relations found from the data (shared)."""
+    first, second, *_ = refinement_stream
     model = canal.CANAL(first, trainable_blocks=(-2,), **TINY_ARCH)
     model.train(**SETTINGS)
-    model.train(second, parents="find", **SETTINGS)
+    model.train(second, **SETTINGS)
     return model
 
 
@@ -59,26 +63,75 @@ def test_predictions_are_fine_where_the_cell_allows(refined_model, refinement_st
     assert np.array_equal(depth, refined_model.cell_type_tree.loc[called, "depth"].to_numpy())
 
 
-def test_relation_rule_on_seeded_calls():
-    rng = np.random.default_rng(0)
-    labels = np.repeat(["CD4 T", "Mono", "Lymphoid"], 100)
-    called = np.concatenate(
-        [
-            rng.choice(["T cell", "B"], 100, p=[0.9, 0.1]),  # a refinement of "T cell"
-            rng.choice(["T cell", "B", "Unassigned"], 100, p=[0.3, 0.2, 0.5]),  # unrelated: spread, and novel
-            rng.choice(["T cell", "B", "NK"], 100, p=[0.5, 0.45, 0.05]),  # a coarse name over "T cell" and "B"
-        ]
+def test_a_cell_flagged_novel_among_a_parents_children_is_called_the_parent(refined_model, refinement_stream):
+    """Novel cells whose probability stays in "coarse"'s subtree, split between its children: "coarse"."""
+    outputs = refined_model.predict_outputs(refinement_stream[3], PredictOptions(novel=True, alpha=0.2))
+    probabilities, tree = outputs.probabilities.to_numpy(), (refined_model.cell_type_parents_, refined_model.cell_types)
+    among = among_children(probabilities, *tree, decode(probabilities, *tree, refine_threshold=0.5)[0])
+    flagged = outputs.pvalue <= 0.2
+    assert (flagged & among).any() and (flagged & ~among).any()
+    assert set(outputs.labels[flagged & among]) == {"coarse"} and (outputs.depth[flagged & among] == 0).all()
+    assert (outputs.labels[flagged & ~among] == "Unassigned").all()
+
+
+def test_among_children_needs_most_probability_in_the_subtree_and_among_the_children():
+    parents = {"CD4 T": "T cell", "CD8 T": "T cell"}
+    probabilities = np.array(
+        [[0.1, 0.1, 0.4, 0.4], [0.6, 0.1, 0.15, 0.15], [0.05, 0.5, 0.25, 0.2], [0.1, 0.6, 0.2, 0.1]]
     )
-    relations, evidence = find_relations(called, labels, ["T cell", "B", "NK"], ["CD4 T", "Mono", "Lymphoid"], {})
-    assert relations == {"CD4 T": "T cell"}  # "Lymphoid" would take "T cell", which "CD4 T" made a parent
-    relations, _ = find_relations(called, labels, ["T cell", "B", "NK"], ["Mono", "Lymphoid"], {})
-    assert relations == {"T cell": "Lymphoid", "B": "Lymphoid"}
+    calls = ["T cell", "T cell", "T cell", "B"]
+    assert among_children(probabilities, parents, TYPES, calls).tolist() == [True, False, False, False]
+
+
+def seeded_calls(spec: dict[str, dict[str, float]], n: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """`n` cells of each new type of `spec`, called at random with the shares it gives."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(list(spec), n)
+    called = np.concatenate([rng.choice(list(shares), n, p=list(shares.values())) for shares in spec.values()])
+    return called, labels
+
+
+def test_a_known_type_spread_over_new_types_is_refined():
+    called, labels = seeded_calls(
+        {
+            "CD4 T": {"T cell": 0.9, "B": 0.1},
+            "CD8 T": {"T cell": 0.85, "Unassigned": 0.15},
+            "Mono": {"T cell": 0.3, "B": 0.2, "Unassigned": 0.5},  # unrelated: spread, and novel
+        }
+    )
+    known, new = ["T cell", "B"], ["CD4 T", "CD8 T", "Mono"]
+    reverse = pd.DataFrame({"CD4 T": [0.5, 0.0], "CD8 T": [0.4, 0.1], "Mono": [0.1, 0.9]}, index=known)
+    relations, evidence = find_relations(called, labels, known, new, {}, reverse=reverse)
+    assert relations == {"CD4 T": "T cell", "CD8 T": "T cell"}
     assert evidence["Mono"]["called"] == pytest.approx({"T cell": 0.3, "B": 0.2}, abs=0.08)
-    # The reverse check: no "T cell" held out is classified "CD4 T" by the stage's labels, so no relation.
-    reverse = pd.DataFrame({"CD4 T": [0.0, 0.0], "Mono": [1.0, 0.0], "Lymphoid": [0.0, 1.0]}, index=["T cell", "B"])
-    assert find_relations(called, labels, ["T cell", "B"], ["CD4 T"], {}, reverse=reverse)[0] == {}
-    # A model that calls most cells of other types "T cell" cannot tell it apart: it relates nothing.
-    assert find_relations(called, labels, ["T cell", "B"], ["CD4 T"], {}, false_calls={"T cell": 0.5})[0] == {}
+    assert evidence["CD4 T"]["reverse"] == {"T cell": 0.5}
+    # A child must be called its parent by most of its cells (here "CD8 T" is not), and take a share of its cells.
+    weak = seeded_calls({"CD4 T": {"T cell": 0.9, "B": 0.1}, "CD8 T": {"T cell": 0.6, "Unassigned": 0.4}})
+    assert find_relations(*weak, known, new[:2], {}, reverse=reverse)[0] == {"CD4 T": "T cell"}
+    one_sided = reverse.assign(**{"CD8 T": [0.1, 0.1], "Mono": [0.4, 0.8]})
+    assert find_relations(called, labels, known, new, {}, reverse=one_sided)[0] == {"CD4 T": "T cell"}
+    # Without the reverse check, nothing is related.
+    assert find_relations(called, labels, known, new, {})[0] == {}
+
+
+def test_one_new_type_onto_one_known_type_is_no_refinement():
+    """pbmc68k's stream without refinements: memory CD4+ T cells called regulatory T, the only new type there."""
+    called, labels = seeded_calls({"Memory": {"T Reg": 0.92, "Unassigned": 0.08}, "NK": {"NK": 1.0}})
+    reverse = pd.DataFrame({"Memory": [1.0, 0.0], "NK": [0.0, 1.0]}, index=["T Reg", "Dendritic"])
+    assert find_relations(called, labels, ["T Reg", "Dendritic"], ["Memory", "NK"], {}, reverse=reverse)[0] == {}
+
+
+def test_a_new_type_over_known_ones_is_their_parent_unless_another_new_type_is_too():
+    lymphoid = {"T cell": 0.5, "B": 0.45, "NK": 0.05}
+    called, labels = seeded_calls({"Lymphoid": lymphoid, "Mono": {"NK": 0.2, "Unassigned": 0.8}})
+    known, reverse = ["T cell", "B", "NK"], pd.DataFrame({"Lymphoid": [0.9, 0.8, 0.1]}, index=["T cell", "B", "NK"])
+    relations, _ = find_relations(called, labels, known, ["Lymphoid", "Mono"], {}, reverse=reverse)
+    assert relations == {"T cell": "Lymphoid", "B": "Lymphoid"}
+    # Two new types called the same known ones are siblings of them, not a coarser name (pbmc68k's naive T cells).
+    called, labels = seeded_calls({"Lymphoid": lymphoid, "Naive": {"T cell": 0.7, "B": 0.3}})
+    assert find_relations(called, labels, known, ["Lymphoid", "Naive"], {}, reverse=reverse)[0] == {}
+    # A known type that already has a parent is not put under a new coarse type.
+    assert find_relations(called, labels, known, ["Lymphoid"], {"B": "NK"}, reverse=reverse)[0] == {}
 
 
 @pytest.mark.parametrize(
@@ -167,12 +220,12 @@ def test_the_tree_survives_save_and_load_and_an_older_model_loads_flat(refined_m
 
 
 def test_a_stream_without_refinements_trains_as_without_the_tree(small_stream):
-    """No relation found: the same loss values, epoch by epoch, as with ``parents={}``."""
+    """At the defaults no relation is found: the same loss values, epoch by epoch, as with ``parents={}``."""
     histories = []
-    for parents in ("find", {}):
+    for parents in ({}, {"parents": {}}):
         model = canal.CANAL(register(small_stream.train[0]), **TINY_ARCH)
         model.train(**{**SETTINGS, "max_epochs": 2})
-        model.train(register(small_stream.train[1]), parents=parents, **{**SETTINGS, "max_epochs": 2})
+        model.train(register(small_stream.train[1]), **parents, **{**SETTINGS, "max_epochs": 2})
         assert model.stage_history_[-1]["new_parents"] == {}
         histories.append(model.history)
     pd.testing.assert_frame_equal(histories[0], histories[1])

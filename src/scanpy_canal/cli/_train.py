@@ -57,9 +57,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--stage", type=int, default=None, help="the stage expected, as a guard (default: the next)")
     train.add_argument(
         "--parents",
-        default=None,
-        help="relations this stage adds to the cell-type tree: a JSON object {child: parent} or a CSV file with a "
-        "header row and two columns, child then parent; 'find': found from the data (default: none)",
+        default="find",
+        help="relations this stage adds to the cell-type tree: 'find' (default), found from the data; or a JSON "
+        "object {child: parent} ({} adds none) or a CSV file with a header row and two columns, child then parent",
     )
     train.add_argument(
         "--epochs",
@@ -109,7 +109,7 @@ def _continues_a_model(args: argparse.Namespace) -> bool:
     from scanpy_canal._directories import readable_directory
 
     check_data(args)
-    if args.parents not in (None, "find") and not Path(args.parents).is_file():
+    if args.parents != "find" and not Path(args.parents).is_file():
         raise FileNotFoundError(f"--parents {str(args.parents)!r} does not exist.")
     for option in ("pretrained", "pretrained_genes"):
         path = getattr(args, option)
@@ -150,7 +150,7 @@ def _train_next_stage(args: argparse.Namespace) -> None:
             accelerator=args.accelerator,
             devices=args.devices,
             strategy=args.strategy,
-            parents=args.parents if args.parents in (None, "find") else read_parents(Path(args.parents)),
+            parents=args.parents if args.parents == "find" else read_parents(Path(args.parents)),
             enable_progress_bar=not args.quiet,
             enable_model_summary=False,
         )

@@ -23,7 +23,7 @@ from ._novelty import calibrated_reference, mixup_reference
 from ._options import FALLBACK_SCORE, PredictOptions, check_precision, from_arguments
 from ._scores import BANK_SCORES, ScoreReference, fuse_pvalues, scaled_maximum
 from ._streaming import ForwardSettings, forward_chunks, forward_settings
-from ._tree import decode, has_children
+from ._tree import among_children, decode, has_children
 
 if TYPE_CHECKING:
     from mudata import MuData
@@ -239,6 +239,8 @@ class InferenceMixin:
         if options.novel:
             with torch.inference_mode():
                 self._call_novel(outputs, forward, options, scores)
+            kept = among_children(probabilities.numpy(), self.cell_type_parents_, self.cell_types_, labels)
+            outputs.labels = np.where((outputs.labels == UNASSIGNED) & kept, labels, outputs.labels)  # a new kind of it
             outputs.depth = np.where(outputs.labels == UNASSIGNED, -1, outputs.depth)
         return outputs
 

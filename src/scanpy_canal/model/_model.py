@@ -211,7 +211,7 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
         repeated_cells: RepeatedCells = "warn",
-        parents: Mapping[str, str] | Literal["find"] | None = None,
+        parents: Mapping[str, str] | Literal["find"] = "find",
         relation_threshold: float = RELATION_THRESHOLD,
         **trainer_kwargs: Any,
     ) -> None:

@@ -72,7 +72,7 @@ class StageSettings:
     accelerator: str = "auto"
     devices: int | list[int] | str = "auto"
     repeated_cells: RepeatedCells = "warn"
-    parents: Mapping[str, str] | Literal["find"] | None = None
+    parents: Mapping[str, str] | Literal["find"] = "find"
     relation_threshold: float = RELATION_THRESHOLD
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -80,12 +80,12 @@ class StageSettings:
         check_precision(self.precision)
         if self.repeated_cells not in get_args(RepeatedCells):
             raise ValueError(f"repeated_cells must be 'warn' or 'error', got {self.repeated_cells!r}.")
-        if self.parents not in (None, "find") and not (
+        if self.parents != "find" and not (
             isinstance(self.parents, Mapping)
             and all(isinstance(k, str) and isinstance(v, str) for k, v in self.parents.items())
         ):
             raise TypeError(
-                f"parents must be 'find' or map cell-type names to their parents' names, got {self.parents!r}."
+                f"parents must be 'find' or map cell-type names to their parents' names ({{}}: none), got {self.parents!r}."
             )
         if not (_is_number(self.relation_threshold) and 0.5 < self.relation_threshold <= 1):
             raise ValueError(f"relation_threshold must be a share in (0.5, 1], got {self.relation_threshold!r}.")
@@ -143,12 +143,12 @@ STAGE_DOCS: dict[str, str] = {
         '(``"warn"``), or make the stage an error (``"error"``), e.g. to catch a stage\'s data given twice.'
     ),
     "parents": (
-        'Relations this stage adds to the cell-type tree, ``{child: parent}`` (e.g. ``{"CD4 T": "T cell"}``),\n'
-        'between known types and the stage\'s; `None` (default) or ``{}`` adds none. ``"find"``: found from the\n'
-        "data (see :doc:`/refinement`); an option, as on pbmc68k's stream without refinements it relates types\n"
-        "that are not (ACC 0.568 against 0.766). A cell labelled with a type that has children is supervised by\n"
-        "the summed probability of the type and its descendants, also when replayed; the tree is\n"
-        ":attr:`cell_type_tree`."
+        'Relations this stage adds to the cell-type tree. ``"find"`` (default): found from the data, where the\n'
+        "known types' held-out cells spread over two or more new types that the model calls them (see\n"
+        ":doc:`/refinement`); none on pbmc68k's and the synthetic stream without refinements. Or told,\n"
+        '``{child: parent}`` (e.g. ``{"CD4 T": "T cell"}``), between known types and the stage\'s; ``{}`` adds\n'
+        "none. A cell labelled with a type that has children is supervised by the summed probability of the type\n"
+        "and its descendants, also when replayed; the tree is :attr:`cell_type_tree`."
     ),
     "relation_threshold": (
         'With ``parents="find"``: the share of a new type\'s cells the model must call one known type before the\n'

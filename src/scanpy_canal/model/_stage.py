@@ -186,7 +186,7 @@ class StageTrainingMixin(RelationFindingMixin):
         if settings.parents == "find":
             new_parents, evidence = self._find_relations(data, labels, new_types, settings.relation_threshold)
         else:
-            new_parents, evidence = dict(settings.parents or {}), {}
+            new_parents, evidence = dict(settings.parents), {}
         cell_types = self.cell_types_ + new_types
         matrices, names = [data.X], [labels]
         if self.example_bank_ is not None and self.example_bank_.n_obs > 0:

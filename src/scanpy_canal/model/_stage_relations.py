@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 
 from ._options import PredictOptions
-from ._relations import false_call_shares, find_relations, reverse_shares
+from ._relations import find_relations, reverse_shares
 
 logger = logging.getLogger("scanpy_canal")
 
@@ -39,7 +39,6 @@ class RelationFindingMixin:
             new_types,
             self.cell_type_parents_,
             threshold=threshold,
-            false_calls=self._false_calls(),
             reverse=self._reverse_shares(data, labels),
         )
         for child, parent in relations.items():
@@ -52,11 +51,3 @@ class RelationFindingMixin:
         if reference is None or reference.n_obs == 0 or len(set(labels)) < 2:
             return None
         return reverse_shares(data.X, labels, reference.X, reference.obs["cell_type"].astype(str).to_numpy())
-
-    def _false_calls(self) -> dict[str, float] | None:
-        """Per known type, the share of the calibration cells of the other types the model calls it (closed set)."""
-        if self.calibration_cells_ is None:
-            return None
-        logits = self._calibration_outputs()["logits"]
-        called = np.asarray(self.cell_types_, dtype=object)[logits.argmax(dim=-1).numpy()]
-        return false_call_shares(called, self.calibration_cells_.obs["cell_type"].astype(str), self.cell_types_)

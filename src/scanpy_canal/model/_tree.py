@@ -114,3 +114,19 @@ def decode(
         if not moved:
             break
     return np.asarray(cell_types, dtype=object)[calls], depth
+
+
+def among_children(
+    probabilities: np.ndarray, parents: Mapping[str, str], cell_types: Sequence[str], calls: Sequence[str]
+) -> np.ndarray:
+    """Whether each cell is some kind of its call, which kind not told.
+
+    The call has children, its subtree holds most of the cell's probability, and its children together more than its
+    own output. With `calls` from :func:`decode`, no child then holds enough of the subtree to refine the call.
+    """
+    codes = pd.Index(list(cell_types)).get_indexer(list(calls))
+    rows = np.where(codes >= 0, codes, 0)
+    mass = np.einsum("ij,ij->i", probabilities, subtree_matrix(parents, cell_types).numpy()[rows])
+    own = probabilities[np.arange(len(rows)), rows]
+    is_parent = np.isin(np.asarray(calls, dtype=object), list(set(parents.values())))
+    return is_parent & (mass > 0.5) & (mass - own > own)
