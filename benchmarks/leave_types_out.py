@@ -56,6 +56,7 @@ import scanpy_canal as canal
 from scanpy_canal._demo import run_stream
 from scanpy_canal.model import PredictOptions
 from scanpy_canal.model._conformal import conformal_pvalues
+from scanpy_canal.model._input_space import InputReference
 from scanpy_canal.model._scores import SCORES
 
 RESULTS = Path(__file__).resolve().parent / "results" / "leave_types_out.json"
@@ -155,10 +156,11 @@ def input_variants(
     calibration_predicted = torch.as_tensor(calibration_probabilities.to_numpy().argmax(axis=1))
     variants = {}
     for components, k in INPUT_VARIANTS:
-        cells = reference.cells[:, :components]
+        truncated = InputReference(
+            reference.mean, reference.components[:, :components], reference.cells[:, :components]
+        )
         scores, calibration_scores = (
-            torch.cdist(rows[:, :components], cells).topk(k, largest=False).values[:, -1]
-            for rows in (coordinates, calibration_coordinates)
+            truncated.distance(rows[:, :components], neighbours=k) for rows in (coordinates, calibration_coordinates)
         )
         pvalues = conformal_pvalues(scores, predicted, calibration_scores, calibration_predicted)
         variants[components, k] = (scores.numpy(), pvalues.numpy())

@@ -72,9 +72,11 @@ class InputReference:
         offset = self.mean.numpy() @ components
         return torch.as_tensor(np.asarray(product, dtype=np.float32) - offset)
 
-    def distance(self, coordinates: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
-        """Distance from each row of `coordinates` to its :data:`INPUT_NEIGHBOURS`-th nearest reference cell."""
-        k = min(INPUT_NEIGHBOURS, self.cells.shape[0])
+    def distance(
+        self, coordinates: torch.Tensor, chunk_size: int = 4096, neighbours: int = INPUT_NEIGHBOURS
+    ) -> torch.Tensor:
+        """Distance from each row of `coordinates` to its `neighbours`-th nearest reference cell."""
+        k = min(neighbours, self.cells.shape[0])
         return torch.cat(
             [
                 torch.cdist(rows, self.cells).topk(k, dim=1, largest=False).values[:, -1]
