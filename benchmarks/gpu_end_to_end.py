@@ -15,9 +15,12 @@ architecture:
   the defaults on a GPU (``precision="auto"``, compiled from 100,000 cells) over all cells, and in float32 compiled
   over ``--fp32-cells``; ``torch.compile``'s one-time cost is measured apart, on a small file;
 - **agreement**: labels and probabilities of those paths against the eager float32 path on ``--reference-cells``;
-- **attention**: the network alone over the reference cells, ``--network-batch-size`` cells per pass: FAVOR+ eager
-  (float32, bfloat16), FAVOR+ compiled and exact softmax attention (``scaled_dot_product_attention``, eager and
-  compiled) in bfloat16, cells/s and agreement with the annotation's eager float32 FAVOR+.
+- **kernels**: the Triton FAVOR+ kernels against FAVOR+ in PyTorch on one batch of random heads of scBERT's shape,
+  float32 and bfloat16 (largest difference);
+- **attention**: the network alone over the reference cells, ``--network-batch-size`` cells per pass: FAVOR+ in
+  PyTorch (float32, bfloat16, compiled bfloat16), FAVOR+ in the Triton kernels (the same three) and exact softmax
+  attention (``scaled_dot_product_attention``, eager and compiled) in bfloat16, cells/s and agreement with the
+  annotation's float32 FAVOR+ in PyTorch.
 
 The JSON is written after every step, so a run cut short keeps what it measured.
 """
@@ -42,6 +45,8 @@ from scipy import sparse
 
 import scanpy_canal as canal
 from scanpy_canal.model._streaming import ForwardSettings, forward_chunks
+from scanpy_canal.nn import favor_kernel
+from scanpy_canal.nn._attention import favor_attention, orthogonal_random_features, triton_favor_attention
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TINY = {"dim": 16, "depth": 3, "heads": 2, "dim_head": 8}
@@ -52,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="a tiny encoder and few cells: a check on a CPU")
     parser.add_argument("--genes", type=int, default=1000)
     parser.add_argument("--types", type=int, default=5)
-    parser.add_argument("--cells-per-type", type=int, default=800, help="of the training stream")
+    parser.add_argument("--cells-per-type", type=int, default=4000, help="of the training stage")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--train-batch-size", type=int, default=64)
     parser.add_argument("--cells", type=int, default=200_000)
@@ -63,6 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.tiny:
         args.genes, args.cells_per_type, args.epochs = 100, 60, 2
+        args.network_batch_size = 64
         args.cells, args.fp32_cells, args.reference_cells = 3000, 1500, 600
     tiny = Path(tempfile.gettempdir()) / "gpu_end_to_end_tiny.json"
     args.output = args.output or (tiny if args.tiny else RESULTS / "gpu_end_to_end.json")
@@ -142,13 +148,35 @@ def agreement(labels: np.ndarray, reference: np.ndarray, probs: np.ndarray, refe
     }
 
 
-def network_speed(model, x, settings: ForwardSettings) -> tuple[float, dict]:
+def network_speed(model, x, settings: ForwardSettings, kernel: bool) -> tuple[float, dict]:
     network = model.module.network
-    forward_chunks(network, [x[: settings.batch_size * 2]], settings)  # warm-up (and compilation)
-    torch.cuda.synchronize() if torch.cuda.is_available() else None
-    start = time.perf_counter()
-    outputs = forward_chunks(network, [x], settings)
+    with favor_kernel(network, kernel):
+        forward_chunks(network, [x[: settings.batch_size * 2]], settings)  # warm-up (and compilation)
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        start = time.perf_counter()
+        outputs = forward_chunks(network, [x], settings)
     return x.shape[0] / (time.perf_counter() - start), outputs
+
+
+def kernel_against_pytorch(batch: int = 64, heads: int = 10, seq: int = 1001, dim: int = 64) -> dict:
+    """Largest difference between the Triton kernels and FAVOR+ in PyTorch on random heads, per dtype."""
+    kernel = triton_favor_attention(dim)
+    if kernel is None or not torch.cuda.is_available():
+        return {"available": False}
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, seq, dim, generator=generator).cuda() for _ in range(3))
+    projection = orthogonal_random_features(int(dim * math.log(dim)), dim, generator=generator).cuda()
+    exact = favor_attention(q.double(), k.double(), v.double(), projection.double())
+    result = {"available": True}
+    for name, dtype in [("fp32", torch.float32), ("bf16", torch.bfloat16)]:
+        inputs = [x.to(dtype) for x in (q, k, v)]
+        with torch.no_grad():
+            ours, theirs = kernel(*inputs, projection), favor_attention(*(x.clone() for x in inputs), projection)
+        result[name] = {
+            "kernel_max_abs_difference_to_float64": float((ours.double() - exact).abs().max()),
+            "pytorch_max_abs_difference_to_float64": float((theirs.double() - exact).abs().max()),
+        }
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -178,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
         cells_per_type=args.cells_per_type, seed=0,
     )  # fmt: skip
     report["model"] = {"arch": arch or "scBERT", "tokens": args.genes + 1}
+    report["kernel_against_pytorch"] = step("kernel_against_pytorch", kernel_against_pytorch)
     trained = {}
     for precision in ("32", "bf16"):
         result = step(f"train_{precision}", lambda p=precision: train_stage(stream, arch, p, args))
@@ -198,7 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
                 ("ref", args.reference_cells),
             ]
         }
-        reference = model.predict(ad.read_h5ad(files["ref"]), soft=True, precision="32", compile=False)
+        with favor_kernel(model.module.network, enabled=False):
+            reference = model.predict(ad.read_h5ad(files["ref"]), soft=True, precision="32", compile=False)
         reference_labels = reference.idxmax(axis=1).to_numpy()
         n_ref = args.reference_cells
 
@@ -220,16 +250,20 @@ def main(argv: list[str] | None = None) -> dict:
 
         x = sparse.csr_matrix(ad.read_h5ad(files["ref"]).X)
         attention = {}
-        for name, settings in {
-            "favor_eager_fp32": ForwardSettings(args.network_batch_size, "32", "favor", False),
-            "favor_eager_bf16": ForwardSettings(args.network_batch_size, "bf16", "favor", False),
-            "favor_compiled_bf16": ForwardSettings(args.network_batch_size, "bf16", "favor", True),
-            "exact_sdpa_bf16": ForwardSettings(args.network_batch_size, "bf16", "exact", False),
-            "exact_sdpa_compiled_bf16": ForwardSettings(args.network_batch_size, "bf16", "exact", True),
-        }.items():
+        batch = args.network_batch_size
+        for name, settings, kernel in [
+            ("favor_pytorch_fp32", ForwardSettings(batch, "32", "favor", False), False),
+            ("favor_pytorch_bf16", ForwardSettings(batch, "bf16", "favor", False), False),
+            ("favor_pytorch_compiled_bf16", ForwardSettings(batch, "bf16", "favor", True), False),
+            ("favor_kernel_fp32", ForwardSettings(batch, "32", "favor", False), True),
+            ("favor_kernel_bf16", ForwardSettings(batch, "bf16", "favor", False), True),
+            ("favor_kernel_compiled_bf16", ForwardSettings(batch, "bf16", "favor", True), True),
+            ("exact_sdpa_bf16", ForwardSettings(batch, "bf16", "exact", False), True),
+            ("exact_sdpa_compiled_bf16", ForwardSettings(batch, "bf16", "exact", True), True),
+        ]:
 
-            def measure(settings=settings) -> dict:
-                rate, outputs = network_speed(model, x, settings)
+            def measure(settings=settings, kernel=kernel) -> dict:
+                rate, outputs = network_speed(model, x, settings, kernel)
                 probs = outputs["logits"].softmax(dim=-1).numpy()
                 labels = np.asarray(model.cell_types)[probs.argmax(axis=1)]
                 return {"cells_per_s": rate, **agreement(labels, reference_labels, probs, reference.to_numpy())}

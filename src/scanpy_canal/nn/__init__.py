@@ -1,6 +1,6 @@
 """Pure-PyTorch building blocks: the scBERT Performer encoder, the CANAL head, tokens, masking and checkpoints."""
 
-from ._attention import exact_attention
+from ._attention import exact_attention, favor_kernel
 from ._checkpoint import (
     CheckpointError,
     encoder_from_state_dict,
@@ -37,6 +37,7 @@ __all__ = [
     "SCBERT_CONFIG",
     "encoder_from_state_dict",
     "exact_attention",
+    "favor_kernel",
     "frozen_prefix",
     "load_pretrained",
     "load_scbert_checkpoint",

@@ -6,8 +6,9 @@ The key stabiliser's maximum is taken per sample, so a batch gives the same outp
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -99,14 +100,35 @@ def reference_favor_attention(
     return (q_features @ (k_features.transpose(-2, -1) @ v)) / normaliser
 
 
+@torch.compiler.disable  # a compiled network asks once, eagerly, and calls the kernels as they are
+@functools.cache
+def triton_favor_attention(dim_head: int) -> Callable | None:
+    """The Triton kernels' FAVOR+ (:mod:`._favor_kernel`) for heads of `dim_head`, or `None` where they cannot run.
+
+    They need Triton (shipped with PyTorch's CUDA builds) and a power-of-two head of at least 16 (a tile's side).
+    """
+    if dim_head < 16 or dim_head & (dim_head - 1):
+        return None
+    try:
+        from ._favor_kernel import kernel_favor_attention
+    except ImportError:
+        return None
+    return torch.compiler.disable(kernel_favor_attention)
+
+
 class FastAttention(nn.Module):
-    """FAVOR+ attention with a softmax kernel and a fixed (redrawable) random projection."""
+    """FAVOR+ attention with a softmax kernel and a fixed (redrawable) random projection.
+
+    Without gradients on a GPU it runs in two Triton kernels (:func:`triton_favor_attention`) unless `use_kernel` is
+    off (:func:`favor_kernel`); otherwise in PyTorch (:func:`favor_attention`).
+    """
 
     def __init__(self, dim_head: int, nb_features: int | None = None):
         super().__init__()
         self.dim_head = dim_head
         self.nb_features = nb_features or int(dim_head * math.log(dim_head))
         self.register_buffer("projection_matrix", orthogonal_random_features(self.nb_features, dim_head))
+        self.use_kernel = True
 
     @torch.no_grad()
     def redraw_projection_matrix(self) -> None:
@@ -115,6 +137,10 @@ class FastAttention(nn.Module):
         self.projection_matrix.copy_(fresh)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        needs_grad = q.requires_grad or k.requires_grad or v.requires_grad
+        kernel = triton_favor_attention(self.dim_head) if self.use_kernel and q.is_cuda and not needs_grad else None
+        if kernel is not None:
+            return kernel(q, k, v, self.projection_matrix)
         # On a CPU, a whole batch's feature maps outgrow the caches and the element-wise passes over them dominate;
         # chunks of cells keep them cache-resident. A GPU takes the whole batch at once.
         per_cell = q.shape[1] * q.shape[2] * self.nb_features
@@ -185,12 +211,29 @@ def exact_attention(network: nn.Module, enabled: bool = True) -> Iterator[nn.Mod
     GPUs) computes it exactly, in time quadratic in the sequence length. A network trained with FAVOR+ gives somewhat
     different outputs with exact attention: it is an option, measured in ``benchmarks/gpu_end_to_end.py``.
     """
-    modules = [module for module in network.modules() if isinstance(module, SelfAttention)]
-    previous = [module.exact for module in modules]
-    for module in modules:
-        module.exact = enabled
-    try:
+    with _switched(network, SelfAttention, "exact", enabled):
         yield network
+
+
+@contextlib.contextmanager
+def favor_kernel(network: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
+    """Within the block, FAVOR+ in `network` uses the Triton kernels where it can (`enabled`, the default) or not.
+
+    Off, a GPU computes FAVOR+ in PyTorch: the reference the kernels are measured against in
+    ``benchmarks/gpu_end_to_end.py``.
+    """
+    with _switched(network, FastAttention, "use_kernel", enabled):
+        yield network
+
+
+@contextlib.contextmanager
+def _switched(network: nn.Module, kind: type, attribute: str, value: bool) -> Iterator[None]:
+    modules = [module for module in network.modules() if isinstance(module, kind)]
+    previous = [getattr(module, attribute) for module in modules]
+    for module in modules:
+        setattr(module, attribute, value)
+    try:
+        yield
     finally:
-        for module, value in zip(modules, previous, strict=True):
-            module.exact = value
+        for module, old in zip(modules, previous, strict=True):
+            setattr(module, attribute, old)
