@@ -73,9 +73,9 @@ PREDICT_DOCS: dict[str, str] = {
         "the chunks; `None`: in this process, on the model's device."
     ),
     "refine_threshold": (
-        "With a cell-type tree (:attr:`~scanpy_canal.CANAL.cell_type_tree`): a call goes from a type down to its\n"
-        "most probable child while that child's subtree holds at least this share of the type's subtree probability\n"
-        "(and more than the type's own)."
+        "With a cell-type tree (:attr:`~scanpy_canal.CANAL.cell_type_tree`): the call starts at the most probable\n"
+        "type and goes up to its parent while it holds less than this share of the parent's subtree probability\n"
+        "(its siblings are not told apart from it)."
     ),
 }
 

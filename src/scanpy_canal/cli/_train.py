@@ -46,6 +46,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     train.add_argument("data", type=Path, help="labelled cells (.h5ad, or .h5mu with --mod)")
     train.add_argument("--model-dir", type=Path, required=True, help="directory of the model to continue or create")
     train.add_argument("--labels-key", required=True, help="column of obs holding the cell types")
+    train.add_argument(
+        "--ontology-key",
+        default=None,
+        help="column of obs holding each cell's Cell Ontology id (CL:...): with --parents find, the stage's relations "
+        "come from the Cell Ontology (needs scanpy-canal[ontology])",
+    )
     train.add_argument("--layer", default=None, help="layer to read instead of X")
     add_normalize_option(train)
     add_mod_option(train)
@@ -137,7 +143,13 @@ def _train_next_stage(args: argparse.Namespace) -> None:
 
     model = CANAL.load(args.model_dir) if _continues_a_model(args) else None
     adata, layer = read_values(args)
-    CANAL.setup_anndata(adata, labels_key=args.labels_key, layer=layer, gene_symbols=args.gene_symbols)
+    CANAL.setup_anndata(
+        adata,
+        labels_key=args.labels_key,
+        layer=layer,
+        gene_symbols=args.gene_symbols,
+        ontology_key=args.ontology_key,
+    )
     model = _new_model(adata, args) if model is None else model
     try:
         model.train(

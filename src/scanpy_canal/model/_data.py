@@ -17,6 +17,8 @@ from scvi.data.fields import CategoricalObsField, LayerField
 
 from scanpy_canal.pp import gene_names, is_natural_log1p, panel_columns, scatter_columns
 
+from ._ontology import read_terms
+
 if TYPE_CHECKING:
     from mudata import MuData
     from scvi.model.base import BaseModelClass
@@ -46,6 +48,11 @@ def registered_gene_symbols(model_cls: type[BaseModelClass], adata: ad.AnnData) 
     return _registered(model_cls, adata).get("gene_symbols")
 
 
+def registered_ontology_key(model_cls: type[BaseModelClass], adata: ad.AnnData) -> str | None:
+    """The ``ontology_key`` registered for `adata` (see :func:`setup_args`), `None` if none or unregistered."""
+    return _registered(model_cls, adata).get("ontology_key")
+
+
 def _registered(model_cls: type[BaseModelClass], adata: ad.AnnData) -> dict:
     # scvi's own lookup refuses copies; the setup arguments hold for them all the same.
     manager = model_cls._setup_adata_manager_store.get(adata.uns.get(_SCVI_UUID_KEY))
@@ -53,11 +60,15 @@ def _registered(model_cls: type[BaseModelClass], adata: ad.AnnData) -> dict:
 
 
 def registration_fields(
-    adata: ad.AnnData, labels_key: str | None, layer: str | None, gene_symbols: str | None = None
+    adata: ad.AnnData,
+    labels_key: str | None,
+    layer: str | None,
+    gene_symbols: str | None = None,
+    ontology_key: str | None = None,
 ) -> list:
     """The scvi-tools fields that register `adata` for CANAL: its values and, with a `labels_key`, its cell types.
 
-    `gene_symbols` is only checked: the setup arguments record it.
+    `gene_symbols` and `ontology_key` are only checked: the setup arguments record them.
     """
     refuse_view(adata)
     if adata.n_obs == 0:
@@ -67,8 +78,12 @@ def registration_fields(
     gene_names(adata, gene_symbols)  # an unknown column is an error now, not at training
     fields = [LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False, correct_data_format=False)]
     if labels_key is not None:
-        read_labels(adata, labels_key)
+        labels = read_labels(adata, labels_key)
         fields.append(CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key))
+        if ontology_key is not None:
+            read_terms(adata.obs, labels, ontology_key)
+    elif ontology_key is not None:
+        raise ValueError("ontology_key names the Cell Ontology ids of the labels: give labels_key with it.")
     return fields
 
 

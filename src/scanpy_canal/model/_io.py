@@ -106,6 +106,7 @@ def _save_model(model: BaseModelClass, target: Path, *, overwrite: bool) -> None
         "genes": model.genes_,
         "cell_types": model.cell_types_,
         "cell_type_parents": model.cell_type_parents_,
+        "cell_type_terms": model.cell_type_terms_,
         "stage_history": model.stage_history_,
         "registry": model.registry_,
     }
@@ -188,6 +189,13 @@ def _read_tree(parents: Any, cell_types: list[str]) -> dict[str, str]:
     return grow_tree({}, parents, cell_types)
 
 
+def _read_terms(terms: Any, cell_types: list[str]) -> dict[str, str]:
+    """The saved Cell Ontology ids of the cell types (none in models saved before them)."""
+    if not isinstance(terms, dict) or not all(isinstance(v, str) and k in cell_types for k, v in terms.items()):
+        raise ValueError(f"cell_type_terms must map cell types of the model to Cell Ontology ids, got {terms!r}")
+    return dict(terms)
+
+
 def _read_tensors(directory: Path) -> dict:
     path = directory / WEIGHTS
     if not path.is_file():
@@ -245,6 +253,7 @@ def _load_model(cls: type[Model], directory: Path) -> Model:
                 "stage_history_": metadata["stage_history"],
                 # Models saved before the cell-type tree load as a flat tree.
                 "cell_type_parents_": _read_tree(metadata.get("cell_type_parents", {}), metadata["cell_types"]),
+                "cell_type_terms_": _read_terms(metadata.get("cell_type_terms", {}), metadata["cell_types"]),
             },
             genes=metadata["genes"],
             cell_types=metadata["cell_types"],

@@ -156,6 +156,7 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         labels_key: str | None = None,
         layer: str | None = None,
         gene_symbols: str | None = None,
+        ontology_key: str | None = None,
         **kwargs,
     ):
         """Register `adata` for CANAL.
@@ -173,6 +174,12 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
             :func:`scanpy_canal.pp.align_genes`). Given here, as the layer is, because it says how to read this data
             wherever the model reads it: choosing a new model's panel, training a stage, predicting these cells.
             Cells that are not registered take it as an argument of :meth:`predict`.
+        ontology_key
+            Column of ``adata.obs`` holding each cell's Cell Ontology term id (``"CL:0000624"``; one per cell type).
+            With it, ``train(parents="find")`` takes the stage's relations from the Cell Ontology instead of the data:
+            each new type goes under its nearest ontology ancestor among the model's types, and a known type
+            without a parent under its nearest ancestor among the new types. The ontology ships, offline, with the
+            optional ``cellxgene-ontology-guide`` package (``pip install "scanpy-canal[ontology]"``).
         **kwargs
             Passed to scvi-tools' field registration.
 
@@ -183,7 +190,8 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         manager = AnnDataManager(
-            fields=registration_fields(adata, labels_key, layer, gene_symbols), setup_method_args=setup_method_args
+            fields=registration_fields(adata, labels_key, layer, gene_symbols, ontology_key),
+            setup_method_args=setup_method_args,
         )
         manager.register_fields(adata, **kwargs)
         cls.register_manager(manager)

@@ -43,6 +43,7 @@ from ._data import (
 )
 from ._input_space import MAX_REFERENCE_CELLS, InputReference
 from ._module import ROW_KEY
+from ._ontology import merge_terms
 from ._options import StageSettings
 from ._precision import resolve_precision, training_device
 from ._progress import StageTimeEstimate, progress_callbacks
@@ -59,6 +60,7 @@ FROZEN_CACHE_BUDGET = 4 * 2**30
 _ROLLED_BACK = (
     "cell_types_",
     "cell_type_parents_",
+    "cell_type_terms_",
     "stage_",
     "example_bank_",
     "calibration_cells_",
@@ -79,7 +81,7 @@ class _StageCells:
     cell_types: list[str]  # the known types, then the stage's new ones
     new_types: list[str]
     new_parents: dict[str, str]  # relations {child: parent} this stage adds to the cell-type tree
-    relation_evidence: dict[str, dict[str, float]]  # per new type: the shares of its cells called each known type
+    relation_evidence: dict[str, dict]  # per new type: the shares of its cells called each known type, or its terms
 
 
 @dataclass(frozen=True)
@@ -104,13 +106,15 @@ class StageTrainingMixin(RelationFindingMixin):
         """Train the next stage on `adata`; if anything fails (Ctrl+C included), the model is left as it was."""
         number = self._next_stage(adata, stage)
         data, labels = self._stage_data(adata, number)
+        terms = self._stage_terms(adata, labels)
         self._check_repeated_cells(data, number, settings.repeated_cells)
         snapshot = copy.deepcopy({name: getattr(self, name) for name in _ROLLED_BACK})
         network = copy.deepcopy(self.module.network)
         try:
             with torch.random.fork_rng(devices=[]), quiet_training():  # Lightning's chatter only at "debug" verbosity
                 torch.manual_seed(self.seed_ + number)
-                cells = self._assemble(data, labels, settings)
+                self.cell_type_terms_ = merge_terms(self.cell_type_terms_, terms)
+                cells = self._assemble(data, labels, settings, ontology=bool(terms))
                 self.cell_type_parents_ = grow_tree(self.cell_type_parents_, cells.new_parents, cells.cell_types)
                 fit = self._fit(cells, number, settings)
             self.cell_types_, self.stage_ = cells.cell_types, number
@@ -180,13 +184,12 @@ class StageTrainingMixin(RelationFindingMixin):
             raise ValueError(f"{message} Pass repeated_cells='warn' to train on it anyway.")
         logger.warning("%s Training on it anyway (repeated_cells='error' refuses such a stage).", message)
 
-    def _assemble(self, data: ad.AnnData, labels: np.ndarray, settings: StageSettings) -> _StageCells:
+    def _assemble(
+        self, data: ad.AnnData, labels: np.ndarray, settings: StageSettings, *, ontology: bool
+    ) -> _StageCells:
         """The stage's cells plus the replayed bank, with label codes over the known and the new cell types."""
         new_types = sorted(set(labels) - set(self.cell_types_))
-        if settings.parents == "find":
-            new_parents, evidence = self._find_relations(data, labels, new_types, settings.relation_threshold)
-        else:
-            new_parents, evidence = dict(settings.parents), {}
+        new_parents, evidence = self._stage_relations(data, labels, new_types, settings, ontology=ontology)
         cell_types = self.cell_types_ + new_types
         matrices, names = [data.X], [labels]
         if self.example_bank_ is not None and self.example_bank_.n_obs > 0:

@@ -1,4 +1,4 @@
-"""Finding, before a stage trains, how its new cell types relate to the known ones; for the stage procedure."""
+"""How a stage's new cell types relate to the known ones, found before it trains or told; for the stage procedure."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ._options import PredictOptions
+from ._data import registered_ontology_key
+from ._ontology import cell_ontology, ontology_relations, read_terms
+from ._options import PredictOptions, StageSettings
 from ._relations import find_relations, reverse_shares
 
 logger = logging.getLogger("scanpy_canal")
@@ -18,9 +20,28 @@ logger = logging.getLogger("scanpy_canal")
 class RelationFindingMixin:
     """The relations of a stage's new types, from the model's calls of the stage's cells (see :mod:`._relations`).
 
-    Reads the model's ``cell_types_``, ``cell_type_parents_``, ``calibration_cells_``, ``example_bank_`` and
-    ``stage_``; predicts through :class:`InferenceMixin`.
+    Reads the model's ``cell_types_``, ``cell_type_parents_``, ``cell_type_terms_``, ``calibration_cells_``,
+    ``example_bank_`` and ``stage_``; predicts through :class:`InferenceMixin`.
     """
+
+    def _stage_relations(
+        self, data: ad.AnnData, labels: np.ndarray, new_types: list[str], settings: StageSettings, *, ontology: bool
+    ) -> tuple[dict[str, str], dict[str, dict]]:
+        """The relations ``{child: parent}`` a stage adds, with their evidence.
+
+        Told (``settings.parents``), from the Cell Ontology (`ontology`: the stage's types carry ids), or found.
+        """
+        if settings.parents != "find":
+            return dict(settings.parents), {}
+        if ontology:
+            return ontology_relations(self.cell_type_terms_, new_types, self.cell_type_parents_, cell_ontology())
+        return self._find_relations(data, labels, new_types, settings.relation_threshold)
+
+    def _stage_terms(self, adata: ad.AnnData | None, labels: np.ndarray) -> dict[str, str]:
+        """The Cell Ontology id of each of the stage's types, from the registered ``ontology_key`` ({} without)."""
+        adata = self.adata if adata is None else adata
+        ontology_key = registered_ontology_key(type(self), adata)
+        return {} if ontology_key is None else read_terms(adata.obs, labels, ontology_key)
 
     def _find_relations(
         self, data: ad.AnnData, labels: np.ndarray, new_types: list[str], threshold: float

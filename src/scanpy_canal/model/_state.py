@@ -19,7 +19,8 @@ class ModelStateMixin:
 
     ``genes_`` (the panel), ``cell_types_`` (output-row order), ``arch_``, ``trainable_blocks_``, ``seed_``, ``start_``
     (``"pretrained"`` or ``"random"``, which sets the defaults of ``train``), ``gene_embedding_``,
-    ``cell_type_parents_`` (the cell-type tree, ``{child: parent}``), ``stage_`` (completed stages),
+    ``cell_type_parents_`` (the cell-type tree, ``{child: parent}``), ``cell_type_terms_`` (the Cell Ontology id of
+    each type that came with one), ``stage_`` (completed stages),
     ``stage_history_`` (one record per stage), ``example_bank_``,
     ``calibration_cells_`` (held-out cells of every stage, for novel-cell p-values), ``input_reference_`` (the
     input-space PCA of the ``"input"`` novelty score, refitted every stage) and ``training_log_`` (per-epoch
@@ -82,6 +83,7 @@ class ModelStateMixin:
         self.genes_ = list(genes)
         self.cell_types_ = list(cell_types)
         self.cell_type_parents_: dict[str, str] = {}
+        self.cell_type_terms_: dict[str, str] = {}
         self.arch_ = dict(arch)
         self.trainable_blocks_ = list(trainable_blocks)
         self.seed_ = seed
@@ -105,6 +107,7 @@ class ModelStateMixin:
         """A model of this class, without data, from a saved `registry`, its `state` attributes and `_build`'s `build`.
 
         The caller loads the module's weights; `state` may set ``stage_``, ``stage_history_``, ``cell_type_parents_``,
+        ``cell_type_terms_``,
         ``example_bank_``, ``calibration_cells_``, ``input_reference_`` and ``training_log_``.
         """
         model = cls.__new__(cls)
