@@ -48,6 +48,8 @@ the stream's HVG panel (``n_top_genes``) and the stream's ``rehearsal_size``:
   equally (``class_weight="balanced"``), as CANAL's loss is from a random start: what balancing alone gives;
 - ``celltypist_joint``, ``celltypist_bank``: the real ``celltypist.train`` the same two ways (``peers.py``); skipped,
   with the reason in the JSON, when ``celltypist`` does not import;
+- ``mlp_bins_joint``, ``mlp_bins_bank``: a multilayer perceptron (one hidden layer of 256) on CANAL's bins of all the
+  stream's genes, the same two ways: the ablation of what the transformer adds (issue 27);
 - ``scanvi_scarches``: scANVI (scvi-tools) updated stage by stage through scArches, the peer's continual approach.
   Stage 1 trains scVI (``SCANVI_SETTINGS["scvi_epochs"]``) and then scANVI from it (``scanvi_epochs``), the
   scvi-tools recipe; stage ``t > 1`` is ``SCANVI.load_query_data`` on the previous stage's model (scArches surgery:
@@ -136,6 +138,8 @@ REFIT_METHODS = [
     "lr_balanced_bank",
     "celltypist_joint",
     "celltypist_bank",
+    "mlp_bins_joint",
+    "mlp_bins_bank",
 ]
 METHODS = [*CANAL_VARIANTS, *REFIT_METHODS, "scanvi_scarches"]
 CELLTYPIST = ("celltypist_joint", "celltypist_bank")
@@ -148,6 +152,7 @@ METHOD_COST = {
     "celltypist_joint": 3,
     "celltypist_bank": 2,
     **dict.fromkeys(("lr_sequential", "lr_joint", "lr_bank", "lr_balanced_bank"), 1),
+    **dict.fromkeys(("mlp_bins_joint", "mlp_bins_bank"), 2),
 }
 #: What every stream runs unless ``--methods`` says otherwise: CANAL and its peers (issue 16). The ablations of CANAL's
 #: parts (``canal_no_bank``, ``canal_no_distill``, ``canal_random_bins``) run when asked for; their runs are in the
@@ -313,6 +318,8 @@ def run_method(
         "lr_balanced_bank": lambda data: peers.fit_logistic(data, key, seed, balanced=True),
         "celltypist_joint": lambda data: peers.fit_celltypist(data, key, seed, feature_selection=selection),
         "celltypist_bank": lambda data: peers.fit_celltypist(data, key, seed, feature_selection=selection),
+        "mlp_bins_joint": lambda data: peers.fit_mlp_on_bins(data, key, seed),
+        "mlp_bins_bank": lambda data: peers.fit_mlp_on_bins(data, key, seed),
     }[method]
     memory = "last" if method == "lr_sequential" else method.rsplit("_", 1)[1]
     rows = peers.refit_rows(stream, fit, memory=memory, bank_size=bank, seed=seed)

@@ -40,6 +40,8 @@ STYLE = {
     "celltypist_joint": ("CellTypist, joint", "C5", "-"),
     "celltypist_bank": ("CellTypist, same bank", "C5", ":"),
     "scanvi_scarches": ("scANVI + scArches", "C1", "-"),
+    "mlp_bins_joint": ("MLP on the bins, joint", "C4", "-"),
+    "mlp_bins_bank": ("MLP on the bins, same bank", "C4", ":"),
 }
 
 

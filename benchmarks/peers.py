@@ -76,6 +76,19 @@ def fit_logistic(
     return lambda adata: model.predict(values(adata.X))
 
 
+def fit_mlp_on_bins(data: ad.AnnData, labels_key: str, seed: int) -> Predictor:
+    """A multilayer perceptron on CANAL's bins (one hidden layer of 256, standardised inputs, early stopping on 10% of
+    the cells): what a small non-linear network reads from the same tokens without the transformer."""
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    network = MLPClassifier(hidden_layer_sizes=(256,), early_stopping=True, max_iter=300, random_state=seed)
+    model = make_pipeline(StandardScaler(), network)
+    model.fit(binned(data.X), data.obs[labels_key].astype(str).to_numpy())
+    return lambda adata: model.predict(binned(adata.X))
+
+
 def fit_celltypist(data: ad.AnnData, labels_key: str, seed: int, *, feature_selection: bool) -> Predictor:
     """``celltypist.train`` on `data` (as natural-log log1p CP10k); predicts with ``celltypist.annotate``."""
     import celltypist
