@@ -35,6 +35,18 @@ def _dot(a, b, EXACT: tl.constexpr):
     return tl.dot(a, b)
 
 
+@triton.jit
+def _online_features(dash, maximum, diag, AXIS: tl.constexpr):
+    """``exp(dash - max - diag)``, the running maximum of `dash` along `AXIS` updated by this block.
+
+    Keys take the maximum over positions, queries over features. Also returns the factor that rescales what was
+    accumulated under the old maximum, and the new maximum.
+    """
+    new_maximum = tl.maximum(maximum, tl.max(dash, axis=AXIS))
+    features = tl.exp(dash - tl.expand_dims(new_maximum, AXIS) - diag[:, None])
+    return features, tl.exp(maximum - new_maximum), new_maximum
+
+
 @triton.autotune(configs=TILES, key=["seq_len", "n_features", "DIM"])
 @triton.jit
 def _key_context_kernel(
@@ -66,14 +78,10 @@ def _key_context_kernel(
         v = tl.load(v_ptr + rows, mask=in_seq[:, None], other=0.0)
         dash = _dot(k, tl.trans(projection), EXACT)
         dash = tl.where(in_seq[:, None], dash, -float("inf"))
-        new_maximum = tl.maximum(maximum, tl.max(dash, axis=0))
         k32 = k.to(tl.float32)
-        diag = tl.sum(k32 * k32, axis=1) * half_scale_sq
-        features = tl.exp(dash - new_maximum[None, :] - diag[:, None])
-        rescale = tl.exp(maximum - new_maximum)
+        features, rescale, maximum = _online_features(dash, maximum, tl.sum(k32 * k32, axis=1) * half_scale_sq, 0)
         context = context * rescale[:, None] + _dot(tl.trans(features.to(v.dtype)), v, EXACT)
         key_sum = key_sum * rescale + tl.sum(features, axis=0)
-        maximum = new_maximum
     out = sample_head * n_features + offs_m
     tl.store(context_ptr + out[:, None] * DIM + offs_d[None, :], context, mask=in_features[:, None])
     tl.store(key_sum_ptr + out, key_sum, mask=in_features)
@@ -112,12 +120,9 @@ def _query_kernel(
         key_sum = tl.load(key_sum_ptr + sample_head * n_features + offs_m, mask=in_features, other=0.0)
         dash = _dot(q, tl.trans(projection), EXACT)
         dash = tl.where(in_features[None, :], dash, -float("inf"))
-        new_maximum = tl.maximum(maximum, tl.max(dash, axis=1))
-        features = tl.exp(dash - new_maximum[:, None] - diag[:, None])
-        rescale = tl.exp(maximum - new_maximum)
+        features, rescale, maximum = _online_features(dash, maximum, diag, 1)
         numerator = numerator * rescale[:, None] + _dot(features.to(context.dtype), context, EXACT)
         normaliser = normaliser * rescale + tl.sum(features * key_sum[None, :], axis=1)
-        maximum = new_maximum
     numerator += tl.load(eps_context_ptr + sample_head * DIM + offs_d)[None, :]
     normaliser += tl.load(eps_key_sum_ptr + sample_head)
     out = out_ptr + sample * out_stride_b + head * out_stride_h + offs_n[:, None] * out_stride_n + offs_d[None, :]
