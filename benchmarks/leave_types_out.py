@@ -22,7 +22,8 @@ known accuracy (a known cell counts if assigned its right type) and the H-score;
 seeds, for all types and apart for the **distant** and **close** types (:data:`CLOSE_TYPES`: a type is close when a
 type of its own lineage is still trained on, fixed before any run).
 
-The input score is also computed with other settings (:data:`INPUT_VARIANTS`) from each model's own input space.
+The input score is also computed with other settings (:data:`INPUT_VARIANTS`) from each model's own input space, and
+in input spaces fitted on each model's bank alone, genes centred or standardised (:data:`BANK_SPACES`).
 
 Budget: on 2 shared cores a run takes 8 to 20 minutes (pbmc68k, and zeisel_class with :data:`ZEISEL_EPOCHS` epochs
 per stage; ``train()`` allows 15, a Zeisel run then takes 10 to 15 minutes), so ``--seeds`` defaults to 0 and 1 on
@@ -50,6 +51,7 @@ from continual_stream import CANAL_SETTINGS, STREAMS, canal_train_kwargs, set_th
 from harness import machine_info, write_report
 from novelty import scored, summarise_values
 from scipy import sparse
+from sklearn.utils.extmath import randomized_svd
 from zeisel import LEVELS, bank_shares, load_zeisel, zeisel_stream
 
 import scanpy_canal as canal
@@ -66,6 +68,12 @@ FUSION_RULES = ("scaled", "bonferroni")
 #: Variants of the ``"input"`` score (principal components kept, neighbour whose distance is the score), computed
 #: from each model's own input space and calibration cells, to choose the score's settings by measurement.
 INPUT_VARIANTS = tuple((components, k) for components in (10, 20, 30, 50) for k in (5, 15))
+#: Input spaces fitted on each model's example bank alone (50 components, 5th neighbour in the bank), to measure
+#: whether to standardise genes: ``bank_centred`` centres them as the model's own space does; ``bank_standardised``
+#: also divides each by its standard deviation in the bank and clips at 10 (as ``scanpy.pp.scale``), so that a gene
+#: silent in the reference and expressed in a cell weighs most; ``bank_standardised_residual`` adds the distance to
+#: the PCA's subspace.
+BANK_SPACES = ("bank_centred", "bank_standardised", "bank_standardised_residual")
 #: Epochs per stage and HVG panel on zeisel_class (the time budget: a Zeisel run of the continual benchmark, 1,000
 #: genes and up to 15 epochs, takes 10 to 15 minutes alone); pbmc68k and synthetic keep train()'s default.
 ZEISEL_EPOCHS = 5
@@ -129,9 +137,11 @@ def score_model(model: canal.CANAL, stream: canal.datasets.Stream) -> dict:
             fused = model.predict_outputs(query, PredictOptions(novel=True, score=names, fusion=fusion))
             labels = np.where(fused.pvalue <= ALPHA, "Unassigned", closed).astype(object)
             rows[f"{'+'.join(names)}/{fusion}"] = scored(truth, labels, is_novel, known.n_obs, fused.novelty_score)
-    for (components, k), (scores, pvalues) in input_variants(model, query, outputs.probabilities).items():
+    inputs = query_inputs(model, query, outputs.probabilities)
+    variants = {f"input_pcs{c}_k{k}": value for (c, k), value in input_variants(model, *inputs).items()}
+    for name, (scores, pvalues) in {**variants, **bank_spaces(model, *inputs)}.items():
         labels = np.where(pvalues <= ALPHA, "Unassigned", closed).astype(object)
-        rows[f"input_pcs{components}_k{k}"] = scored(truth, labels, is_novel, known.n_obs, scores)
+        rows[name] = scored(truth, labels, is_novel, known.n_obs, scores)
     return {
         "closed_set_accuracy": float((closed[: known.n_obs] == truth[: known.n_obs]).mean()),
         "n_known": int(known.n_obs),
@@ -142,18 +152,26 @@ def score_model(model: canal.CANAL, stream: canal.datasets.Stream) -> dict:
     }
 
 
-def input_variants(
+def query_inputs(
     model: canal.CANAL, query: ad.AnnData, probabilities: pd.DataFrame
-) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
-    """Each :data:`INPUT_VARIANTS`' scores of `query` and their conformal p-values (per predicted type, as
-    ``predict``), from the first principal components of the model's input space (its axes are in decreasing order
-    of variance, so the first ``c`` are the ``c``-component PCA)."""
-    reference, calibration = model.input_reference_, model.calibration_cells_
-    coordinates = reference.project(sparse.csr_matrix(canal.pp.align_genes(query, model.genes).X))
-    calibration_coordinates = reference.project(sparse.csr_matrix(calibration.X))
+) -> tuple[sparse.csr_matrix, sparse.csr_matrix, torch.Tensor, torch.Tensor]:
+    """The query's and the calibration cells' panel values, and the types the model predicts for each."""
+    calibration = model.calibration_cells_
     predicted = torch.as_tensor(probabilities.to_numpy().argmax(axis=1))
     calibration_probabilities = model.predict_outputs(calibration, PredictOptions()).probabilities
     calibration_predicted = torch.as_tensor(calibration_probabilities.to_numpy().argmax(axis=1))
+    x = sparse.csr_matrix(canal.pp.align_genes(query, model.genes).X)
+    return x, sparse.csr_matrix(calibration.X), predicted, calibration_predicted
+
+
+def input_variants(
+    model: canal.CANAL, x, calibration_x, predicted: torch.Tensor, calibration_predicted: torch.Tensor
+) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
+    """Each :data:`INPUT_VARIANTS`' scores of the query `x` and their conformal p-values (per predicted type, as
+    ``predict``), from the first principal components of the model's input space (its axes are in decreasing order
+    of variance, so the first ``c`` are the ``c``-component PCA)."""
+    reference = model.input_reference_
+    coordinates, calibration_coordinates = reference.project(x), reference.project(calibration_x)
     variants = {}
     for components, k in INPUT_VARIANTS:
         truncated = InputReference(
@@ -165,6 +183,38 @@ def input_variants(
         pvalues = conformal_pvalues(scores, predicted, calibration_scores, calibration_predicted)
         variants[components, k] = (scores.numpy(), pvalues.numpy())
     return variants
+
+
+def bank_spaces(
+    model: canal.CANAL, x, calibration_x, predicted: torch.Tensor, calibration_predicted: torch.Tensor
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The scores of :data:`BANK_SPACES` of the query `x` and their conformal p-values, as :func:`input_variants`."""
+    bank = model.example_bank_.X
+    bank = np.asarray(bank.toarray() if sparse.issparse(bank) else bank, dtype=np.float64)
+    mean, sd = bank.mean(axis=0), bank.std(axis=0)
+    sd = np.where(sd > 1e-3, sd, 1.0)
+    spaces = {}
+    for name in BANK_SPACES:
+
+        def prepare(values, standardise=name != "bank_centred") -> np.ndarray:
+            values = np.asarray(values.toarray() if sparse.issparse(values) else values, dtype=np.float64) - mean
+            return np.clip(values / sd, -10, 10) if standardise else values
+
+        reference = prepare(bank)
+        _, _, vt = randomized_svd(reference, min(50, *reference.shape) - 1, random_state=0)
+        reference_coordinates = torch.as_tensor(reference @ vt.T)
+        scores = []
+        for values in (prepare(x), prepare(calibration_x)):
+            coordinates = values @ vt.T
+            distance = torch.cdist(torch.as_tensor(coordinates), reference_coordinates).topk(5, largest=False).values
+            score = distance[:, -1]
+            if name.endswith("residual"):
+                residual = np.maximum((values**2).sum(axis=1) - (coordinates**2).sum(axis=1), 0.0)
+                score = torch.sqrt(score**2 + torch.as_tensor(residual))
+            scores.append(score.float())
+        pvalues = conformal_pvalues(scores[0], predicted, scores[1], calibration_predicted)
+        spaces[name] = (scores[0].numpy(), pvalues.numpy())
+    return spaces
 
 
 def run_task(task: tuple[str, str, int], args: argparse.Namespace) -> dict:
