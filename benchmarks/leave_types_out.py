@@ -23,7 +23,7 @@ seeds, for all types and apart for the **distant** and **close** types (:data:`C
 type of its own lineage is still trained on, fixed before any run).
 
 The input score is also computed with other settings (:data:`INPUT_VARIANTS`) from each model's own input space, and
-in input spaces fitted on each model's bank alone, genes centred or standardised (:data:`BANK_SPACES`).
+in the model's input space refitted with its genes centred or standardised (:data:`INPUT_SPACES`).
 
 Budget: on 2 shared cores a run takes 8 to 20 minutes (pbmc68k, and zeisel_class with :data:`ZEISEL_EPOCHS` epochs
 per stage; ``train()`` allows 15, a Zeisel run then takes 10 to 15 minutes), so ``--seeds`` defaults to 0 and 1 on
@@ -51,7 +51,6 @@ from continual_stream import CANAL_SETTINGS, STREAMS, canal_train_kwargs, set_th
 from harness import machine_info, write_report
 from novelty import scored, summarise_values
 from scipy import sparse
-from sklearn.utils.extmath import randomized_svd
 from zeisel import LEVELS, bank_shares, load_zeisel, zeisel_stream
 
 import scanpy_canal as canal
@@ -68,12 +67,10 @@ FUSION_RULES = ("scaled", "bonferroni")
 #: Variants of the ``"input"`` score (principal components kept, neighbour whose distance is the score), computed
 #: from each model's own input space and calibration cells, to choose the score's settings by measurement.
 INPUT_VARIANTS = tuple((components, k) for components in (10, 20, 30, 50) for k in (5, 15))
-#: Input spaces fitted on each model's example bank alone (50 components, 5th neighbour in the bank), to measure
-#: whether to standardise genes: ``bank_centred`` centres them as the model's own space does; ``bank_standardised``
-#: also divides each by its standard deviation in the bank and clips at 10 (as ``scanpy.pp.scale``), so that a gene
-#: silent in the reference and expressed in a cell weighs most; ``bank_standardised_residual`` adds the distance to
-#: the PCA's subspace.
-BANK_SPACES = ("bank_centred", "bank_standardised", "bank_standardised_residual")
+#: The model's input space refitted each way of ``CANAL(input_space=...)``, to choose it by measurement: on the last
+#: stage's cells but its calibration cells (its validation cells, which the model also leaves out, are not known
+#: here) and the bank, seeded as the model seeds it; the reference cells are the bank's.
+INPUT_SPACES = ("centred", "standardised")
 #: Epochs per stage and HVG panel on zeisel_class (the time budget: a Zeisel run of the continual benchmark, 1,000
 #: genes and up to 15 epochs, takes 10 to 15 minutes alone); pbmc68k and synthetic keep train()'s default.
 ZEISEL_EPOCHS = 5
@@ -139,7 +136,7 @@ def score_model(model: canal.CANAL, stream: canal.datasets.Stream) -> dict:
             rows[f"{'+'.join(names)}/{fusion}"] = scored(truth, labels, is_novel, known.n_obs, fused.novelty_score)
     inputs = query_inputs(model, query, outputs.probabilities)
     variants = {f"input_pcs{c}_k{k}": value for (c, k), value in input_variants(model, *inputs).items()}
-    for name, (scores, pvalues) in {**variants, **bank_spaces(model, *inputs)}.items():
+    for name, (scores, pvalues) in {**variants, **refitted_spaces(model, stream, *inputs)}.items():
         labels = np.where(pvalues <= ALPHA, "Unassigned", closed).astype(object)
         rows[name] = scored(truth, labels, is_novel, known.n_obs, scores)
     return {
@@ -185,35 +182,26 @@ def input_variants(
     return variants
 
 
-def bank_spaces(
-    model: canal.CANAL, x, calibration_x, predicted: torch.Tensor, calibration_predicted: torch.Tensor
+def refitted_spaces(
+    model: canal.CANAL,
+    stream: canal.datasets.Stream,
+    x,
+    calibration_x,
+    predicted: torch.Tensor,
+    calibration_predicted: torch.Tensor,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The scores of :data:`BANK_SPACES` of the query `x` and their conformal p-values, as :func:`input_variants`."""
-    bank = model.example_bank_.X
-    bank = np.asarray(bank.toarray() if sparse.issparse(bank) else bank, dtype=np.float64)
-    mean, sd = bank.mean(axis=0), bank.std(axis=0)
-    sd = np.where(sd > 1e-3, sd, 1.0)
+    """The input score of the query `x` in each of :data:`INPUT_SPACES`, refitted, and its conformal p-values."""
+    bank = sparse.csr_matrix(model.example_bank_.X)
+    last_stage = stream.train[-1][~stream.train[-1].obs_names.isin(model.calibration_cells_.obs_names)]
+    last_stage = sparse.csr_matrix(canal.pp.align_genes(last_stage, model.genes).X)
+    fit_cells = sparse.vstack([last_stage, bank], format="csr")
     spaces = {}
-    for name in BANK_SPACES:
-
-        def prepare(values, standardise=name != "bank_centred") -> np.ndarray:
-            values = np.asarray(values.toarray() if sparse.issparse(values) else values, dtype=np.float64) - mean
-            return np.clip(values / sd, -10, 10) if standardise else values
-
-        reference = prepare(bank)
-        _, _, vt = randomized_svd(reference, min(50, *reference.shape) - 1, random_state=0)
-        reference_coordinates = torch.as_tensor(reference @ vt.T)
-        scores = []
-        for values in (prepare(x), prepare(calibration_x)):
-            coordinates = values @ vt.T
-            distance = torch.cdist(torch.as_tensor(coordinates), reference_coordinates).topk(5, largest=False).values
-            score = distance[:, -1]
-            if name.endswith("residual"):
-                residual = np.maximum((values**2).sum(axis=1) - (coordinates**2).sum(axis=1), 0.0)
-                score = torch.sqrt(score**2 + torch.as_tensor(residual))
-            scores.append(score.float())
-        pvalues = conformal_pvalues(scores[0], predicted, scores[1], calibration_predicted)
-        spaces[name] = (scores[0].numpy(), pvalues.numpy())
+    for space in INPUT_SPACES:
+        standardise = space == "standardised"
+        reference = InputReference.fit(fit_cells, bank, seed=model.seed_ + model.stage_, standardise=standardise)
+        scores, calibration_scores = (reference.distance(reference.project(cells)) for cells in (x, calibration_x))
+        pvalues = conformal_pvalues(scores, predicted, calibration_scores, calibration_predicted)
+        spaces[f"input_refit_{space}"] = (scores.numpy(), pvalues.numpy())
     return spaces
 
 

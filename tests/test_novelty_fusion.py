@@ -140,3 +140,38 @@ def test_every_stage_refits_the_input_reference_on_its_cells_and_bank(small_stre
     assert not torch.equal(first.components, second.components)
     assert second.cells.shape[0] == model.example_bank.n_obs
     assert model.get_novelty(new_cells, score="input")["pvalue"].median() > before
+
+
+def test_standardised_genes_weigh_a_gene_the_reference_does_not_express():
+    """A cell expressing a gene silent in the reference: far in the standardised space, near in the centred one."""
+    rng = np.random.default_rng(0)
+    reference = rng.normal(2.0, 1.0, size=(200, 12)).clip(0)
+    reference[:, 0] = rng.random(200) < 0.02  # a marker the reference hardly expresses (a few cells, value 1)
+    typical, marked = reference[:1].copy(), reference[:1].copy()
+    marked[0, 0] = 3.0
+    ratios = {}
+    for standardise in (False, True):
+        space = InputReference.fit(reference, reference, seed=0, standardise=standardise)
+        typical_score, marked_score = space.distance(space.project(np.vstack([typical, marked])))
+        ratios[standardise] = float(marked_score / typical_score)
+    assert ratios[True] > 2.5 > 2 > ratios[False]  # measured: 2.6 and 1.6
+    # the coordinates carry the distance to the subspace; the scale is saved and restored
+    space = InputReference.fit(reference, reference[:50], seed=0, standardise=True)
+    assert space.cells.shape == (50, space.components.shape[1] + 1)
+    restored = InputReference.from_tensors(space.to_tensors(), 12)
+    torch.testing.assert_close(restored.distance(restored.project(marked)), space.distance(space.project(marked)))
+
+
+def test_a_model_with_standardised_genes_keeps_them_through_stages_and_save(small_stream, tmp_path):
+    model = make_model(small_stream, input_space="standardised")
+    model.train(max_epochs=1, rehearsal_size=40, **QUIET)
+    assert model.input_reference_.scale is not None
+    novelty = model.get_novelty(register(small_stream.test[0]), score="input")
+    model.save(tmp_path / "model")
+    loaded = canal.CANAL.load(tmp_path / "model")
+    assert loaded.input_space_ == "standardised"
+    np.testing.assert_allclose(
+        loaded.get_novelty(register(small_stream.test[0]), score="input")["score"], novelty["score"]
+    )
+    with pytest.raises(ValueError, match="input_space must be one of"):
+        make_model(small_stream, input_space="scaled")

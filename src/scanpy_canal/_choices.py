@@ -21,5 +21,8 @@ Fusion = Literal["scaled", "bonferroni"]
 FUSIONS: tuple[str, ...] = get_args(Fusion)
 Attention = Literal["favor", "exact"]
 ATTENTIONS: tuple[str, ...] = get_args(Attention)
+#: How the ``"input"`` novelty score's space treats the genes (``model._input_space``).
+InputSpace = Literal["centred", "standardised"]
+INPUT_SPACES: tuple[str, ...] = get_args(InputSpace)
 #: What a stage does with cells the model has seen before.
 RepeatedCells = Literal["warn", "error"]

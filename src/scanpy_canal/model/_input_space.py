@@ -6,11 +6,15 @@ distance, in the first principal components of the stage's training cells plus t
 a cell to its :data:`INPUT_NEIGHBOURS`-th nearest reference cell: the bank's cells, or when the model keeps no bank
 a sample of the last stage's training cells. Scoring a cell costs one ``genes x components`` product and one
 distance to each reference cell.
+
+With ``CANAL(input_space="standardised")`` each gene is also divided by its standard deviation in the fitted cells
+(clipped at :data:`CLIP`, as ``scanpy.pp.scale``), so that a gene the reference hardly varies in weighs most when a
+cell expresses it, and the score adds the cell's distance to the PCA's subspace (what its components leave out).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -25,6 +29,12 @@ INPUT_NEIGHBOURS = 5
 MAX_FIT_CELLS = 5_000
 #: Reference cells kept when the model keeps no bank (a seeded sample of the stage's training cells).
 MAX_REFERENCE_CELLS = 1_000
+#: Standardised values are clipped to this many standard deviations.
+CLIP = 10.0
+#: Genes varying less than this in the fitted cells keep their centred values when the genes are standardised.
+MIN_SCALE = 1e-3
+#: Cells standardised at once (dense rows of the panel).
+STANDARDISE_ROWS = 1024
 
 
 @dataclass(frozen=True)
@@ -38,65 +48,104 @@ class InputReference:
     components
         ``(genes, n_components)`` principal axes.
     cells
-        ``(n_reference, n_components)`` coordinates of the reference cells.
+        ``(n_reference, n_components)`` coordinates of the reference cells (standardised: one more column, the
+        distance to the subspace).
+    scale
+        ``(genes,)`` divisors of the centred genes when they are standardised; `None` when they are only centred.
     """
 
     mean: torch.Tensor
     components: torch.Tensor
     cells: torch.Tensor
+    scale: torch.Tensor | None = None
 
     @classmethod
     def fit(
-        cls, fit_cells: sparse.spmatrix | np.ndarray, reference_cells: sparse.spmatrix | np.ndarray, *, seed: int
+        cls,
+        fit_cells: sparse.spmatrix | np.ndarray,
+        reference_cells: sparse.spmatrix | np.ndarray,
+        *,
+        seed: int,
+        standardise: bool = False,
     ) -> InputReference:
-        """Fit the PCA on `fit_cells` (cells x panel genes) and place `reference_cells` in it."""
+        """Fit the PCA on `fit_cells` (cells x panel genes), genes centred (and `standardise`d); place `reference_cells`."""
         rng = np.random.default_rng(seed)
         if fit_cells.shape[0] > MAX_FIT_CELLS:
             fit_cells = fit_cells[np.sort(rng.choice(fit_cells.shape[0], MAX_FIT_CELLS, replace=False))]
         dense = fit_cells.toarray() if sparse.issparse(fit_cells) else np.asarray(fit_cells)
         dense = dense.astype(np.float64)
         mean = dense.mean(axis=0)
+        values = dense - mean
+        scale = None
+        if standardise:
+            deviation = dense.std(axis=0)
+            scale = np.where(deviation > MIN_SCALE, deviation, 1.0)
+            values = np.clip(values / scale, -CLIP, CLIP)
+            scale = torch.as_tensor(scale, dtype=torch.float32)
         n_components = max(1, min(INPUT_COMPONENTS, dense.shape[0] - 1, dense.shape[1]))
-        _, _, vt = randomized_svd(dense - mean, n_components, random_state=int(rng.integers(2**31)))
-        reference = cls(
-            torch.as_tensor(mean, dtype=torch.float32),
-            torch.as_tensor(vt.T.copy(), dtype=torch.float32),
-            torch.zeros(0, n_components),
-        )
-        return cls(reference.mean, reference.components, reference.project(reference_cells))
+        _, _, vt = randomized_svd(values, n_components, random_state=int(rng.integers(2**31)))
+        mean, components = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(vt.T.copy(), dtype=torch.float32)
+        fitted = cls(mean, components, torch.zeros(0, n_components), scale)
+        return replace(fitted, cells=fitted.project(reference_cells))
 
     def project(self, x: sparse.spmatrix | np.ndarray) -> torch.Tensor:
-        """``(cells, n_components)`` coordinates of the rows of `x` (cells x panel genes), float32."""
+        """``(cells, n_components)`` coordinates of the rows of `x` (cells x panel genes), float32.
+
+        Standardised: the genes' values are scaled and clipped first, and a last column holds each cell's distance to
+        the subspace.
+        """
         components = self.components.numpy()
+        if self.scale is not None:
+            starts = range(0, max(x.shape[0], 1), STANDARDISE_ROWS)  # one (empty) block for no cells
+            return torch.cat([self._standardised(x[start : start + STANDARDISE_ROWS]) for start in starts])
         product = x @ components if sparse.issparse(x) else np.asarray(x, dtype=np.float32) @ components
         offset = self.mean.numpy() @ components
         return torch.as_tensor(np.asarray(product, dtype=np.float32) - offset)
 
+    def _standardised(self, rows: sparse.spmatrix | np.ndarray) -> torch.Tensor:
+        dense = rows.toarray() if sparse.issparse(rows) else np.asarray(rows)
+        values = np.clip((dense.astype(np.float32) - self.mean.numpy()) / self.scale.numpy(), -CLIP, CLIP)
+        coordinates = values @ self.components.numpy()
+        residual = np.sqrt(np.maximum((values**2).sum(axis=1) - (coordinates**2).sum(axis=1), 0.0))
+        return torch.as_tensor(np.column_stack([coordinates, residual]), dtype=torch.float32)
+
     def distance(
         self, coordinates: torch.Tensor, chunk_size: int = 4096, neighbours: int = INPUT_NEIGHBOURS
     ) -> torch.Tensor:
-        """Distance from each row of `coordinates` to its `neighbours`-th nearest reference cell."""
+        """Distance from each row of `coordinates` to its `neighbours`-th nearest reference cell.
+
+        Standardised: the distance in the components, with the row's distance to the subspace added in quadrature.
+        """
         k = min(neighbours, self.cells.shape[0])
-        return torch.cat(
+        n = self.components.shape[1]
+        distances = torch.cat(
             [
-                torch.cdist(rows, self.cells).topk(k, dim=1, largest=False).values[:, -1]
+                torch.cdist(rows[:, :n], self.cells[:, :n]).topk(k, dim=1, largest=False).values[:, -1]
                 for rows in coordinates.split(chunk_size)
             ]
         )
+        return distances if self.scale is None else torch.sqrt(distances**2 + coordinates[:, n] ** 2)
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors saved with the model (in ``weights.pt``, loaded with ``weights_only=True``)."""
-        return {"mean": self.mean, "components": self.components, "cells": self.cells}
+        tensors = {"mean": self.mean, "components": self.components, "cells": self.cells}
+        return tensors if self.scale is None else {**tensors, "scale": self.scale}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], n_genes: int) -> InputReference:
         """The reference saved by :meth:`to_tensors`; an error if its shapes do not fit a panel of `n_genes`."""
-        mean, components, cells = (tensors.get(name) for name in ("mean", "components", "cells"))
+        mean, components, cells, scale = (tensors.get(name) for name in ("mean", "components", "cells", "scale"))
         if any(value is None for value in (mean, components, cells)):
             raise ValueError("the input-space reference lacks one of mean, components, cells")
-        if mean.shape != (n_genes,) or components.shape[0] != n_genes or cells.shape[1:] != components.shape[1:]:
+        width = components.shape[1] + (scale is not None)
+        if (
+            mean.shape != (n_genes,)
+            or components.shape[0] != n_genes
+            or cells.shape[1:] != (width,)
+            or (scale is not None and scale.shape != (n_genes,))
+        ):
             raise ValueError(
                 f"the input-space reference has shapes mean {tuple(mean.shape)}, components "
                 f"{tuple(components.shape)}, cells {tuple(cells.shape)} for a panel of {n_genes} genes"
             )
-        return cls(mean.float(), components.float(), cells.float())
+        return cls(mean.float(), components.float(), cells.float(), None if scale is None else scale.float())

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from scvi.model.base import BaseModelClass
 
+from scanpy_canal._choices import INPUT_SPACES
 from scanpy_canal._directories import check_checksums, file_checksums, writer_lock
 from scanpy_canal._snapshot import read_consistently, said_write_errors
 from scanpy_canal._version import __version__
@@ -59,6 +60,7 @@ _METADATA_TYPES = {
     "seed": ("an integer", _integer),
     "start": ("'pretrained' or 'random'", lambda value: value in ("pretrained", "random")),
     "gene_embedding": ("null, 'coexpression' or 'random'", lambda value: value in (None, "coexpression", "random")),
+    "input_space": ("'centred' or 'standardised'", lambda value: value in INPUT_SPACES),
     "stage": ("a number of stages", lambda value: _integer(value) and value >= 0),
     "genes": ("a list of gene names", _strings),
     "cell_types": ("a list of cell-type names", _strings),
@@ -102,6 +104,7 @@ def _save_model(model: BaseModelClass, target: Path, *, overwrite: bool) -> None
         "seed": model.seed_,
         "start": model.start_,
         "gene_embedding": model.gene_embedding_,
+        "input_space": model.input_space_,
         "stage": model.stage_,
         "genes": model.genes_,
         "cell_types": model.cell_types_,
@@ -263,6 +266,7 @@ def _load_model(cls: type[Model], directory: Path) -> Model:
             # Files written before the defaults depended on the start keep the defaults they were trained with.
             start=metadata.get("start", "pretrained"),
             gene_embedding=metadata.get("gene_embedding"),
+            input_space=metadata.get("input_space", "centred"),
         )
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(

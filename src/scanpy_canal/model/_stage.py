@@ -348,7 +348,8 @@ class StageTrainingMixin(RelationFindingMixin):
         else:
             rng = np.random.default_rng(self.seed_ + stage)
             reference = x[np.sort(rng.permutation(x.shape[0])[:MAX_REFERENCE_CELLS])]
-        return InputReference.fit(x, reference, seed=self.seed_ + stage)
+        standardise = self.input_space_ == "standardised"
+        return InputReference.fit(x, reference, seed=self.seed_ + stage, standardise=standardise)
 
     def _record(self, cells: _StageCells, fit: _Fit, stage: int, settings: StageSettings) -> None:
         """Append the stage to ``stage_history_`` and its epochs to ``training_log_``."""

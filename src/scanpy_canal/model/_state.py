@@ -18,7 +18,7 @@ class ModelStateMixin:
     """The state of :class:`~scanpy_canal.CANAL`; every attribute ending in ``_`` is saved by scvi-tools' conventions.
 
     ``genes_`` (the panel), ``cell_types_`` (output-row order), ``arch_``, ``trainable_blocks_``, ``seed_``, ``start_``
-    (``"pretrained"`` or ``"random"``, which sets the defaults of ``train``), ``gene_embedding_``,
+    (``"pretrained"`` or ``"random"``, which sets the defaults of ``train``), ``gene_embedding_``, ``input_space_``,
     ``cell_type_parents_`` (the cell-type tree, ``{child: parent}``), ``cell_type_terms_`` (the Cell Ontology id of
     each type that came with one), ``stage_`` (completed stages),
     ``stage_history_`` (one record per stage), ``example_bank_``,
@@ -72,6 +72,7 @@ class ModelStateMixin:
         seed: int,
         start: Start = "pretrained",
         gene_embedding: str | None = None,
+        input_space: str = "centred",
     ) -> None:
         """Start the state of an untrained model and build its module, with initial weights drawn from `seed`.
 
@@ -89,6 +90,7 @@ class ModelStateMixin:
         self.seed_ = seed
         self.start_ = start
         self.gene_embedding_ = gene_embedding
+        self.input_space_ = input_space
         self.stage_ = 0
         self.stage_history_: list[dict] = []
         self.example_bank_: ad.AnnData | None = None
