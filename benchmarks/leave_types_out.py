@@ -169,13 +169,22 @@ def input_variants(
     of variance, so the first ``c`` are the ``c``-component PCA)."""
     reference = model.input_reference_
     coordinates, calibration_coordinates = reference.project(x), reference.project(calibration_x)
+    n = reference.components.shape[1]
+
+    def first(rows: torch.Tensor, components: int) -> torch.Tensor:
+        """The first coordinates; standardised, with the distance to the smaller subspace as the last column."""
+        if reference.scale is None:
+            return rows[:, :components]
+        residual = torch.sqrt(rows[:, n] ** 2 + (rows[:, components:n] ** 2).sum(dim=1))
+        return torch.column_stack([rows[:, :components], residual])
+
     variants = {}
     for components, k in INPUT_VARIANTS:
         truncated = InputReference(
-            reference.mean, reference.components[:, :components], reference.cells[:, :components]
+            reference.mean, reference.components[:, :components], first(reference.cells, components), reference.scale
         )
         scores, calibration_scores = (
-            truncated.distance(rows[:, :components], neighbours=k) for rows in (coordinates, calibration_coordinates)
+            truncated.distance(first(rows, components), neighbours=k) for rows in (coordinates, calibration_coordinates)
         )
         pvalues = conformal_pvalues(scores, predicted, calibration_scores, calibration_predicted)
         variants[components, k] = (scores.numpy(), pvalues.numpy())
