@@ -36,6 +36,19 @@ def _dot(a, b, EXACT: tl.constexpr):
 
 
 @triton.jit
+def _rows(ptr, rows, row_stride, in_rows, DIM: tl.constexpr):
+    """The `rows` (each `row_stride` apart, `DIM` contiguous values) of the tensor at `ptr`; zeros outside `in_rows`."""
+    return tl.load(ptr + rows[:, None] * row_stride + tl.arange(0, DIM)[None, :], mask=in_rows[:, None], other=0.0)
+
+
+@triton.jit
+def _half_squared_norm(x, half_scale_sq):
+    """``a^2 |x|^2 / 2`` of each row, in float32: the part of the exponent that depends on the row alone."""
+    x32 = x.to(tl.float32)
+    return tl.sum(x32 * x32, axis=1) * half_scale_sq
+
+
+@triton.jit
 def _online_features(dash, maximum, diag, AXIS: tl.constexpr):
     """``exp(dash - max - diag)``, the running maximum of `dash` along `AXIS` updated by this block.
 
@@ -65,7 +78,7 @@ def _key_context_kernel(
     offs_m = feature_block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, DIM)
     in_features = offs_m < n_features
-    projection = tl.load(projection_ptr + offs_m[:, None] * DIM + offs_d[None, :], mask=in_features[:, None], other=0.0)
+    projection = _rows(projection_ptr, offs_m, DIM, in_features, DIM)
     base = sample * stride_b + head * stride_h
     maximum = tl.full((BLOCK_M,), -float("inf"), dtype=tl.float32)
     context = tl.zeros((BLOCK_M, DIM), dtype=tl.float32)
@@ -73,13 +86,11 @@ def _key_context_kernel(
     for start in range(0, seq_len, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         in_seq = offs_n < seq_len
-        rows = base + offs_n[:, None] * stride_n + offs_d[None, :]
-        k = tl.load(k_ptr + rows, mask=in_seq[:, None], other=0.0)
-        v = tl.load(v_ptr + rows, mask=in_seq[:, None], other=0.0)
+        k = _rows(k_ptr + base, offs_n, stride_n, in_seq, DIM)
+        v = _rows(v_ptr + base, offs_n, stride_n, in_seq, DIM)
         dash = _dot(k, tl.trans(projection), EXACT)
         dash = tl.where(in_seq[:, None], dash, -float("inf"))
-        k32 = k.to(tl.float32)
-        features, rescale, maximum = _online_features(dash, maximum, tl.sum(k32 * k32, axis=1) * half_scale_sq, 0)
+        features, rescale, maximum = _online_features(dash, maximum, _half_squared_norm(k, half_scale_sq), 0)
         context = context * rescale[:, None] + _dot(tl.trans(features.to(v.dtype)), v, EXACT)
         key_sum = key_sum * rescale + tl.sum(features, axis=0)
     out = sample_head * n_features + offs_m
@@ -103,20 +114,16 @@ def _query_kernel(
     offs_n = query_block * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, DIM)
     in_seq = offs_n < seq_len
-    q = tl.load(q_ptr + sample * stride_b + head * stride_h + offs_n[:, None] * stride_n + offs_d[None, :],
-                mask=in_seq[:, None], other=0.0)  # fmt: skip
-    q32 = q.to(tl.float32)
-    diag = tl.sum(q32 * q32, axis=1) * half_scale_sq
+    q = _rows(q_ptr + sample * stride_b + head * stride_h, offs_n, stride_n, in_seq, DIM)
+    diag = _half_squared_norm(q, half_scale_sq)
     maximum = tl.full((BLOCK_N,), -float("inf"), dtype=tl.float32)
     numerator = tl.zeros((BLOCK_N, DIM), dtype=tl.float32)
     normaliser = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for start in range(0, n_features, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
         in_features = offs_m < n_features
-        projection = tl.load(projection_ptr + offs_m[:, None] * DIM + offs_d[None, :],
-                             mask=in_features[:, None], other=0.0)  # fmt: skip
-        context = tl.load(context_ptr + (sample_head * n_features + offs_m)[:, None] * DIM + offs_d[None, :],
-                          mask=in_features[:, None], other=0.0)  # fmt: skip
+        projection = _rows(projection_ptr, offs_m, DIM, in_features, DIM)
+        context = _rows(context_ptr + sample_head * n_features * DIM, offs_m, DIM, in_features, DIM)
         key_sum = tl.load(key_sum_ptr + sample_head * n_features + offs_m, mask=in_features, other=0.0)
         dash = _dot(q, tl.trans(projection), EXACT)
         dash = tl.where(in_features[None, :], dash, -float("inf"))
