@@ -75,13 +75,12 @@ class InputReference:
         dense = fit_cells.toarray() if sparse.issparse(fit_cells) else np.asarray(fit_cells)
         dense = dense.astype(np.float64)
         mean = dense.mean(axis=0)
-        values = dense - mean
         scale = None
         if standardise:
             deviation = dense.std(axis=0)
             scale = np.where(deviation > MIN_SCALE, deviation, 1.0)
-            values = np.clip(values / scale, -CLIP, CLIP)
-            scale = torch.as_tensor(scale, dtype=torch.float32)
+        values = _centred(dense, mean, scale)
+        scale = None if scale is None else torch.as_tensor(scale, dtype=torch.float32)
         n_components = max(1, min(INPUT_COMPONENTS, dense.shape[0] - 1, dense.shape[1]))
         _, _, vt = randomized_svd(values, n_components, random_state=int(rng.integers(2**31)))
         mean, components = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(vt.T.copy(), dtype=torch.float32)
@@ -104,7 +103,7 @@ class InputReference:
 
     def _standardised(self, rows: sparse.spmatrix | np.ndarray) -> torch.Tensor:
         dense = rows.toarray() if sparse.issparse(rows) else np.asarray(rows)
-        values = np.clip((dense.astype(np.float32) - self.mean.numpy()) / self.scale.numpy(), -CLIP, CLIP)
+        values = _centred(dense.astype(np.float32), self.mean.numpy(), self.scale.numpy())
         coordinates = values @ self.components.numpy()
         residual = np.sqrt(np.maximum((values**2).sum(axis=1) - (coordinates**2).sum(axis=1), 0.0))
         return torch.as_tensor(np.column_stack([coordinates, residual]), dtype=torch.float32)
@@ -149,3 +148,9 @@ class InputReference:
                 f"{tuple(components.shape)}, cells {tuple(cells.shape)} for a panel of {n_genes} genes"
             )
         return cls(mean.float(), components.float(), cells.float(), None if scale is None else scale.float())
+
+
+def _centred(values: np.ndarray, mean: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
+    """`values` centred on `mean` and, with a `scale`, divided by it and clipped at :data:`CLIP`."""
+    centred = values - mean
+    return centred if scale is None else np.clip(centred / scale, -CLIP, CLIP)
