@@ -23,7 +23,8 @@ seeds, for all types and apart for the **distant** and **close** types (:data:`C
 type of its own lineage is still trained on, fixed before any run).
 
 The input score is also computed with other settings (:data:`INPUT_VARIANTS`) from each model's own input space, and
-in the model's input space refitted with its genes centred or standardised (:data:`INPUT_SPACES`).
+in the model's input space refitted with its genes centred or standardised (:data:`INPUT_SPACES`). Each run records
+the neighbour its model's input score uses (``input_neighbours``: it follows the bank's smallest type).
 
 Budget: on 2 shared cores a run takes 8 to 20 minutes (pbmc68k, and zeisel_class with :data:`ZEISEL_EPOCHS` epochs
 per stage; ``train()`` allows 15, a Zeisel run then takes 10 to 15 minutes), so ``--seeds`` defaults to 0 and 1 on
@@ -144,6 +145,7 @@ def score_model(model: canal.CANAL, stream: canal.datasets.Stream) -> dict:
         "n_known": int(known.n_obs),
         "n_novel": int(is_novel.sum()),
         "calibration_cells": int(model.calibration_cells_.n_obs),
+        "input_neighbours": model.input_reference_.neighbours,
         "seconds_scoring_all": seconds,
         "rules": rows,
     }

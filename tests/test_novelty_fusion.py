@@ -13,7 +13,12 @@ from scipy import stats
 import scanpy_canal as canal
 from scanpy_canal._directories import file_checksums
 from scanpy_canal.model._conformal import CALIBRATION_SHARE, conformal_pvalues, split_held_out
-from scanpy_canal.model._input_space import InputReference
+from scanpy_canal.model._input_space import (
+    INPUT_NEIGHBOURS,
+    MAX_INPUT_NEIGHBOURS,
+    InputReference,
+    reference_neighbours,
+)
 from scanpy_canal.model._scores import fuse_pvalues
 
 
@@ -122,6 +127,44 @@ def test_input_reference_rejects_a_damaged_file():
         InputReference.from_tensors(tensors, 7)
     with pytest.raises(ValueError, match="lacks"):
         InputReference.from_tensors({"mean": tensors["mean"]}, 6)
+
+
+@pytest.mark.parametrize(
+    ("smallest", "neighbours"),
+    [(1, INPUT_NEIGHBOURS), (5, INPUT_NEIGHBOURS), (20, 15), (41, MAX_INPUT_NEIGHBOURS), (400, MAX_INPUT_NEIGHBOURS)],
+)
+def test_the_input_neighbour_is_three_quarters_of_the_smallest_reference_type(smallest, neighbours):
+    assert reference_neighbours(["rare"] * smallest + ["common"] * 500) == neighbours
+
+
+def test_the_input_score_is_the_distance_to_the_saved_neighbour():
+    rng = np.random.default_rng(0)
+    cells = rng.normal(size=(60, 8))
+    far = InputReference.fit(cells, cells, seed=0, standardise=True, neighbours=20)
+    near = InputReference.fit(cells, cells, seed=0, standardise=True)
+    query = far.project(rng.normal(size=(10, 8)))
+    assert near.neighbours == INPUT_NEIGHBOURS
+    torch.testing.assert_close(far.distance(query), near.distance(query, neighbours=20))
+    assert torch.all(far.distance(query) > near.distance(query))
+    assert InputReference.from_tensors(far.to_tensors(), 8).neighbours == 20
+    saved_before = {name: value for name, value in far.to_tensors().items() if name != "neighbours"}
+    assert InputReference.from_tensors(saved_before, 8).neighbours == INPUT_NEIGHBOURS
+
+
+@pytest.mark.parametrize("bank_size", [40, 0])
+def test_a_stage_takes_the_input_neighbour_from_its_reference_cells(small_stream, bank_size):
+    """With a bank its types' cells set the neighbour; without one, the types of the sampled training cells do."""
+    model = make_model(small_stream)
+    model.train(max_epochs=1, rehearsal_size=bank_size, **QUIET)
+    if bank_size:
+        expected = reference_neighbours(model.example_bank.obs["cell_type"].astype(str))
+    else:  # every stage-1 training cell is a reference cell here (fewer than MAX_REFERENCE_CELLS)
+        assert model.input_reference_.cells.shape[0] < 1000
+        smallest = min(
+            round(count * (1 - 0.2)) for count in small_stream.train[0].obs["cell_type"].value_counts() if count
+        )
+        expected = int(np.clip(round(0.75 * smallest), INPUT_NEIGHBOURS, MAX_INPUT_NEIGHBOURS))
+    assert model.input_reference_.neighbours == expected
 
 
 def test_every_stage_refits_the_input_reference_on_its_cells_and_bank(small_stream):

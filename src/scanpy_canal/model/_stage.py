@@ -41,7 +41,7 @@ from ._data import (
     setup_args,
     split_stage,
 )
-from ._input_space import MAX_REFERENCE_CELLS, InputReference
+from ._input_space import MAX_REFERENCE_CELLS, InputReference, reference_neighbours
 from ._module import ROW_KEY
 from ._ontology import merge_terms
 from ._options import StageSettings
@@ -345,11 +345,19 @@ class StageTrainingMixin(RelationFindingMixin):
         x = cells.training.X[trained]
         if self.example_bank_ is not None and self.example_bank_.n_obs > 0:
             reference = sparse.csr_matrix(self.example_bank_.X)
+            reference_types = self.example_bank_.obs["cell_type"].astype(str).to_numpy()
         else:
             rng = np.random.default_rng(self.seed_ + stage)
-            reference = x[np.sort(rng.permutation(x.shape[0])[:MAX_REFERENCE_CELLS])]
-        standardise = self.input_space_ == "standardised"
-        return InputReference.fit(x, reference, seed=self.seed_ + stage, standardise=standardise)
+            sample = np.sort(rng.permutation(x.shape[0])[:MAX_REFERENCE_CELLS])
+            reference = x[sample]
+            reference_types = cells.training.obs[_LABEL_COLUMN].to_numpy()[trained][sample]
+        return InputReference.fit(
+            x,
+            reference,
+            seed=self.seed_ + stage,
+            standardise=self.input_space_ == "standardised",
+            neighbours=reference_neighbours(reference_types),
+        )
 
     def _record(self, cells: _StageCells, fit: _Fit, stage: int, settings: StageSettings) -> None:
         """Append the stage to ``stage_history_`` and its epochs to ``training_log_``."""
