@@ -70,7 +70,7 @@ FUSION_RULES = ("scaled", "bonferroni")
 INPUT_VARIANTS = tuple((components, k) for components in (10, 20, 30, 50) for k in (5, 15))
 #: The model's input space refitted each way of ``CANAL(input_space=...)``, to choose it by measurement: on the last
 #: stage's cells but its calibration cells (its validation cells, which the model also leaves out, are not known
-#: here) and the bank, seeded as the model seeds it; the reference cells are the bank's.
+#: here) and the bank, seeded as the model seeds it; the reference cells are the bank's, the neighbour the model's.
 INPUT_SPACES = ("centred", "standardised")
 #: Epochs per stage and HVG panel on zeisel_class (the time budget: a Zeisel run of the continual benchmark, 1,000
 #: genes and up to 15 epochs, takes 10 to 15 minutes alone); pbmc68k and synthetic keep train()'s default.
@@ -209,7 +209,13 @@ def refitted_spaces(
     spaces = {}
     for space in INPUT_SPACES:
         standardise = space == "standardised"
-        reference = InputReference.fit(fit_cells, bank, seed=model.seed_ + model.stage_, standardise=standardise)
+        reference = InputReference.fit(
+            fit_cells,
+            bank,
+            seed=model.seed_ + model.stage_,
+            standardise=standardise,
+            neighbours=model.input_reference_.neighbours,
+        )
         scores, calibration_scores = (reference.distance(reference.project(cells)) for cells in (x, calibration_x))
         pvalues = conformal_pvalues(scores, predicted, calibration_scores, calibration_predicted)
         spaces[f"input_refit_{space}"] = (scores.numpy(), pvalues.numpy())
