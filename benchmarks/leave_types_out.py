@@ -67,7 +67,10 @@ FUSIONS = (("input", "energy"), ("input", "mix"), ("input", "knn"), ("input", "m
 FUSION_RULES = ("scaled", "bonferroni")
 #: Variants of the ``"input"`` score (principal components kept, neighbour whose distance is the score), computed
 #: from each model's own input space and calibration cells, to choose the score's settings by measurement.
-INPUT_VARIANTS = tuple((components, k) for components in (10, 20, 30, 50) for k in (5, 15))
+INPUT_VARIANTS = (
+    *((components, k) for components in (10, 20, 30, 50) for k in (5, 15)),
+    *((50, k) for k in (1, 3, 10, 30, 40)),
+)
 #: The model's input space refitted each way of ``CANAL(input_space=...)``, to choose it by measurement: on the last
 #: stage's cells but its calibration cells (its validation cells, which the model also leaves out, are not known
 #: here) and the bank, seeded as the model seeds it; the reference cells are the bank's, the neighbour the model's.
