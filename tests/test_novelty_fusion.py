@@ -157,14 +157,13 @@ def test_a_stage_takes_the_input_neighbour_from_its_reference_cells(small_stream
     model = make_model(small_stream)
     model.train(max_epochs=1, rehearsal_size=bank_size, **QUIET)
     if bank_size:
-        expected = reference_neighbours(model.example_bank.obs["cell_type"].astype(str))
-    else:  # every stage-1 training cell is a reference cell here (fewer than MAX_REFERENCE_CELLS)
-        assert model.input_reference_.cells.shape[0] < 1000
-        smallest = min(
-            round(count * (1 - 0.2)) for count in small_stream.train[0].obs["cell_type"].value_counts() if count
-        )
-        expected = int(np.clip(round(0.75 * smallest), INPUT_NEIGHBOURS, MAX_INPUT_NEIGHBOURS))
-    assert model.input_reference_.neighbours == expected
+        reference_types = model.example_bank.obs["cell_type"].astype(str)
+    else:  # every stage cell but the calibration cells is a reference cell here (fewer than MAX_REFERENCE_CELLS)
+        stage = small_stream.train[0]
+        reference_types = stage.obs["cell_type"][~stage.obs_names.isin(model.calibration_cells_.obs_names)]
+        assert model.input_reference_.cells.shape[0] == len(reference_types)
+    assert model.input_reference_.neighbours == reference_neighbours(reference_types.astype(str))
+    assert INPUT_NEIGHBOURS < model.input_reference_.neighbours <= MAX_INPUT_NEIGHBOURS
 
 
 def test_every_stage_refits_the_input_reference_on_its_cells_and_bank(small_stream):

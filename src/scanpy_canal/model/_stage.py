@@ -297,8 +297,8 @@ class StageTrainingMixin(RelationFindingMixin):
     def _refresh_bank_and_calibration(self, cells: _StageCells, fit: _Fit, stage: int, settings: StageSettings) -> None:
         """Choose the bank, the calibration cells and the input-space reference anew, under the new network.
 
-        Bank and calibration cells carry their manifold vectors; the input space is fitted on the cells the stage
-        trained on. The stage's held-out cells never join the bank, and those that did not choose the best epoch become
+        Bank and calibration cells carry their manifold vectors; the input space is fitted on the stage's cells but
+        its calibration cells, and on the new bank. The stage's held-out cells never join the bank, and those that did not choose the best epoch become
         calibration cells; the bank takes, per type, the stage's training cells closest to the type's prototype, as
         the original does.
         """
@@ -340,17 +340,21 @@ class StageTrainingMixin(RelationFindingMixin):
         )
 
     def _input_reference(self, cells: _StageCells, fit: _Fit, stage: int) -> InputReference:
-        """The PCA of the cells the stage trained on (its own and the bank's), with the new bank as reference cells."""
-        trained = np.setdiff1d(np.arange(cells.training.n_obs), np.concatenate([fit.validation, fit.calibration]))
-        x = cells.training.X[trained]
+        """The PCA of the stage's cells but its calibration cells, and of the new bank, whose cells are the reference.
+
+        Without a bank, a sample of those stage cells is the reference. The calibration cells stay out of the fit, so
+        that their scores remain exchangeable with a known query cell's.
+        """
+        kept = np.setdiff1d(np.arange(cells.data.n_obs), fit.calibration)
+        x, types = cells.data.X[kept], cells.labels[kept]
         if self.example_bank_ is not None and self.example_bank_.n_obs > 0:
             reference = sparse.csr_matrix(self.example_bank_.X)
             reference_types = self.example_bank_.obs["cell_type"].astype(str).to_numpy()
+            x = sparse.vstack([x, reference], format="csr")
         else:
             rng = np.random.default_rng(self.seed_ + stage)
             sample = np.sort(rng.permutation(x.shape[0])[:MAX_REFERENCE_CELLS])
-            reference = x[sample]
-            reference_types = cells.training.obs[_LABEL_COLUMN].to_numpy()[trained][sample]
+            reference, reference_types = x[sample], types[sample]
         return InputReference.fit(
             x,
             reference,
