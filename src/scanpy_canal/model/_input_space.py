@@ -2,9 +2,9 @@
 
 A network trained on a few hundred cells per type maps a cell of a type it never saw onto the nearest known type,
 often with confidence; the cell's expression, though, is far from every reference cell. The ``"input"`` score is the
-distance, in the first principal components of the stage's training cells plus the bank (refitted every stage), from
-a cell to its ``k``-th nearest reference cell: the bank's cells, or when the model keeps no bank a sample of the last
-stage's training cells. ``k`` follows the reference (:func:`reference_neighbours`): three quarters of the cells of its
+distance, in the first principal components of the stage's cells but its calibration cells plus the new bank
+(refitted every stage), from a cell to its ``k``-th nearest reference cell: the bank's cells, or when the model keeps
+no bank a sample of those stage cells. ``k`` follows the reference (:func:`reference_neighbours`): three quarters of the cells of its
 smallest type, so that a known cell's ``k``-th neighbour still lies within its type, between
 :data:`INPUT_NEIGHBOURS` and :data:`MAX_INPUT_NEIGHBOURS`. Scoring a cell costs one ``genes x components`` product
 and one distance to each reference cell.
