@@ -72,8 +72,9 @@ INPUT_VARIANTS = (
     *((50, k) for k in (1, 3, 10, 30, 40)),
 )
 #: The model's input space refitted each way of ``CANAL(input_space=...)``, to choose it by measurement: on the last
-#: stage's cells but its calibration cells (its validation cells, which the model also leaves out, are not known
-#: here) and the bank, seeded as the model seeds it; the reference cells are the bank's, the neighbour the model's.
+#: stage's cells but its calibration cells and on the bank, seeded, as the model fits it (the standardised refit is
+#: the model's own space, up to the calibration cells a full quota dropped); the reference cells are the bank's, the
+#: neighbour the model's.
 INPUT_SPACES = ("centred", "standardised")
 #: Epochs per stage and HVG panel on zeisel_class (the time budget: a Zeisel run of the continual benchmark, 1,000
 #: genes and up to 15 epochs, takes 10 to 15 minutes alone); pbmc68k and synthetic keep train()'s default.
