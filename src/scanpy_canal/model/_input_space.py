@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+import anndata as ad
 import numpy as np
 import torch
 from scipy import sparse
@@ -177,6 +178,30 @@ class InputReference:
         return cls(
             mean.float(), components.float(), cells.float(), None if scale is None else scale.float(), neighbours
         )
+
+
+def fit_reference(
+    stage_cells: sparse.spmatrix,
+    stage_types: np.ndarray,
+    bank: ad.AnnData | None,
+    *,
+    seed: int,
+    standardise: bool,
+) -> InputReference:
+    """A stage's input space, fitted on `stage_cells` (of types `stage_types`) and the `bank`, the reference cells.
+
+    Without a bank, a seeded sample of at most :data:`MAX_REFERENCE_CELLS` stage cells is the reference.
+    """
+    if bank is not None and bank.n_obs > 0:
+        reference = sparse.csr_matrix(bank.X)
+        reference_types = bank.obs["cell_type"].astype(str).to_numpy()
+        fit_cells = sparse.vstack([stage_cells, reference], format="csr")
+    else:
+        sample = np.sort(np.random.default_rng(seed).permutation(stage_cells.shape[0])[:MAX_REFERENCE_CELLS])
+        reference, reference_types, fit_cells = stage_cells[sample], stage_types[sample], stage_cells
+    return InputReference.fit(
+        fit_cells, reference, seed=seed, standardise=standardise, neighbours=reference_neighbours(reference_types)
+    )
 
 
 def reference_neighbours(reference_types: Sequence[str] | np.ndarray) -> int:

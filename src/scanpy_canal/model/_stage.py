@@ -41,7 +41,7 @@ from ._data import (
     setup_args,
     split_stage,
 )
-from ._input_space import MAX_REFERENCE_CELLS, InputReference, reference_neighbours
+from ._input_space import InputReference, fit_reference
 from ._module import ROW_KEY
 from ._ontology import merge_terms
 from ._options import StageSettings
@@ -340,27 +340,14 @@ class StageTrainingMixin(RelationFindingMixin):
         )
 
     def _input_reference(self, cells: _StageCells, fit: _Fit, stage: int) -> InputReference:
-        """The PCA of the stage's cells but its calibration cells, and of the new bank, whose cells are the reference.
-
-        Without a bank, a sample of those stage cells is the reference. The calibration cells stay out of the fit, so
-        that their scores remain exchangeable with a known query cell's.
-        """
+        """The input space of the new bank and the stage's cells but its calibration cells (kept exchangeable)."""
         kept = np.setdiff1d(np.arange(cells.data.n_obs), fit.calibration)
-        x, types = cells.data.X[kept], cells.labels[kept]
-        if self.example_bank_ is not None and self.example_bank_.n_obs > 0:
-            reference = sparse.csr_matrix(self.example_bank_.X)
-            reference_types = self.example_bank_.obs["cell_type"].astype(str).to_numpy()
-            x = sparse.vstack([x, reference], format="csr")
-        else:
-            rng = np.random.default_rng(self.seed_ + stage)
-            sample = np.sort(rng.permutation(x.shape[0])[:MAX_REFERENCE_CELLS])
-            reference, reference_types = x[sample], types[sample]
-        return InputReference.fit(
-            x,
-            reference,
+        return fit_reference(
+            cells.data.X[kept],
+            cells.labels[kept],
+            self.example_bank_,
             seed=self.seed_ + stage,
             standardise=self.input_space_ == "standardised",
-            neighbours=reference_neighbours(reference_types),
         )
 
     def _record(self, cells: _StageCells, fit: _Fit, stage: int, settings: StageSettings) -> None:
