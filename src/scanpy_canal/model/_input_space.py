@@ -4,8 +4,8 @@ A network trained on a few hundred cells per type maps a cell of a type it never
 often with confidence; the cell's expression, though, is far from every reference cell. The ``"input"`` score is the
 distance, in the first principal components of the stage's cells but its calibration cells plus the new bank
 (refitted every stage), from a cell to its ``k``-th nearest reference cell: the bank's cells, or when the model keeps
-no bank a sample of those stage cells. ``k`` follows the reference (:func:`reference_neighbours`): three quarters of the cells of its
-smallest type, so that a known cell's ``k``-th neighbour still lies within its type, between
+no bank a sample of those stage cells. ``k`` follows the reference (:func:`reference_neighbours`): three quarters of
+the cells of its smallest type, so that a known cell's ``k``-th neighbour still lies within its type, between
 :data:`INPUT_NEIGHBOURS` and :data:`MAX_INPUT_NEIGHBOURS`. Scoring a cell costs one ``genes x components`` product
 and one distance to each reference cell.
 
@@ -31,13 +31,13 @@ INPUT_COMPONENTS = 50
 #: neighbour followed the reference use).
 INPUT_NEIGHBOURS = 5
 #: ... and at most this one. leave_types_out.py (docs, "Novel cells"): on zeisel_class, 41 bank cells per type, the
-#: 30th neighbour finds more withheld distant types than the 5th (recall 0.791 against 0.683) or the 41st (0.726).
+#: 30th neighbour finds more withheld distant types than the 5th (recall 0.800 against 0.701) or the 40th (0.755).
 MAX_INPUT_NEIGHBOURS = 30
 #: The share of the smallest reference type's cells that the neighbour number is.
 NEIGHBOUR_SHARE = 0.75
 #: Cells the PCA is fitted on at most (a seeded sample beyond it), to bound its memory with large panels.
 MAX_FIT_CELLS = 5_000
-#: Reference cells kept when the model keeps no bank (a seeded sample of the stage's training cells).
+#: Reference cells kept when the model keeps no bank (a seeded sample of the stage's cells).
 MAX_REFERENCE_CELLS = 1_000
 #: Standardised values are clipped to this many standard deviations.
 CLIP = 10.0
