@@ -23,7 +23,10 @@ seeds, for all types and apart for the **distant** and **close** types (:data:`C
 type of its own lineage is still trained on, fixed before any run).
 
 The input score is also computed with other settings (:data:`INPUT_VARIANTS`) from each model's own input space, and
-in the model's input space refitted with its genes centred or standardised (:data:`INPUT_SPACES`). Each run records
+in the model's input space refitted with its genes centred or standardised (each of ``CANAL(input_space=...)``, to
+choose it by measurement): ``fit_reference`` on the last stage's cells but its calibration cells and on the bank,
+seeded, as the model fits it (the standardised refit is the model's own space, up to the calibration cells a full
+quota dropped). Each run records
 the neighbour its model's input score uses (``input_neighbours``: it follows the bank's smallest type).
 
 Budget: on 2 shared cores a run takes 8 to 20 minutes (pbmc68k, and zeisel_class with :data:`ZEISEL_EPOCHS` epochs
@@ -55,10 +58,11 @@ from scipy import sparse
 from zeisel import LEVELS, bank_shares, load_zeisel, zeisel_stream
 
 import scanpy_canal as canal
+from scanpy_canal._choices import INPUT_SPACES
 from scanpy_canal._demo import run_stream
 from scanpy_canal.model import PredictOptions
 from scanpy_canal.model._conformal import conformal_pvalues
-from scanpy_canal.model._input_space import InputReference
+from scanpy_canal.model._input_space import InputReference, fit_reference
 from scanpy_canal.model._scores import SCORES
 
 RESULTS = Path(__file__).resolve().parent / "results" / "leave_types_out.json"
@@ -71,11 +75,6 @@ INPUT_VARIANTS = (
     *((components, k) for components in (10, 20, 30, 50) for k in (5, 15)),
     *((50, k) for k in (1, 3, 10, 30, 40)),
 )
-#: The model's input space refitted each way of ``CANAL(input_space=...)``, to choose it by measurement: on the last
-#: stage's cells but its calibration cells and on the bank, seeded, as the model fits it (the standardised refit is
-#: the model's own space, up to the calibration cells a full quota dropped); the reference cells are the bank's, the
-#: neighbour the model's.
-INPUT_SPACES = ("centred", "standardised")
 #: Epochs per stage and HVG panel on zeisel_class (the time budget: a Zeisel run of the continual benchmark, 1,000
 #: genes and up to 15 epochs, takes 10 to 15 minutes alone); pbmc68k and synthetic keep train()'s default.
 ZEISEL_EPOCHS = 5
@@ -205,20 +204,14 @@ def refitted_spaces(
     predicted: torch.Tensor,
     calibration_predicted: torch.Tensor,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The input score of the query `x` in each of :data:`INPUT_SPACES`, refitted, and its conformal p-values."""
-    bank = sparse.csr_matrix(model.example_bank_.X)
+    """The input score of the query `x` in each of ``INPUT_SPACES``, refitted, and its conformal p-values."""
     last_stage = stream.train[-1][~stream.train[-1].obs_names.isin(model.calibration_cells_.obs_names)]
-    last_stage = sparse.csr_matrix(canal.pp.align_genes(last_stage, model.genes).X)
-    fit_cells = sparse.vstack([last_stage, bank], format="csr")
+    cells = sparse.csr_matrix(canal.pp.align_genes(last_stage, model.genes).X)
+    types = last_stage.obs[stream.labels_key].astype(str).to_numpy()
     spaces = {}
     for space in INPUT_SPACES:
-        standardise = space == "standardised"
-        reference = InputReference.fit(
-            fit_cells,
-            bank,
-            seed=model.seed_ + model.stage_,
-            standardise=standardise,
-            neighbours=model.input_reference_.neighbours,
+        reference = fit_reference(
+            cells, types, model.example_bank_, seed=model.seed_ + model.stage_, standardise=space == "standardised"
         )
         scores, calibration_scores = (reference.distance(reference.project(cells)) for cells in (x, calibration_x))
         pvalues = conformal_pvalues(scores, predicted, calibration_scores, calibration_predicted)

@@ -82,9 +82,10 @@ class InputReference:
         standardise: bool = False,
         neighbours: int = INPUT_NEIGHBOURS,
     ) -> InputReference:
-        """Fit the PCA on `fit_cells` (cells x panel genes), genes centred (and `standardise`d); place `reference_cells`.
+        """Fit the PCA on `fit_cells` (cells x panel genes) and place `reference_cells` in it.
 
-        The ``"input"`` score will be the distance to the `neighbours`-th nearest of them.
+        The genes are centred, and scaled when `standardise`; the ``"input"`` score will be the distance to the
+        `neighbours`-th nearest reference cell.
         """
         rng = np.random.default_rng(seed)
         if fit_cells.shape[0] > MAX_FIT_CELLS:
@@ -128,7 +129,7 @@ class InputReference:
     def distance(
         self, coordinates: torch.Tensor, chunk_size: int = 4096, neighbours: int | None = None
     ) -> torch.Tensor:
-        """Distance from each row of `coordinates` to its `neighbours`-th nearest reference cell (default: :attr:`neighbours`).
+        """Distance from each row of `coordinates` to its `neighbours`-th (default: :attr:`neighbours`-th) nearest.
 
         Standardised: the distance in the components, with the row's distance to the subspace added in quadrature.
         """

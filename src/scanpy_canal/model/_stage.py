@@ -298,9 +298,9 @@ class StageTrainingMixin(RelationFindingMixin):
         """Choose the bank, the calibration cells and the input-space reference anew, under the new network.
 
         Bank and calibration cells carry their manifold vectors; the input space is fitted on the stage's cells but
-        its calibration cells, and on the new bank. The stage's held-out cells never join the bank, and those that did not choose the best epoch become
-        calibration cells; the bank takes, per type, the stage's training cells closest to the type's prototype, as
-        the original does.
+        its calibration cells, and on the new bank. The stage's held-out cells never join the bank, and those that did
+        not choose the best epoch become calibration cells; the bank takes, per type, the stage's training cells
+        closest to the type's prototype, as the original does.
         """
         calibration = self.calibration_cells_
         n_cells, n_training = cells.data.n_obs, cells.training.n_obs
