@@ -27,7 +27,9 @@ in the model's input space refitted with its genes centred or standardised (each
 choose it by measurement): ``fit_reference`` on the last stage's cells but its calibration cells and on the bank,
 seeded, as the model fits it (the standardised refit is the model's own space, up to the calibration cells a full
 quota dropped). Each run records
-the neighbour its model's input score uses (``input_neighbours``: it follows the bank's smallest type).
+the neighbour its model's input score uses (``input_neighbours``: it follows the bank's smallest type). and the
+relations its model found (``relations_found``; these streams bring no coarser or finer names, so none should be
+found), and each stream counts its ``runs_relating_types``.
 
 Budget: on 2 shared cores a run takes 8 to 20 minutes (pbmc68k, and zeisel_class with :data:`ZEISEL_EPOCHS` epochs
 per stage; ``train()`` allows 15, a Zeisel run then takes 10 to 15 minutes), so ``--seeds`` defaults to 0 and 1 on
@@ -240,6 +242,9 @@ def run_task(task: tuple[str, str, int], args: argparse.Namespace) -> dict:
         model = result.model
         model.save(directory, overwrite=True)
     run = {"stream": stream_name, "novel": novel, "seed": seed, "rehearsal_size": bank, **score_model(model, stream)}
+    run["relations_found"] = {
+        child: parent for record in model.stage_history_ for child, parent in record["new_parents"].items()
+    }
     run["seconds"] = time.perf_counter() - start
     fused = run["rules"][f"{'+'.join(FUSIONS[0])}/{FUSION_RULES[0]}"]
     print(f"[{stream_name} without {novel} seed {seed}] auroc {fused['auroc']:.3f} h {fused['h_score']:.3f}")
@@ -339,7 +344,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.streams:
         done = [runs[task] for task in tasks if task[0] == name and task in runs]
         if done:
-            report["results"][name] = {"runs": done, "summary": summarise(done)}
+            relating = sum(bool(run.get("relations_found")) for run in done)
+            report["results"][name] = {"runs": done, "runs_relating_types": relating, "summary": summarise(done)}
     report["seconds_total"] = time.perf_counter() - start
     write_report(report, args.output)
     print_tables(report)

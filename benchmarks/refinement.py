@@ -27,6 +27,11 @@ called ``"T cell"``), ``unrelated_called_coarse`` (the share of the other test c
 shares of each new type's cells the stage-1 model called each known type) and the scores at other
 ``refine_threshold`` values (from the same probabilities).
 
+The coarse stream (:func:`coarse_stream`): the same two stages the other way round, so that the coarse name comes
+after the fine ones (stage 1: CD4+ T, CD8+ T, monocytes, dendritic cells; stage 2: ``"T cell"``, B, NK), with
+``coarse_tree`` (defaults: ``"T cell"`` should be found the parent of CD4+ T and CD8+ T) and ``coarse_flat``
+(``parents={}``), scored the same way.
+
 Streams without refinements (``plain_pbmc68k``, ``plain_synthetic``): the ``pbmc68k`` and ``synthetic`` streams of
 ``benchmarks/continual_stream.py`` (3 class-incremental stages each), CANAL at its defaults against ``parents={}``:
 the relations found with their evidence, and the accuracy on every stage's test cells after the last stage (the
@@ -101,6 +106,12 @@ def refinement_stream() -> tuple[list[ad.AnnData], ad.AnnData]:
     first.obs["cell_type"] = pd.Categorical(names)
     second.obs["cell_type"] = pd.Categorical(second.obs["cell_type"].astype(str))
     return [first, second], test
+
+
+def coarse_stream() -> tuple[list[ad.AnnData], ad.AnnData]:
+    """:func:`refinement_stream`'s stages the other way round: the coarse name after the fine ones."""
+    stages, test = refinement_stream()
+    return stages[::-1], test
 
 
 def scores(truth: np.ndarray, called: np.ndarray) -> dict[str, float]:
@@ -204,9 +215,9 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument(
         "--part",
-        choices=["all", "refinement", "plain"],
+        choices=["all", "refinement", "coarse", "plain"],
         default="all",
-        help="run only the refinement stream or only the stream without refinements (e.g. in two processes)",
+        help="run only the refinement stream, the coarse stream or the streams without refinements",
     )
     args = parser.parse_args()
     stages, test = refinement_stream()
@@ -224,17 +235,25 @@ def main() -> None:
             "canal_tree": [],
             "canal_ontology": [],
             "canal_flat": [],
+            "coarse_tree": [],
+            "coarse_flat": [],
             **{f"plain_{name}": [] for name in PLAIN_STREAMS},
         },
     }
     started = time.perf_counter()
     for seed in args.seeds:  # seed by seed, so that a report cut short holds whole seeds
         methods = (("canal_tree", canal_tree), ("canal_ontology", canal_ontology), ("canal_flat", canal_flat))
-        for name, method in methods * (args.part != "plain"):
+        for name, method in methods * (args.part in ("all", "refinement")):
             report["runs"][name].append({"seed": seed, **method(stages, test, seed, args.epochs)})
             report["results"][name] = summarise(report["runs"][name])
             write(report, args.output, started)
-        if args.part == "refinement":
+        for name, method in (("coarse_tree", canal_tree), ("coarse_flat", canal_flat)) * (
+            args.part in ("all", "coarse")
+        ):
+            report["runs"][name].append({"seed": seed, **method(*coarse_stream(), seed, args.epochs)})
+            report["results"][name] = summarise(report["runs"][name])
+            write(report, args.output, started)
+        if args.part not in ("all", "plain"):
             continue
         for name in PLAIN_STREAMS:
             report["runs"][f"plain_{name}"].append({"seed": seed, **plain_stream(name, seed, args.epochs)})

@@ -12,7 +12,7 @@ from conftest import QUIET, TINY_ARCH, register
 import scanpy_canal as canal
 from scanpy_canal.model._module import coarse_cross_entropy
 from scanpy_canal.model._options import PredictOptions
-from scanpy_canal.model._relations import find_relations
+from scanpy_canal.model._relations import find_relations, reverse_shares
 from scanpy_canal.model._tree import among_children, decode, grow_tree, subtree_matrix
 
 TYPES = ["T cell", "B", "CD4 T", "CD8 T"]
@@ -51,6 +51,21 @@ def test_relations_are_found_for_refined_types_and_not_for_unrelated_ones(refine
     assert tree.loc["type_0", "parent"] == "coarse" and tree.loc["type_0", "depth"] == 1
     assert tree.loc[["type_2", "type_3", "type_4", "type_5"], "parent"].isna().all()
     assert not tree.loc["coarse", "leaf"] and tree.loc["type_3", "leaf"]
+
+
+def test_a_coarse_name_after_the_fine_ones_is_found_beside_the_kept_cells():
+    """Stage 2 names held-out cells of stage 1's types 0 and 1 "coarse": it becomes their parent."""
+    stream = canal.datasets.synthetic_stream(n_stages=2, n_genes=60, types_per_stage=3, cells_per_type=60, seed=0)
+    test = stream.test[0]
+    second = test[test.obs["cell_type"].isin(["type_0", "type_1"])].copy()
+    second.obs["cell_type"] = "coarse"
+    model = canal.CANAL(register(stream.train[0].copy()), trainable_blocks=(-2,), **TINY_ARCH)
+    model.train(**SETTINGS)
+    model.train(register(second), **SETTINGS)
+    record = model.stage_history_[-1]
+    assert record["new_parents"] == {"type_0": "coarse", "type_1": "coarse"}
+    beside_kept = record["relation_evidence"]["coarse"]["reverse_kept"]
+    assert beside_kept["type_0"] > 0.5 and beside_kept["type_1"] > 0.5
 
 
 def test_predictions_are_fine_where_the_cell_allows(refined_model, refinement_stream):
@@ -131,14 +146,57 @@ def test_one_new_type_onto_one_known_type_is_no_refinement():
 def test_a_new_type_over_known_ones_is_their_parent_unless_another_new_type_is_too():
     lymphoid = {"T cell": 0.5, "B": 0.45, "NK": 0.05}
     called, labels = seeded_calls({"Lymphoid": lymphoid, "Mono": {"NK": 0.2, "Unassigned": 0.8}})
-    known, reverse = ["T cell", "B", "NK"], pd.DataFrame({"Lymphoid": [0.9, 0.8, 0.1]}, index=["T cell", "B", "NK"])
-    relations, _ = find_relations(called, labels, known, ["Lymphoid", "Mono"], {}, reverse=reverse)
+    known, kept = ["T cell", "B", "NK"], pd.DataFrame({"Lymphoid": [0.9, 0.8, 0.1]}, index=["T cell", "B", "NK"])
+    relations, evidence = find_relations(called, labels, known, ["Lymphoid", "Mono"], {}, reverse_kept=kept)
     assert relations == {"T cell": "Lymphoid", "B": "Lymphoid"}
+    assert evidence["Lymphoid"]["reverse_kept"] == {"T cell": 0.9, "B": 0.8, "NK": 0.1}
     # Two new types called the same known ones are siblings of them, not a coarser name (pbmc68k's naive T cells).
     called, labels = seeded_calls({"Lymphoid": lymphoid, "Naive": {"T cell": 0.7, "B": 0.3}})
-    assert find_relations(called, labels, known, ["Lymphoid", "Naive"], {}, reverse=reverse)[0] == {}
+    assert find_relations(called, labels, known, ["Lymphoid", "Naive"], {}, reverse_kept=kept)[0] == {}
     # A known type that already has a parent is not put under a new coarse type.
-    assert find_relations(called, labels, known, ["Lymphoid"], {"B": "NK"}, reverse=reverse)[0] == {}
+    assert find_relations(called, labels, known, ["Lymphoid"], {"B": "NK"}, reverse_kept=kept)[0] == {}
+
+
+def test_a_coarse_type_needs_the_known_cells_beside_their_kept_cells():
+    """The check among the stage's labels alone, where the new type was all there was, does not make a parent."""
+    called, labels = seeded_calls({"Lymphoid": {"T cell": 0.5, "B": 0.45, "NK": 0.05}})
+    known = ["T cell", "B", "NK"]
+    stage_only = pd.DataFrame({"Lymphoid": [1.0, 1.0, 1.0]}, index=known)
+    beside_kept = pd.DataFrame({"Lymphoid": [0.1, 0.6, 0.0]}, index=known)
+    assert find_relations(called, labels, known, ["Lymphoid"], {}, reverse=stage_only)[0] == {}
+    assert find_relations(called, labels, known, ["Lymphoid"], {}, reverse_kept=beside_kept)[0] == {}
+
+
+def gaussian_cells(centres: dict[str, np.ndarray], n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`n` cells around each centre (unit noise in 40 genes), labelled by its name."""
+    rng = np.random.default_rng(seed)
+    x = np.vstack([centre + rng.normal(size=(n, centre.size)) for centre in centres.values()])
+    return x.astype(np.float32), np.repeat(list(centres), n)
+
+
+@pytest.mark.parametrize("coarse", [True, False])
+def test_the_reverse_check_beside_kept_cells_tells_a_coarse_name_from_a_type_near_two(coarse):
+    """Known A and B (held out and kept); the stage names A's and B's cells "AB", or brings C, between A and B."""
+    a, b = np.zeros(40), np.zeros(40)
+    a[:5], b[5:10] = 4.0, 4.0
+    held_out_x, held_out_labels = gaussian_cells({"A": a, "B": b}, 30, seed=0)
+    kept_x, kept_labels = gaussian_cells({"A": a, "B": b}, 30, seed=1)
+    far = np.zeros(40)
+    far[20:25] = 4.0
+    if coarse:
+        stage_x, stage_labels = gaussian_cells({"A": a, "B": b, "Other": far}, 60, seed=2)
+        stage_labels = np.where(stage_labels == "Other", "Other", "AB")
+    else:
+        between = (a + b) / 2
+        between[10:15] = 4.0
+        stage_x, stage_labels = gaussian_cells({"AB": between, "Other": far}, 60, seed=2)
+    alone = reverse_shares(stage_x, stage_labels, held_out_x, held_out_labels)
+    beside = reverse_shares(stage_x, stage_labels, held_out_x, held_out_labels, kept_x=kept_x, kept_labels=kept_labels)
+    assert (alone["AB"] > 0.9).all()  # among the stage's labels alone both cases look the same
+    if coarse:
+        assert (beside["AB"] > 0.5).all()
+    else:
+        assert "AB" not in beside.columns or (beside["AB"] < 0.1).all()
 
 
 @pytest.mark.parametrize(

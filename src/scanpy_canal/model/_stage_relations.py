@@ -61,14 +61,28 @@ class RelationFindingMixin:
             self.cell_type_parents_,
             threshold=threshold,
             reverse=self._reverse_shares(data, labels),
+            reverse_kept=self._reverse_shares(data, labels, with_kept_cells=True),
         )
         for child, parent in relations.items():
             logger.info("Cell-type tree: %r is found to be a child of %r.", child, parent)
         return relations, evidence
 
-    def _reverse_shares(self, data: ad.AnnData, labels: np.ndarray) -> pd.DataFrame | None:
-        """The reverse check of the relations: the known types' held-out cells classified by the stage's labels."""
-        reference = self.calibration_cells_ if self.calibration_cells_ is not None else self.example_bank_
-        if reference is None or reference.n_obs == 0 or len(set(labels)) < 2:
+    def _reverse_shares(
+        self, data: ad.AnnData, labels: np.ndarray, *, with_kept_cells: bool = False
+    ) -> pd.DataFrame | None:
+        """The reverse check of the relations: the known types' held-out cells classified by the stage's labels.
+
+        Held out: the calibration cells, or without them the bank. `with_kept_cells`: the bank's cells join the
+        classes under their own types (the coarse types' check; `None` without calibration cells).
+        """
+        held_out = self.calibration_cells_ if self.calibration_cells_ is not None else self.example_bank_
+        kept = self.example_bank_ if with_kept_cells and self.calibration_cells_ is not None else None
+        if held_out is None or held_out.n_obs == 0 or (with_kept_cells and (kept is None or kept.n_obs == 0)):
             return None
-        return reverse_shares(data.X, labels, reference.X, reference.obs["cell_type"].astype(str).to_numpy())
+        if kept is None:
+            return None if len(set(labels)) < 2 else reverse_shares(data.X, labels, held_out.X, _types(held_out))
+        return reverse_shares(data.X, labels, held_out.X, _types(held_out), kept_x=kept.X, kept_labels=_types(kept))
+
+
+def _types(cells: ad.AnnData) -> np.ndarray:
+    return cells.obs["cell_type"].astype(str).to_numpy()
