@@ -26,10 +26,9 @@ The input score is also computed with other settings (:data:`INPUT_VARIANTS`) fr
 in the model's input space refitted with its genes centred or standardised (each of ``CANAL(input_space=...)``, to
 choose it by measurement): ``fit_reference`` on the last stage's cells but its calibration cells and on the bank,
 seeded, as the model fits it (the standardised refit is the model's own space, up to the calibration cells a full
-quota dropped). Each run records
-the neighbour its model's input score uses (``input_neighbours``: it follows the bank's smallest type). and the
-relations its model found (``relations_found``; these streams bring no coarser or finer names, so none should be
-found), and each stream counts its ``runs_relating_types``.
+quota dropped). Each run records the neighbour its model's input score uses (``input_neighbours``: it follows the
+bank's smallest type) and the relations its model found (``relations_found``; these streams bring no coarser or
+finer names, so none should be found), and each stream counts its ``runs_relating_types``.
 
 Budget: on 2 shared cores a run takes 8 to 20 minutes (pbmc68k, and zeisel_class with :data:`ZEISEL_EPOCHS` epochs
 per stage; ``train()`` allows 15, a Zeisel run then takes 10 to 15 minutes), so ``--seeds`` defaults to 0 and 1 on
