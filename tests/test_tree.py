@@ -167,6 +167,15 @@ def test_a_coarse_type_needs_the_known_cells_beside_their_kept_cells():
     assert find_relations(called, labels, known, ["Lymphoid"], {}, reverse_kept=beside_kept)[0] == {}
 
 
+def test_a_coarse_type_needs_most_of_its_cells_called_its_children_not_the_threshold():
+    """refinement.py's coarse-after-fine stream: 0.75 of the "T cell" cells called CD4+ T or CD8+ T, the rest novel."""
+    known, kept = ["CD4 T", "CD8 T", "B"], pd.DataFrame({"T cell": [1.0, 1.0, 0.0]}, index=["CD4 T", "CD8 T", "B"])
+    most = seeded_calls({"T cell": {"CD4 T": 0.55, "CD8 T": 0.2, "Unassigned": 0.25}})
+    assert find_relations(*most, known, ["T cell"], {}, reverse_kept=kept)[0] == {"CD4 T": "T cell", "CD8 T": "T cell"}
+    fewer = seeded_calls({"T cell": {"CD4 T": 0.3, "CD8 T": 0.15, "Unassigned": 0.55}})
+    assert find_relations(*fewer, known, ["T cell"], {}, reverse_kept=kept)[0] == {}
+
+
 def gaussian_cells(centres: dict[str, np.ndarray], n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """`n` cells around each centre (unit noise in 40 genes), labelled by its name."""
     rng = np.random.default_rng(seed)

@@ -152,8 +152,9 @@ STAGE_DOCS: dict[str, str] = {
     ),
     "relation_threshold": (
         'With ``parents="find"``: the share of a new type\'s cells the model must call one known type before the\n'
-        "stage (not novel) for the new type to become its child, or call two or more known types together for it\n"
-        "to become their parent."
+        "stage (not novel) for the new type to refine it (become its child). A new type becomes the parent of known\n"
+        "types when most of its cells are called them and their held-out cells are classified as it beside their\n"
+        "own kept cells."
     ),
 }
 

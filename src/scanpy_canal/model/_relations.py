@@ -14,13 +14,16 @@ cells in the stage's principal components, the input space, whatever the model h
   one known type is a rename or an overlap, not a refinement: on pbmc68k's stream without refinements the memory
   CD4+ T cells were called regulatory T (92%), the monocytes dendritic (99%), each the only new type there.
 - **Coarse type.** A new type whose cells the model calls two or more known types (each at least
-  :data:`MIN_CHILD_SHARE`, together at least the threshold) becomes their parent, if the reverse check classifies
-  most of each known type's cells as it, and no other new type has most of its cells called those known types (two
-  new types onto the same known ones: siblings, not a coarser name). Here the reverse check classifies among the
-  stage's labels and the known types' kept cells (the example bank) together: a coarse name's cells lie among its
-  children's, so it takes most of their held-out cells even beside them, while a new type that is merely near two
-  known types loses their cells to their own kept cells. Among the stage's labels alone, a stage of new types only
-  offered nothing else: 16 of 54 models of ``benchmarks/leave_types_out.py`` found a coarse type that was none.
+  :data:`MIN_CHILD_SHARE`, together most of them) becomes their parent, if the reverse check classifies most of each
+  known type's cells as it, and no other new type has most of its cells called those known types (two new types onto
+  the same known ones: siblings, not a coarser name). Here the reverse check classifies among the stage's labels and
+  the known types' kept cells (the example bank) together: a coarse name's cells lie among its children's, so it
+  takes most of their held-out cells even beside them, while a new type that is merely near two known types loses
+  their cells to their own kept cells. Among the stage's labels alone, a stage of new types only offered nothing
+  else: 16 of 54 models of ``benchmarks/leave_types_out.py`` found a coarse type that was none. With this check
+  carrying the weight, the calls need only a majority, not the threshold: the stage-1 model of the coarse-after-fine
+  stream of ``benchmarks/refinement.py`` called 0.75 to 0.81 of the "T cell" cells CD4+ T or CD8+ T (the others
+  novel), and the leave-types-out models relate nothing more at a majority than at the threshold.
 
 Without the reverse check (no held-out cells of the known types), no relation is found; a coarse type also needs
 held-out cells beside the bank (the calibration cells).
@@ -33,7 +36,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-#: Smallest share of a new type's cells the model must call one known type (child) or a few together (parent). On
+#: Smallest share of a new type's cells the model must call one known type for it to refine it (child). On
 #: ``benchmarks/refinement.py`` (seed 0) the refined types scored 0.91 and 0.82, the unrelated new types 0.35 at most.
 RELATION_THRESHOLD = 0.8
 #: Smallest share of a new type's cells a known type must take to be one of the children of a new coarse type.
@@ -80,7 +83,7 @@ def find_relations(
     parents
         The tree so far: a known type with a parent is not put under a new coarse type.
     threshold
-        Smallest share of a new type's cells called one known type (child), or two or more (parent).
+        Smallest share of a new type's cells called one known type, for it to refine it (child).
     reverse
         The reverse check: rows, known types; columns, the stage's types; values, the shares of the known type's
         held-out cells that the stage's labels classify as each (see :func:`reverse_shares`), for the refinements.
@@ -96,7 +99,7 @@ def find_relations(
     relations = {} if reverse is None else _refinements(shares, _by_known_type(reverse, shares), threshold)
     if reverse_kept is not None:
         back = _by_known_type(reverse_kept, shares)
-        relations.update(_coarse_types(shares, back, threshold, parents, taken=relations))
+        relations.update(_coarse_types(shares, back, parents, taken=relations))
     return relations, evidence
 
 
@@ -130,7 +133,7 @@ def _refinements(shares: pd.DataFrame, back: pd.DataFrame, threshold: float) -> 
 
 
 def _coarse_types(
-    shares: pd.DataFrame, back: pd.DataFrame, threshold: float, parents: Mapping[str, str], taken: Mapping[str, str]
+    shares: pd.DataFrame, back: pd.DataFrame, parents: Mapping[str, str], taken: Mapping[str, str]
 ) -> dict[str, str]:
     """Known types a new type names coarsely: it is called them, they are classified as it, and no other new type."""
     relations: dict[str, str] = {}
@@ -142,7 +145,7 @@ def _coarse_types(
         others = shares.drop(index=new_type)[children].sum(axis=1)
         if (
             len(children) >= 2
-            and row[children].sum() >= threshold
+            and row[children].sum() > 0.5
             and all(back.loc[child, new_type] > 0.5 for child in children)
             and not (others > 0.5).any()
         ):
