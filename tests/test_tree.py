@@ -66,6 +66,12 @@ def test_a_coarse_name_after_the_fine_ones_is_found_beside_the_kept_cells():
     assert record["new_parents"] == {"type_0": "coarse", "type_1": "coarse"}
     beside_kept = record["relation_evidence"]["coarse"]["reverse_kept"]
     assert beside_kept["type_0"] > 0.5 and beside_kept["type_1"] > 0.5
+    # Without calibration cells the bank would be held out and kept at once: no coarse type is found.
+    model = canal.CANAL(register(stream.train[0].copy()), trainable_blocks=(-2,), **TINY_ARCH)
+    model.train(calibration_size=0, **SETTINGS)
+    model.train(register(second), calibration_size=0, **SETTINGS)
+    assert model.stage_history_[-1]["new_parents"] == {}
+    assert "reverse_kept" not in model.stage_history_[-1]["relation_evidence"]["coarse"]
 
 
 def test_predictions_are_fine_where_the_cell_allows(refined_model, refinement_stream):
