@@ -53,6 +53,7 @@ class RelationFindingMixin:
             outputs = self.predict_outputs(data, PredictOptions(novel=self.calibration_cells_ is not None))
         if self.calibration_cells_ is None:
             logger.info("No calibration cells: relations are found from closed-set calls, without novel-cell calls.")
+        reverse, reverse_kept = self._reverse_checks(data, labels)
         relations, evidence = find_relations(
             outputs.labels,
             labels,
@@ -60,28 +61,28 @@ class RelationFindingMixin:
             new_types,
             self.cell_type_parents_,
             threshold=threshold,
-            reverse=self._reverse_shares(data, labels),
-            reverse_kept=self._reverse_shares(data, labels, with_kept_cells=True),
+            reverse=reverse,
+            reverse_kept=reverse_kept,
         )
         for child, parent in relations.items():
             logger.info("Cell-type tree: %r is found to be a child of %r.", child, parent)
         return relations, evidence
 
-    def _reverse_shares(
-        self, data: ad.AnnData, labels: np.ndarray, *, with_kept_cells: bool = False
-    ) -> pd.DataFrame | None:
-        """The reverse check of the relations: the known types' held-out cells classified by the stage's labels.
+    def _reverse_checks(self, data: ad.AnnData, labels: np.ndarray) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+        """The reverse checks: held-out known cells classified by the stage's labels, alone and beside kept cells.
 
-        Held out: the calibration cells, or without them the bank. `with_kept_cells`: the bank's cells join the
-        classes under their own types (the coarse types' check; `None` without calibration cells).
+        Alone: for the refinements. Beside the bank's kept cells, under their own types: for the coarse types. Held
+        out: the calibration cells, or without them the bank, which then cannot also be kept (no coarse types).
         """
         held_out = self.calibration_cells_ if self.calibration_cells_ is not None else self.example_bank_
-        kept = self.example_bank_ if with_kept_cells and self.calibration_cells_ is not None else None
-        if held_out is None or held_out.n_obs == 0 or (with_kept_cells and (kept is None or kept.n_obs == 0)):
-            return None
-        if kept is None:
-            return None if len(set(labels)) < 2 else reverse_shares(data.X, labels, held_out.X, _types(held_out))
-        return reverse_shares(data.X, labels, held_out.X, _types(held_out), kept_x=kept.X, kept_labels=_types(kept))
+        if held_out is None or held_out.n_obs == 0:
+            return None, None
+        held_out_cells = (data.X, labels, held_out.X, _types(held_out))
+        alone = reverse_shares(*held_out_cells) if len(set(labels)) >= 2 else None
+        kept = self.example_bank_ if self.calibration_cells_ is not None else None
+        if kept is None or kept.n_obs == 0:
+            return alone, None
+        return alone, reverse_shares(*held_out_cells, kept_x=kept.X, kept_labels=_types(kept))
 
 
 def _types(cells: ad.AnnData) -> np.ndarray:
