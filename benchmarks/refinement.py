@@ -27,7 +27,7 @@ called ``"T cell"``), ``unrelated_called_coarse`` (the share of the other test c
 shares of each new type's cells the stage-1 model called each known type) and the scores at other
 ``refine_threshold`` values (from the same probabilities).
 
-The coarse stream (:func:`coarse_stream`): the same two stages the other way round, so that the coarse name comes
+The coarse stream: the same two stages the other way round, so that the coarse name comes
 after the fine ones (stage 1: CD4+ T, CD8+ T, monocytes, dendritic cells; stage 2: ``"T cell"``, B, NK), with
 ``coarse_tree`` (defaults: ``"T cell"`` should be found the parent of CD4+ T and CD8+ T) and ``coarse_flat``
 (``parents={}``), scored the same way.
@@ -106,12 +106,6 @@ def refinement_stream() -> tuple[list[ad.AnnData], ad.AnnData]:
     first.obs["cell_type"] = pd.Categorical(names)
     second.obs["cell_type"] = pd.Categorical(second.obs["cell_type"].astype(str))
     return [first, second], test
-
-
-def coarse_stream() -> tuple[list[ad.AnnData], ad.AnnData]:
-    """:func:`refinement_stream`'s stages the other way round: the coarse name after the fine ones."""
-    stages, test = refinement_stream()
-    return stages[::-1], test
 
 
 def scores(truth: np.ndarray, called: np.ndarray) -> dict[str, float]:
@@ -221,6 +215,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     stages, test = refinement_stream()
+    streams = {"refinement": (stages, test), "coarse": (stages[::-1], test)}  # coarse: the coarse name comes after
+    methods = {
+        "refinement": (("canal_tree", canal_tree), ("canal_ontology", canal_ontology), ("canal_flat", canal_flat)),
+        "coarse": (("coarse_tree", canal_tree), ("coarse_flat", canal_flat)),
+    }
     report = {
         "settings": {"seeds": args.seeds, "epochs": args.epochs, "arch": DEMO_ARCH, "n_top_genes": 300},
         "stream": {
@@ -232,27 +231,17 @@ def main() -> None:
             "lr_coarse_class": logistic_regression(stages, test, drop_coarse=False),
         },
         "runs": {
-            "canal_tree": [],
-            "canal_ontology": [],
-            "canal_flat": [],
-            "coarse_tree": [],
-            "coarse_flat": [],
+            **{name: [] for part_methods in methods.values() for name, _ in part_methods},
             **{f"plain_{name}": [] for name in PLAIN_STREAMS},
         },
     }
     started = time.perf_counter()
     for seed in args.seeds:  # seed by seed, so that a report cut short holds whole seeds
-        methods = (("canal_tree", canal_tree), ("canal_ontology", canal_ontology), ("canal_flat", canal_flat))
-        for name, method in methods * (args.part in ("all", "refinement")):
-            report["runs"][name].append({"seed": seed, **method(stages, test, seed, args.epochs)})
-            report["results"][name] = summarise(report["runs"][name])
-            write(report, args.output, started)
-        for name, method in (("coarse_tree", canal_tree), ("coarse_flat", canal_flat)) * (
-            args.part in ("all", "coarse")
-        ):
-            report["runs"][name].append({"seed": seed, **method(*coarse_stream(), seed, args.epochs)})
-            report["results"][name] = summarise(report["runs"][name])
-            write(report, args.output, started)
+        for part, part_methods in methods.items():
+            for name, method in part_methods * (args.part in ("all", part)):
+                report["runs"][name].append({"seed": seed, **method(*streams[part], seed, args.epochs)})
+                report["results"][name] = summarise(report["runs"][name])
+                write(report, args.output, started)
         if args.part not in ("all", "plain"):
             continue
         for name in PLAIN_STREAMS:
