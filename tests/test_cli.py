@@ -73,10 +73,11 @@ def test_train_creates_then_continues_a_model(files, stage1_dir, tmp_path, capsy
     assert f"new cell types: {', '.join(first.cell_types)};" in _stage_summary(first)
     model_dir = tmp_path / "model"
     shutil.copytree(stage1_dir, model_dir)
-    assert _train(files["stage2"], model_dir, "--stage", "2", *QUICK) == 0
+    assert _train(files["stage2"], model_dir, "--stage", "2", "--keep-epoch", "best", *QUICK) == 0
     assert "stage 2 trained on" in capsys.readouterr().out
     second = CANAL.load(model_dir)
     assert second.stage == 2 and second.cell_types[:2] == first.cell_types and len(second.cell_types) == 4
+    assert [entry["keep_epoch"] for entry in second.stage_history_] == ["last", "best"]  # a random start's, then told
     assert second.example_bank is not None and set(second.example_bank.obs["stage"]) == {1, 2}
 
 

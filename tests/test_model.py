@@ -238,7 +238,7 @@ def test_early_stopping_restores_best_epoch(small_stream):
             metrics = trainer.callback_metrics
             scores.append((float(metrics["accuracy_validation"]), -float(metrics["validation_loss"])))
 
-    model.train(max_epochs=6, lr=1e-2, early_stopping_patience=None, callbacks=[Record()], **QUIET)
+    model.train(max_epochs=6, lr=1e-2, early_stopping_patience=None, keep_epoch="best", callbacks=[Record()], **QUIET)
     best = max(range(len(scores)), key=lambda epoch: scores[epoch])  # highest accuracy, then lowest loss
     assert model.stage_history_[-1]["best_epoch"] == best + 1
     for key, value in model.module.network.state_dict().items():
@@ -248,10 +248,32 @@ def test_early_stopping_restores_best_epoch(small_stream):
 
 def test_early_stopping_stops_after_patience(small_stream):
     model = make_model(small_stream)
-    model.train(max_epochs=50, lr=1e-2, early_stopping_patience=2, **QUIET)
+    model.train(max_epochs=50, lr=1e-2, early_stopping_patience=2, keep_epoch="best", **QUIET)
     entry = model.stage_history_[-1]
     assert entry["epochs"] - entry["best_epoch"] == 3  # stops after more than `patience` epochs without improvement
     assert entry["epochs"] < 50
+
+
+def test_keep_last_epoch_trains_every_epoch_along_one_cycle(small_stream):
+    model = make_model(small_stream)
+    states = []
+
+    class Record(pl.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            states.append(copy.deepcopy(pl_module.module.network.state_dict()))
+
+    model.train(max_epochs=6, lr=1e-2, early_stopping_patience=0, keep_epoch="last", callbacks=[Record()], **QUIET)
+    entry = model.stage_history_[-1]
+    assert entry["epochs"] == entry["best_epoch"] == len(states) == 6  # no early stop, whatever the patience
+    for key, value in model.module.network.state_dict().items():
+        assert torch.equal(value, states[-1][key]), key
+    lrs = model.history["lr"].to_numpy()
+    expected = [cosine_warm_restarts(e, max_lr=1e-2, min_lr=1e-6, first_cycle=6, warmup=2) for e in range(6)]
+    np.testing.assert_allclose(lrs, expected)
+    assert lrs.argmax() == 2 and lrs[-1] < 0.2 * lrs.max()  # one cycle: warm-up, then down to low rates
+    assert model.history["best"].to_numpy().tolist() == [False] * 5 + [True]
+    with pytest.raises(ValueError, match="keep_epoch must be 'best' or 'last'"):
+        model.train(small_stream.train[1], keep_epoch="first", **QUIET)
 
 
 def test_stage_order_and_data_errors_leave_adata_unchanged(small_stream):

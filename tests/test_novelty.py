@@ -106,16 +106,20 @@ def test_stage_keeps_calibration_cells_apart_from_training_and_bank(two_stage_mo
     assert record["calibration_cells"] == calibration.n_obs and record["calibration_bytes"] > 0
 
 
-def test_calibration_cells_are_never_trained_on(small_stream):
+@pytest.mark.parametrize("keep_epoch", ["best", "last"])
+def test_calibration_cells_are_never_trained_on(small_stream, keep_epoch):
     model = make_model(small_stream)
-    model.train(max_epochs=2, **QUIET)
+    model.train(max_epochs=2, keep_epoch=keep_epoch, **QUIET)
     stage_cells = small_stream.train[0].obs_names
-    chose = set(stage_cells[model.validation_indices[model.validation_indices < len(stage_cells)]])  # early stopping
+    validation = set(stage_cells[model.validation_indices[model.validation_indices < len(stage_cells)]])
     calibration = set(model.calibration_cells_.obs_names)
-    assert calibration <= set(stage_cells[model.test_indices]) and not calibration & chose  # chose nothing
-    assert chose and len(calibration) >= len(chose)
+    if keep_epoch == "best":  # the validation cells chose the best epoch: the others calibrate
+        assert calibration <= set(stage_cells[model.test_indices]) and not calibration & validation
+        assert validation and len(calibration) >= len(validation)
+    else:  # nothing is chosen on the held-out cells: every one calibrates
+        assert calibration == validation and len(model.test_indices) == 0
     first = model.input_reference_
-    model.train(register(small_stream.train[1]), max_epochs=2, **QUIET)
+    model.train(register(small_stream.train[1]), max_epochs=2, keep_epoch=keep_epoch, **QUIET)
     n_stage = small_stream.train[1].n_obs
     trained = [small_stream.train[1].obs_names[i] for i in model.train_indices if i < n_stage]
     assert not set(model.calibration_cells_.obs_names) & set(trained)

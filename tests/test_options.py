@@ -36,6 +36,15 @@ def evaluated(annotation: str, function=None):
     return eval(annotation, {**namespace, **(function.__globals__ if function else {})})
 
 
+def literal_values(annotation) -> tuple:
+    """The values of a ``Literal`` annotation, also when it may be `None` (a default that depends on the start)."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return typing.get_args(annotation)
+    return tuple(
+        value for member in typing.get_args(annotation) if member is not None for value in literal_values(member)
+    )
+
+
 def option_parameters(function, kind: type) -> dict[str, inspect.Parameter]:
     names = fields(kind)
     return {name: p for name, p in inspect.signature(function).parameters.items() if name in names}
@@ -104,7 +113,7 @@ def test_command_line_options_have_the_defaults_and_choices(module, kind, rename
             continue
         assert action.default == default(field), action.option_strings
         if action.choices is not None:
-            values = SCORES if name == "score" else typing.get_args(evaluated(field.type))
+            values = SCORES if name == "score" else literal_values(evaluated(field.type))
             assert tuple(action.choices) == tuple(values), action.option_strings
         if "(default: " in (action.help or "") and action.default is not None:
             assert f"(default: {action.default}" in action.help, action.option_strings

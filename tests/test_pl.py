@@ -75,7 +75,7 @@ def test_stage_metrics_from_model(two_stage_model, tmp_path):
     assert isinstance(ax, Axes) and saved(tmp_path / "stages.png")
     assert len(ax.figure.axes) == 1
     assert ax.get_xlabel() == "epoch (all stages)" and ax.get_ylabel() == "accuracy"
-    assert legend_texts(ax) == ["validation", "train", "best epoch"]
+    assert legend_texts(ax) == ["validation", "train", "epoch kept"]
     boundary, validation, train, best = ax.lines  # one boundary between the two stages, then the curves
     assert len(validation.get_xdata()) == len(history) and train.get_linestyle() == "--"
     np.testing.assert_allclose(validation.get_ydata(), history["accuracy_validation"].to_numpy(dtype=float))

@@ -87,5 +87,6 @@ def test_train_defaults_follow_the_start(small_stream, tmp_path, start, monkeypa
     model.train(**QUIET)
     assert seen["s"].lr == defaults["lr"] and seen["s"].max_epochs == defaults["max_epochs"]
     assert seen["s"].balance_classes == defaults["balance_classes"] and seen["s"].split_bank
+    assert seen["s"].keep_epoch == defaults["keep_epoch"]
     model.train(**QUIET, lr=0.5, balance_classes=not defaults["balance_classes"], split_bank=False)  # given: kept
     assert seen["s"].lr == 0.5 and seen["s"].balance_classes != defaults["balance_classes"] and not seen["s"].split_bank

@@ -16,7 +16,9 @@ from scanpy_canal.model._relations import find_relations, reverse_shares
 from scanpy_canal.model._tree import among_children, decode, grow_tree, subtree_matrix
 
 TYPES = ["T cell", "B", "CD4 T", "CD8 T"]
-SETTINGS = {"max_epochs": 8, "lr": 3e-3, "batch_size": 8, "rehearsal_size": 40, **QUIET}
+# The best epoch kept: with the last, this tiny stream's stage-1 model unassigns a quarter of the batch-shifted stage-2
+# cells of a refined type (the relation then needs 0.8); benchmarks/refinement.py measures the defaults.
+SETTINGS = {"max_epochs": 8, "lr": 3e-3, "batch_size": 8, "rehearsal_size": 40, "keep_epoch": "best", **QUIET}
 
 
 @pytest.fixture(scope="module")

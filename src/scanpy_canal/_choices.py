@@ -24,5 +24,8 @@ ATTENTIONS: tuple[str, ...] = get_args(Attention)
 #: How the ``"input"`` novelty score's space treats the genes (``model._input_space``).
 InputSpace = Literal["centred", "standardised"]
 INPUT_SPACES: tuple[str, ...] = get_args(InputSpace)
+#: Which epoch's weights a stage keeps: the best on the validation cells, or the last of one cycle of the schedule.
+KeepEpoch = Literal["best", "last"]
+KEEP_EPOCHS: tuple[str, ...] = get_args(KeepEpoch)
 #: What a stage does with cells the model has seen before.
 RepeatedCells = Literal["warn", "error"]

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from scanpy_canal._choices import PRECISIONS
+from scanpy_canal._choices import KEEP_EPOCHS, PRECISIONS
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -193,6 +193,15 @@ def add_precision_option(parser: argparse.ArgumentParser) -> None:
     """Add ``--precision`` to `parser`."""
     helps = "float32, or bfloat16 autocast (default: auto, bfloat16 where the device computes it natively)"
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help=helps)
+
+
+def add_keep_epoch_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--keep-epoch`` to `parser` (``CANAL.train``'s ``keep_epoch``)."""
+    helps = (
+        "the weights a stage keeps: the epoch with the best validation accuracy (stopping early), or the last of one "
+        "cycle of the schedule (default: best with pretrained weights, as the original; last from a random start)"
+    )
+    parser.add_argument("--keep-epoch", choices=KEEP_EPOCHS, default=None, help=helps)
 
 
 def first_process() -> bool:

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ._common import add_keep_epoch_option
+
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     """Add the ``demo`` command to `commands`."""
@@ -23,6 +25,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--epochs", type=int, default=30, help="maximum epochs per stage (default: 30)")
     demo.add_argument("--batch-size", type=int, default=8, help="cells per minibatch (default: 8)")
     demo.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
+    add_keep_epoch_option(demo)
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.add_argument("--accelerator", default="cpu", help="Lightning accelerator (default: cpu)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -57,6 +60,7 @@ def run(args: argparse.Namespace) -> None:
         max_epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
+        keep_epoch=args.keep_epoch,
         accelerator=args.accelerator,
         enable_progress_bar=not args.quiet,
         enable_model_summary=False,

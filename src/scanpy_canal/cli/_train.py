@@ -11,6 +11,7 @@ from ._common import (
     MODEL_FILE,
     add_arch_options,
     add_gene_symbols_option,
+    add_keep_epoch_option,
     add_lightning_options,
     add_mod_option,
     add_normalize_option,
@@ -81,6 +82,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     add_lightning_options(train, strategy_example="ddp_find_unused_parameters_true")
     train.add_argument("--batch-size", type=positive(int), default=16, help="cells per minibatch (default: 16)")
+    add_keep_epoch_option(train)
     add_precision_option(train)
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.add_argument(
@@ -158,6 +160,7 @@ def _train_next_stage(args: argparse.Namespace) -> None:
             max_epochs=args.epochs,
             batch_size=args.batch_size,
             lr=args.lr,
+            keep_epoch=args.keep_epoch,
             precision=args.precision,
             accelerator=args.accelerator,
             devices=args.devices,

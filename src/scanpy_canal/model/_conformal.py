@@ -78,14 +78,18 @@ def _threshold(reference: torch.Tensor, alpha: float) -> float:
 
 
 def split_held_out(
-    codes: np.ndarray, held_out: np.ndarray, n_stage: int, rng: np.random.Generator
+    codes: np.ndarray, held_out: np.ndarray, n_stage: int, rng: np.random.Generator, *, choose_epoch: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Split held-out rows into early-stopping rows and calibration rows, which then choose nothing.
+    """Split held-out rows into validation rows and calibration rows, which choose nothing.
 
     :data:`CALIBRATION_SHARE` of each type's held-out stage cells (the first `n_stage` rows), at random, calibrate;
-    the others and any bank rows choose the best epoch, and a type keeps at least one for it. Returns both, sorted.
+    the others and any bank rows choose the best epoch, and a type keeps at least one for it. When no epoch is chosen
+    (`choose_epoch` false: the last one is kept), every held-out stage row calibrates, and all still validate. Returns
+    both, sorted.
     """
     stage_rows = held_out[held_out < n_stage]
+    if not choose_epoch:
+        return held_out, stage_rows
     calibration = [np.zeros(0, np.int64)]
     for code in np.unique(codes[stage_rows]):
         members = rng.permutation(stage_rows[codes[stage_rows] == code])

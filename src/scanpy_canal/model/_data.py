@@ -218,7 +218,7 @@ def stratified_split(codes: np.ndarray, validation_size: float, rng: np.random.G
             raise ValueError(
                 f"No cell can be held out for validation: each of the {len(codes)} training cells is the only one of "
                 "its cell type, and every type keeps a cell to train on. A stage needs at least two cells of one "
-                "type (validation picks the best epoch and calibrates novel-cell detection)."
+                "type (held-out cells calibrate novel-cell detection, and may pick the best epoch)."
             )
         validation.append(largest[:1])
     validation = np.sort(np.concatenate(validation)).astype(np.int64)

@@ -17,6 +17,7 @@ from scanpy_canal._choices import (
     Attention,
     Fusion,
     InputSpace,
+    KeepEpoch,
     Precision,
     RepeatedCells,
     Score,
@@ -231,6 +232,7 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         label_smoothing: float = 0.1,
         balance_classes: bool | None = None,
         early_stopping_patience: int | None = 10,
+        keep_epoch: KeepEpoch | None = None,
         validation_size: float = 0.2,
         split_bank: bool = True,
         calibration_size: int = 2000,
@@ -248,10 +250,11 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         Stage 1 uses the data given to the constructor; every later stage needs new labelled data (registered with
         :meth:`setup_anndata`). New cell types get new output rows after the known ones. From stage 2 on, the example
         bank is replayed with the new cells and the embeddings of a frozen copy of the previous model are distilled
-        with weight ``distill_weight * C_old / C_new``. The epoch with the best validation accuracy is kept, also when
-        ``max_epochs`` is reached. If training is interrupted (e.g. KeyboardInterrupt) the model is left as it was.
-        Where a default depends on how the encoder started, it was chosen by measurement for a random start (the
-        "Annotation quality" page) and is the original's for pretrained weights.
+        with weight ``distill_weight * C_old / C_new``. The weights kept are those of the epoch with the best
+        validation accuracy, or of the last epoch (``keep_epoch``). If training is interrupted (e.g.
+        KeyboardInterrupt) the model is left as it was. Where a default depends on how the encoder started, it was
+        chosen by measurement for a random start (the "Annotation quality" page) and is the original's for pretrained
+        weights.
 
         A stage may bring only known cell types (it refines them) or a single one (a model that knows one type predicts
         it for every cell, with a warning). It needs two cells of one type, so that a cell is held out for validation.

@@ -12,10 +12,12 @@ from typing import Any, Literal, TypeVar, get_args
 from scanpy_canal._choices import (
     ATTENTIONS,
     FUSIONS,
+    KEEP_EPOCHS,
     PRECISIONS,
     SCORES,
     Attention,
     Fusion,
+    KeepEpoch,
     Precision,
     RepeatedCells,
     Rule,
@@ -64,6 +66,7 @@ class StageSettings:
     label_smoothing: float = 0.1
     balance_classes: bool | None = None
     early_stopping_patience: int | None = 10
+    keep_epoch: KeepEpoch | None = None
     validation_size: float = 0.2
     split_bank: bool = True
     calibration_size: int = 2000
@@ -89,6 +92,8 @@ class StageSettings:
             )
         if not (_is_number(self.relation_threshold) and 0.5 < self.relation_threshold <= 1):
             raise ValueError(f"relation_threshold must be a share in (0.5, 1], got {self.relation_threshold!r}.")
+        if self.keep_epoch not in KEEP_EPOCHS:
+            raise ValueError(f"keep_epoch must be 'best' or 'last', got {self.keep_epoch!r}.")
         if not isinstance(self.calibration_size, int) or self.calibration_size < 0:
             raise ValueError(f"calibration_size must be a number of cells, 0 or more; got {self.calibration_size!r}.")
 
@@ -109,10 +114,20 @@ STAGE_DOCS: dict[str, str] = {
         '``class_weight="balanced"``): a type replayed from the bank with a few cells counts as much as a new one\n'
         "with hundreds. Default: on from a random start, off with pretrained weights (the original)."
     ),
-    "early_stopping_patience": "Stop after more than this many epochs without a better validation accuracy (`None`: never).",
+    "early_stopping_patience": (
+        "Stop after more than this many epochs without a better validation accuracy (`None`: never); with\n"
+        '``keep_epoch="best"`` only.'
+    ),
+    "keep_epoch": (
+        '``"best"``: keep the weights of the epoch with the best validation accuracy (ties: the lower validation\n'
+        'loss), and stop early. ``"last"``: train every one of `max_epochs` along one cycle of the schedule, which\n'
+        "ends at its lowest rate, and keep the last weights; on a few validation cells the best epoch is a noisy\n"
+        'choice. Default: ``"best"`` with pretrained weights (the original), ``"last"`` from a random start.'
+    ),
     "validation_size": (
-        "Fraction of each cell type held out, in ``(0, 1)``; every type keeps one cell to train on. Two thirds of\n"
-        "the stage's own held-out cells become calibration cells, the others choose the best epoch."
+        "Fraction of each cell type held out, in ``(0, 1)``; every type keeps one cell to train on. The stage's own\n"
+        'held-out cells become calibration cells: all of them with ``keep_epoch="last"``, two thirds with\n'
+        '``"best"`` (the others choose the best epoch).'
     ),
     "split_bank": (
         "Hold out part of the bank for validation too, as the original. `False`: every bank cell trains (worth it\n"

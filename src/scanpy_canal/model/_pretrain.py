@@ -36,8 +36,7 @@ from . import _results
 from ._data import check_expression
 from ._module import DEFAULT_ARCH
 from ._progress import progress_callbacks
-from ._schedule import cosine_warm_restarts
-from ._training_plan import MIN_LR
+from ._schedule import rate
 
 logger = logging.getLogger("scanpy_canal")
 
@@ -174,10 +173,7 @@ class PretrainingPlan(pl.LightningModule):
         optimizer = torch.optim.Adam([p for p in self.encoder.parameters() if p.requires_grad], lr=self.lr)
         if self.lr_schedule == "constant":
             return optimizer
-        min_lr = min(MIN_LR, self.lr)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda epoch: cosine_warm_restarts(epoch, max_lr=self.lr, min_lr=min_lr) / self.lr
-        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: rate(epoch, self.lr) / self.lr)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
 
 

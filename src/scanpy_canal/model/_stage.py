@@ -47,9 +47,9 @@ from ._ontology import merge_terms
 from ._options import StageSettings
 from ._precision import resolve_precision, training_device
 from ._progress import StageTimeEstimate, progress_callbacks
-from ._schedule import cosine_warm_restarts
+from ._schedule import rate, stage_schedule
 from ._stage_relations import RelationFindingMixin
-from ._training_plan import MIN_LR, BestEpochEarlyStopping, stage_outcome
+from ._training_plan import BestEpochEarlyStopping, stage_outcome
 from ._tree import grow_tree, has_children, subtree_matrix
 
 logger = logging.getLogger("scanpy_canal")
@@ -88,8 +88,8 @@ class _StageCells:
 class _Fit:
     """What fitting a stage gave besides the weights."""
 
-    validation: np.ndarray  # rows of the training cells held out for early stopping
-    calibration: np.ndarray  # rows of the stage's cells held out for novel-cell calibration: used for nothing else
+    validation: np.ndarray  # rows of the training cells held out for validation (and the best epoch)
+    calibration: np.ndarray  # rows of the stage's cells held out for novel-cell calibration: used to choose nothing
     distill_weight: float
     summary: dict[str, float]  # epochs, best_epoch (from 0; -1 for none), best_score
     epochs: pd.DataFrame  # per-epoch metrics
@@ -205,7 +205,7 @@ class StageTrainingMixin(RelationFindingMixin):
 
     # ------------------------------------------------------------------------------------------------- fitting
     def _fit(self, cells: _StageCells, stage: int, settings: StageSettings) -> _Fit:
-        """Grow the head for the new types and train the network in place (the best validation epoch is kept)."""
+        """Grow the head for the new types and train the network in place (keeping the epoch `keep_epoch` says)."""
         n_old = len(self.cell_types_)
         self.module.head.add_classes(len(cells.new_types))
         codes = cells.training.obs[_LABEL_COLUMN].to_numpy().astype(np.int64)
@@ -214,7 +214,8 @@ class StageTrainingMixin(RelationFindingMixin):
             codes, cells.data.n_obs, settings.validation_size, rng, split_bank=settings.split_bank
         )
         # Cells that chose the best epoch would make the conformal p-values optimistic: calibrate on the others.
-        val_idx, calibration_idx = split_held_out(codes, val_idx, cells.data.n_obs, rng)
+        choose_epoch = settings.keep_epoch == "best"
+        val_idx, calibration_idx = split_held_out(codes, val_idx, cells.data.n_obs, rng, choose_epoch=choose_epoch)
         loss_inputs = {}
         if settings.balance_classes:
             weights = balanced_class_weights(codes[train_idx], len(cells.cell_types))
@@ -237,6 +238,7 @@ class StageTrainingMixin(RelationFindingMixin):
             cells=cells.training.X,
             cache_frozen=self._cache_frozen(settings.cache_frozen, cells.training.n_obs),
             lr=settings.lr,
+            schedule=stage_schedule(settings.keep_epoch, settings.max_epochs),
             label_smoothing=settings.label_smoothing,
             distill_weight=distill_weight,
             **loss_inputs,
@@ -245,13 +247,13 @@ class StageTrainingMixin(RelationFindingMixin):
         trainer_kwargs = {"logger": SimpleLogger(), "simple_progress_bar": False, **settings.trainer_kwargs}
         splitter = DataSplitter(
             manager,
-            external_indexing=[train_idx, val_idx, calibration_idx],  # the "test" cells are never read
+            external_indexing=[train_idx, val_idx, np.setdiff1d(calibration_idx, val_idx)],  # "test": never read
             batch_size=settings.batch_size,
             distributed_sampler=use_distributed_sampler(trainer_kwargs.get("strategy")),
         )
         callbacks = [
             *trainer_kwargs.pop("callbacks", []),
-            BestEpochEarlyStopping(patience=settings.early_stopping_patience),
+            BestEpochEarlyStopping(patience=settings.early_stopping_patience, keep=settings.keep_epoch),
             StageTimeEstimate(f"Stage {stage}"),
             *progress_callbacks(trainer_kwargs, f"Stage {stage}", {"accuracy_validation": "validation accuracy"}),
         ]
@@ -299,8 +301,8 @@ class StageTrainingMixin(RelationFindingMixin):
 
         Bank and calibration cells carry their manifold vectors; the input space is fitted on the stage's cells but
         its calibration cells, and on the new bank. The stage's held-out cells never join the bank, and those that did
-        not choose the best epoch become calibration cells; the bank takes, per type, the stage's training cells
-        closest to the type's prototype, as the original does.
+        not choose the best epoch (all of them when the last epoch is kept) become calibration cells; the bank takes,
+        per type, the stage's training cells closest to the type's prototype, as the original does.
         """
         calibration = self.calibration_cells_
         n_cells, n_training = cells.data.n_obs, cells.training.n_obs
@@ -357,9 +359,8 @@ class StageTrainingMixin(RelationFindingMixin):
             log = fit.epochs.reset_index(drop=True)
             log.insert(0, "epoch", np.arange(1, len(log) + 1))
             log.insert(0, "stage", stage)
-            log["lr"] = [
-                cosine_warm_restarts(e, max_lr=settings.lr, min_lr=min(MIN_LR, settings.lr)) for e in range(len(log))
-            ]
+            schedule = stage_schedule(settings.keep_epoch, settings.max_epochs)
+            log["lr"] = [rate(e, settings.lr, **schedule) for e in range(len(log))]
             log["best"] = log["epoch"] == (-1 if best_epoch is None else best_epoch + 1)
             self.training_log_ = pd.concat([self.training_log_, log], ignore_index=True)
         footprint = _calibration_footprint(self.calibration_cells_)
@@ -384,6 +385,7 @@ class StageTrainingMixin(RelationFindingMixin):
                 "rehearsal_size": settings.rehearsal_size,
                 "balance_classes": settings.balance_classes,
                 "split_bank": settings.split_bank,
+                "keep_epoch": settings.keep_epoch,
                 **footprint,
             }
         )

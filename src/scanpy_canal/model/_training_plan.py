@@ -1,4 +1,4 @@
-"""How one CANAL stage trains: Adam with AMSGrad, the per-epoch warm-restart schedule, and best-epoch early stopping."""
+"""How one CANAL stage trains: Adam with AMSGrad, the per-epoch warm-restart schedule, and the epoch kept."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import pandas as pd
 import torch
 from scvi.train import TrainingPlan
 
-from . import _results
-from ._schedule import cosine_warm_restarts
+from scanpy_canal._choices import KeepEpoch
 
-MIN_LR = 1e-6
+from . import _results
+from ._schedule import rate
+
 _SUMMARY = ("epochs", "best_epoch", "best_score")
 _HISTORY = "history/"
 
@@ -44,6 +45,8 @@ class CANALTrainingPlan(TrainingPlan):
         Cache the hidden states of the frozen blocks (see :meth:`CANALModule.prepare_stage`).
     lr
         Peak learning rate of the schedule.
+    schedule
+        Arguments of :func:`~scanpy_canal.model._schedule.cosine_warm_restarts` beyond the rates (default: none).
     **loss_kwargs
         Passed to the module's ``loss`` (``label_smoothing``, ``distill_weight``, ``class_weight``, ``subtrees``): every
         input of the loss comes through here, none is set on the module; the loss moves its tensors to the batch's
@@ -57,11 +60,13 @@ class CANALTrainingPlan(TrainingPlan):
         cells,
         cache_frozen: bool = True,
         lr: float = 2e-4,
+        schedule: dict[str, int] | None = None,
         **loss_kwargs,
     ):
         super().__init__(module, lr=lr, **loss_kwargs)
         self.cells = cells
         self.cache_frozen = cache_frozen
+        self.schedule = schedule or {}
 
     def on_fit_start(self) -> None:
         """Compute the teacher embeddings and the frozen-block cache on the device the stage trains on."""
@@ -82,9 +87,8 @@ class CANALTrainingPlan(TrainingPlan):
         """Adam (AMSGrad) over the trainable parameters, with the LR set per epoch by the warm-restart schedule."""
         parameters = [p for p in self.module.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(parameters, lr=self.lr, amsgrad=True)
-        min_lr = min(MIN_LR, self.lr)
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda epoch: cosine_warm_restarts(epoch, max_lr=self.lr, min_lr=min_lr) / self.lr
+            optimizer, lambda epoch: rate(epoch, self.lr, **self.schedule) / self.lr
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
 
@@ -107,7 +111,8 @@ class BestEpochEarlyStopping(pl.Callback):
     An epoch is better when its `monitor` (validation accuracy) is strictly higher, or equal with a strictly lower
     `tie_break` (validation loss): on small validation sets the accuracy saturates early, and the first saturated
     epoch is rarely the best-fitted one. The best weights (random features included) are put back when fitting ends,
-    whether it ended by early stopping or by reaching ``max_epochs``.
+    whether it ended by early stopping or by reaching ``max_epochs``. With ``keep="last"`` nothing stops early and
+    the last epoch is the one kept (and reported as the best).
     """
 
     def __init__(
@@ -115,11 +120,13 @@ class BestEpochEarlyStopping(pl.Callback):
         monitor: str = "accuracy_validation",
         patience: int | None = 10,
         tie_break: str | None = "validation_loss",
+        keep: KeepEpoch = "best",
     ):
         super().__init__()
         self.monitor = monitor
-        self.patience = patience
+        self.patience = None if keep == "last" else patience
         self.tie_break = tie_break
+        self.keep = keep
         self.best_score = float("-inf")
         self.best_loss = float("inf")
         self.best_epoch: int | None = None
@@ -127,7 +134,7 @@ class BestEpochEarlyStopping(pl.Callback):
         self.wait = 0
 
     def _improves(self, score: float, loss: float) -> bool:
-        return score > self.best_score or (score == self.best_score and loss < self.best_loss)
+        return self.keep == "last" or score > self.best_score or (score == self.best_score and loss < self.best_loss)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         metrics = trainer.callback_metrics
@@ -137,7 +144,8 @@ class BestEpochEarlyStopping(pl.Callback):
         loss = float(metrics[self.tie_break]) if self.tie_break in metrics else float("inf")
         if self._improves(score, loss):
             self.best_score, self.best_loss, self.best_epoch, self.wait = score, loss, trainer.current_epoch, 0
-            self.best_state = copy.deepcopy(pl_module.module.network.state_dict())
+            if self.keep == "best":
+                self.best_state = copy.deepcopy(pl_module.module.network.state_dict())
         else:
             self.wait += 1
         stop = self.patience is not None and self.wait > self.patience

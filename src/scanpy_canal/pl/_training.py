@@ -36,7 +36,7 @@ def stage_metrics(
 
     For a :class:`~scanpy_canal.CANAL` model: the per-epoch validation metric (solid) and training metric (dashed)
     from :attr:`~scanpy_canal.CANAL.history`, over the epochs of all stages one after the other. Shaded spans mark the
-    stages and dots each stage's best epoch (the weights the stage kept).
+    stages and dots the epoch each stage kept (the best on its validation cells, or the last: ``keep_epoch``).
 
     For the result of a whole stream (the stage x test-set tables of ``StreamResult``): one line per test set,
     from the stage that introduced it to the last, so a falling line shows forgetting.
@@ -119,7 +119,7 @@ def _plot_history(ax: Axes, history: pd.DataFrame, validation: str, train: str, 
                 color="black",
                 markersize=5,
                 zorder=3,
-                label="best epoch",
+                label="epoch kept",
             )
     ax.set_xlim(0.5, len(history) + 0.5)
     ax.set_xlabel("epoch (all stages)")
