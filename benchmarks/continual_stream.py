@@ -40,6 +40,8 @@ the stream's HVG panel (``n_top_genes``) and the stream's ``rehearsal_size``:
 - ``canal_head_bins``: ``canal`` with the head's per-gene score along the ordered bins (``head_init="bins"``);
   ``canal_reads_bins``: the same with zero-initialised residual branches and half the bin step
   (``residual_init="zero"``, ``bin_step=0.25``);
+- ``canal_best_epoch``: ``canal`` keeping the epoch with the best validation accuracy (``keep_epoch="best"``, the
+  random start's default before ``"last"``);
 - ``canal_joint`` (upper bound): after each stage ``t``, a new CANAL model trained in one stage on the training cells
   of stages 1 to ``t`` together (panel: the HVGs of those cells);
 - ``lr_sequential``, ``lr_joint``, ``lr_bank``: logistic regression on all genes of the stream, refit after each
@@ -129,6 +131,8 @@ CANAL_VARIANTS = {
     # with zero-initialised residual branches and a smaller bin step.
     "canal_head_bins": {"arch": {"head_init": "bins"}},
     "canal_reads_bins": {"arch": {"head_init": "bins", "residual_init": "zero", "bin_step": 0.25}},
+    # The epoch kept from a random start set back to the best on the validation cells (issue 27).
+    "canal_best_epoch": {"keep_epoch": "best"},
 }
 REFIT_METHODS = [
     "canal_joint",

@@ -32,6 +32,7 @@ STYLE = {
     "canal_block_minus2": ("CANAL, last but one block trains", "C7", "--"),
     "canal_head_bins": ("CANAL, head along the bins", "C8", "-."),
     "canal_reads_bins": ("CANAL, head along the bins, zero residuals, bin step 0.25", "C9", "-."),
+    "canal_best_epoch": ("CANAL, best validation epoch kept", "C5", ":"),
     "canal_joint": ("joint CANAL", "k", "-"),
     "lr_sequential": ("LR, last stage only", "C2", "--"),
     "lr_joint": ("LR, joint", "C2", "-"),
