@@ -41,7 +41,7 @@ def literal_values(annotation) -> tuple:
     if typing.get_origin(annotation) is typing.Literal:
         return typing.get_args(annotation)
     return tuple(
-        value for member in typing.get_args(annotation) if member is not None for value in literal_values(member)
+        value for member in typing.get_args(annotation) if member is not type(None) for value in literal_values(member)
     )
 
 
