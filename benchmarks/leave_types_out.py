@@ -192,7 +192,9 @@ def input_variants(
         scores, calibration_scores = (
             truncated.distance(first(rows, components), neighbours=k) for rows in (coordinates, calibration_coordinates)
         )
-        pvalues = conformal_pvalues(scores, predicted, calibration_scores, calibration_predicted)
+        pvalues = conformal_pvalues(
+            scores, predicted, calibration_scores, calibration_predicted, len(model.cell_types_)
+        )
         variants[components, k] = (scores.numpy(), pvalues.numpy())
     return variants
 
@@ -215,7 +217,9 @@ def refitted_spaces(
             cells, types, model.example_bank_, seed=model.seed_ + model.stage_, standardise=space == "standardised"
         )
         scores, calibration_scores = (reference.distance(reference.project(cells)) for cells in (x, calibration_x))
-        pvalues = conformal_pvalues(scores, predicted, calibration_scores, calibration_predicted)
+        pvalues = conformal_pvalues(
+            scores, predicted, calibration_scores, calibration_predicted, len(model.cell_types_)
+        )
         spaces[f"input_refit_{space}"] = (scores.numpy(), pvalues.numpy())
     return spaces
 

@@ -37,7 +37,7 @@ def test_fused_rule_rejects_known_cells_at_most_alpha():
     for _ in range(n_repeats):
         (calibration, calibration_predicted), (known, predicted) = cells(n_calibration), cells(n_known)
         pvalues = [
-            conformal_pvalues(score, predicted, reference, calibration_predicted)
+            conformal_pvalues(score, predicted, reference, calibration_predicted, n_types=2)
             for score, reference in zip(known, calibration, strict=True)
         ]
         fused = fuse_pvalues(pvalues)

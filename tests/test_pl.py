@@ -225,6 +225,10 @@ def test_uncertainty_shows_the_pvalues_and_the_threshold(annotated):
     ax = uncertainty(annotated, show=False)
     threshold = annotated.uns["canal"]["threshold"]
     assert [line.get_ydata()[0] for line in ax.figure.axes[1].get_lines()] == [threshold]
+    every_type_own = annotated.copy()  # every type has calibration cells enough of its own: no shared threshold
+    every_type_own.uns["canal"] = {**annotated.uns["canal"], "threshold": float("nan")}
+    ax = uncertainty(every_type_own, show=False)
+    assert ax.figure.axes[1].get_lines() == [] and ax.get_title() == "canal_novelty_score"
     with pytest.raises(ValueError, match="value must be"):
         uncertainty(annotated, value="energy", show=False)  # one score's p-values need several fused
 

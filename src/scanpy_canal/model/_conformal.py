@@ -4,8 +4,11 @@ The calibration cells are held-out cells of known types from every stage: never 
 query cell's novelty score is exchangeable with theirs, so its p-value ``(1 + #{i: s_i >= s}) / (n + 1)`` is at most
 `alpha` with probability at most `alpha`: unassigning the cells whose p-value is at most `alpha` unassigns a known
 cell with probability at most `alpha`, whatever the query holds. The scores compared are those of the calibration
-cells predicted as the same type as the query cell, when at least :data:`MONDRIAN_MIN_CELLS` are ("Mondrian", class
-conditional: a hard or rare type is judged by its own cells), and of all calibration cells otherwise.
+cells predicted as the same type as the query cell when at least :data:`MONDRIAN_MIN_CELLS` are ("Mondrian", class
+conditional: a hard or rare type is judged by its own cells); the types with fewer are judged together, by the
+calibration cells predicted as any of them (:func:`mondrian_groups`). Judged by every calibration cell instead, the
+rule would hold only on average over the types: a rare type whose scores run higher than the common types' would be
+unassigned far more often than `alpha`.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ def conformal_pvalues(
     predicted: torch.Tensor,
     calibration_scores: torch.Tensor,
     calibration_predicted: torch.Tensor,
+    n_types: int,
 ) -> torch.Tensor:
     """The p-value of each cell's novelty score (higher scores: more novel) among the calibration cells' scores.
 
@@ -38,33 +42,53 @@ def conformal_pvalues(
         The cells' scores and predicted type codes.
     calibration_scores, calibration_predicted
         The same for the calibration cells.
+    n_types
+        The number of known types (the codes run from 0 to ``n_types - 1``).
     """
-    pvalues = _pvalues(scores, calibration_scores)
-    for code, group in _mondrian_groups(calibration_predicted).items():
-        rows = predicted == code
-        pvalues[rows] = _pvalues(scores[rows], calibration_scores[group])
+    pvalues = torch.ones(len(scores), dtype=torch.float64)
+    for types in mondrian_groups(calibration_predicted, n_types):
+        rows = torch.isin(predicted, types)
+        pvalues[rows] = _pvalues(scores[rows], calibration_scores[torch.isin(calibration_predicted, types)])
     return pvalues
 
 
 def score_thresholds(
-    calibration_scores: torch.Tensor, calibration_predicted: torch.Tensor, alpha: float
+    calibration_scores: torch.Tensor, calibration_predicted: torch.Tensor, alpha: float, n_types: int
 ) -> tuple[float, dict[int, float]]:
-    """The scores above which a cell is unassigned at `alpha`: pooled, and per type with its own calibration.
+    """The scores above which a cell is unassigned at `alpha`: for the types judged together, and for each other type.
 
     A cell scoring above the ``m``-th largest of ``n`` reference scores, ``m = floor(alpha (n + 1))``, has a p-value of
-    at most `alpha`; with ``m = 0`` no cell is unassigned (threshold infinity).
+    at most `alpha`; with ``m = 0`` no cell is unassigned (threshold infinity). The first value is NaN when every type
+    has calibration cells enough of its own.
     """
-    per_type = {
-        code: _threshold(calibration_scores[group], alpha)
-        for code, group in _mondrian_groups(calibration_predicted).items()
-    }
-    return _threshold(calibration_scores, alpha), per_type
+    pooled, per_type = float("nan"), {}
+    for types in mondrian_groups(calibration_predicted, n_types):
+        threshold = _threshold(calibration_scores[torch.isin(calibration_predicted, types)], alpha)
+        if _has_own_cells(types, calibration_predicted):
+            per_type[int(types[0])] = threshold
+        else:
+            pooled = threshold
+    return pooled, per_type
 
 
-def _mondrian_groups(predicted: torch.Tensor) -> dict[int, torch.Tensor]:
-    """Rows of each predicted type with enough calibration cells for p-values of its own."""
-    codes, counts = torch.unique(predicted, return_counts=True)
-    return {int(c): predicted == c for c, n in zip(codes, counts, strict=True) if n >= MONDRIAN_MIN_CELLS}
+def mondrian_groups(calibration_predicted: torch.Tensor, n_types: int) -> list[torch.Tensor]:
+    """The type codes whose predicted cells share p-values.
+
+    Each type with :data:`MONDRIAN_MIN_CELLS` calibration cells predicted as it is a group of its own; the types with
+    fewer (or none) form one group, which the smallest of the others join, in order, until it holds as many (all the
+    types when there are fewer calibration cells than that).
+    """
+    counts = torch.bincount(calibration_predicted.long(), minlength=n_types)
+    order = torch.argsort(counts, stable=True)
+    n_pooled = int((counts < MONDRIAN_MIN_CELLS).sum())
+    while 0 < n_pooled < n_types and int(counts[order[:n_pooled]].sum()) < MONDRIAN_MIN_CELLS:
+        n_pooled += 1
+    pooled = [order[:n_pooled]] if n_pooled else []
+    return pooled + [order[position : position + 1] for position in range(n_pooled, n_types)]
+
+
+def _has_own_cells(types: torch.Tensor, calibration_predicted: torch.Tensor) -> bool:
+    return len(types) == 1 and int((calibration_predicted == types[0]).sum()) >= MONDRIAN_MIN_CELLS
 
 
 def _pvalues(scores: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

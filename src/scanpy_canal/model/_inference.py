@@ -39,9 +39,10 @@ class Outputs:
     With novel-cell detection also: each cell's novelty score (`novelty_score`; with several scores fused, one minus
     the fused p-value) and, except with the query-relative ``"canal"`` rule, its conformal p-value (fused from
     those of each score, in the columns of `scores` and `pvalues`); the score above which a cell is unassigned
-    (`threshold`; for the conformal rule the pooled one, with those of types that have calibration cells of their
-    own in `type_thresholds`; with fused scores ``1 - alpha``, reached or passed). With a cell-type tree, `labels` are as fine as each cell allows and `depth`
-    is the depth of each call in the tree (0 at a root, -1 for ``"Unassigned"``).
+    (`threshold`; for the conformal rule that of the types with too few calibration cells of their own, judged
+    together, NaN if there are none, and those of the others in `type_thresholds`; with fused scores ``1 - alpha``,
+    reached or passed). With a cell-type tree, `labels` are as fine as each cell allows and `depth` is the depth of
+    each call in the tree (0 at a root, -1 for ``"Unassigned"``).
     """
 
     labels: np.ndarray
@@ -289,12 +290,12 @@ class InferenceMixin:
             score = lambda kind, cells: reference.score(
                 kind, cells["logits"], cells["embedding"], temperature, cells.get("input")
             )
-            calibration_predicted = calibration["logits"].argmax(dim=-1)
+            calibration_predicted, n_types = calibration["logits"].argmax(dim=-1), logits.shape[-1]
             per_score, per_pvalue, on_calibration = {}, {}, {}
             for kind in kinds:
                 per_score[kind], on_calibration[kind] = score(kind, forward), score(kind, calibration)
                 per_pvalue[kind] = conformal_pvalues(
-                    per_score[kind], logits.argmax(dim=-1), on_calibration[kind], calibration_predicted
+                    per_score[kind], logits.argmax(dim=-1), on_calibration[kind], calibration_predicted, n_types
                 )
             calibration_scores = on_calibration[kinds[0]]
             if len(kinds) == 1:
@@ -306,6 +307,7 @@ class InferenceMixin:
                     logits.argmax(dim=-1),
                     scaled_maximum(on_calibration, on_bank),
                     calibration_predicted,
+                    n_types,
                 )
             else:
                 pvalues = fuse_pvalues(per_pvalue.values())
@@ -318,7 +320,7 @@ class InferenceMixin:
                 unassigned = pvalues <= options.alpha
                 if len(kinds) == 1:
                     outputs.threshold, per_type = score_thresholds(
-                        calibration_scores, calibration_predicted, options.alpha
+                        calibration_scores, calibration_predicted, options.alpha, n_types
                     )
                     outputs.type_thresholds = {self.cell_types_[code]: value for code, value in per_type.items()}
                 else:  # one minus the fused p-value: unassigned at or above 1 - alpha

@@ -142,8 +142,9 @@ def uncertainty(
     The cells are coloured by ``adata.obs[f"{key}_novelty_score"]`` (or with ``value="pvalue"`` by their conformal
     ``adata.obs[f"{key}_novelty_pvalue"]``) through :func:`scanpy.pl.embedding`; those predicted ``"Unassigned"`` in
     ``adata.obs[f"{key}_prediction"]`` get a ring (at the first two components of the basis). A line on the colour bar
-    marks the threshold: the score above which a cell is unassigned (for the conformal rule the pooled one; a type
-    with calibration cells of its own has its own), or the p-value `alpha` at or below which it is.
+    marks the threshold: the score above which a cell is unassigned (for the conformal rule that of the types judged
+    together, none if every type has calibration cells enough of its own: such a type has its own), or the p-value
+    `alpha` at or below which it is.
 
     Parameters
     ----------
@@ -254,7 +255,7 @@ def _threshold_mark(params: Any, key: str, value: str, n_scores: int) -> tuple[f
     if value == "pvalue":
         return alpha, None if alpha is None else f"{key} novelty p-value (unassigned at p ≤ {alpha:g})"
     threshold = params.get("threshold")
-    if threshold is None:
+    if threshold is None or not np.isfinite(threshold):
         return None, None
     return float(threshold), f"{key} novelty score (threshold {float(threshold):.2f})"
 

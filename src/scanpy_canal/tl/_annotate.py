@@ -111,7 +111,8 @@ def annotate(
         The 64-d embedding, for ``sc.pp.neighbors(adata, use_rep=f"X_{key}")``.
     ``.uns[key]``
         ``params`` (the novel-cell settings and ``majority_voting``), ``stage``, ``cell_types``, ``threshold`` and
-        ``type_thresholds`` (per cell type, NaN for the types judged by the pooled `threshold`).
+        ``type_thresholds`` (per cell type; NaN for the types with too few calibration cells of their own, judged
+        together by `threshold`).
 
     For a MuData these go into ``data.mod[mod]``, and the obs columns also into ``data.obs`` as ``f"{mod}:{name}"``.
 
