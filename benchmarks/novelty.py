@@ -58,12 +58,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+#: Known cells a type needs in the query for its own rejection rate to count in ``worst_type_rejection``.
+MIN_TYPE_CELLS = 20
+
+
 def scored(truth: np.ndarray, labels: np.ndarray, is_novel: np.ndarray, n_known: int, scores: np.ndarray) -> dict:
-    """The metrics of one rule: `labels` of the known-only query (first `n_known`) and of the mixed query."""
+    """The metrics of one rule: `labels` of the known-only query (first `n_known`) and of the mixed query.
+
+    ``worst_type_rejection`` is the largest share of one known type's cells unassigned, among the types with
+    :data:`MIN_TYPE_CELLS` known cells in the query: what a user of that type sees.
+    """
     unassigned = labels == "Unassigned"
     metrics = canal.tl.evaluate(truth, labels, novel_types=sorted(set(truth[is_novel])))
+    known_types, known_unassigned = truth[:n_known], unassigned[:n_known]
+    per_type = [
+        known_unassigned[known_types == name].mean()
+        for name in np.unique(known_types)
+        if (known_types == name).sum() >= MIN_TYPE_CELLS
+    ]
     return {
         "known_rejection": float(unassigned[:n_known].mean()),
+        "worst_type_rejection": float(max(per_type, default=np.nan)),
         "unknown_recall": metrics["unknown_accuracy"],
         "known_accuracy": metrics["known_accuracy"],
         "h_score": metrics["h_score"],
