@@ -46,6 +46,8 @@ MIX_RULES = ("calibrated", "canal")
 REAL_STREAMS = ("pbmc68k", "zeisel_class", "zeisel_subclass")
 REJECTION_MARGIN = 0.02
 H_SCORE_TARGET = 0.80
+#: Known cells a type needs in the query for its own rejection rate to count in ``worst_type_rejection``.
+MIN_TYPE_CELLS = 20
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,10 +58,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.output = args.output or (Path(tempfile.gettempdir()) / "novelty_quick.json" if args.quick else RESULTS)
     return args
-
-
-#: Known cells a type needs in the query for its own rejection rate to count in ``worst_type_rejection``.
-MIN_TYPE_CELLS = 20
 
 
 def scored(truth: np.ndarray, labels: np.ndarray, is_novel: np.ndarray, n_known: int, scores: np.ndarray) -> dict:
@@ -77,7 +75,7 @@ def scored(truth: np.ndarray, labels: np.ndarray, is_novel: np.ndarray, n_known:
         if (known_types == name).sum() >= MIN_TYPE_CELLS
     ]
     return {
-        "known_rejection": float(unassigned[:n_known].mean()),
+        "known_rejection": float(known_unassigned.mean()),
         "worst_type_rejection": float(max(per_type, default=np.nan)),
         "unknown_recall": metrics["unknown_accuracy"],
         "known_accuracy": metrics["known_accuracy"],
