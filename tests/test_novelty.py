@@ -70,6 +70,32 @@ def test_mondrian_groups_pool_the_types_with_few_calibration_cells(counts, group
     assert sorted(found) == sorted(groups)
 
 
+def test_rare_types_are_grouped_by_their_scale_when_they_can_form_several_groups():
+    """Eight rare types, half of them scoring higher: judged in one group the high ones lose far more than `alpha`
+    of their cells; grouped by a scale that the calibration cells do not choose, each type stays near `alpha`."""
+    rng = np.random.default_rng(2)
+    n_types, n_repeats, alpha = 8, 200, 0.05
+    shifts = np.repeat([0.0, 3.0], 4)
+    scale = torch.as_tensor(shifts + rng.normal(scale=0.1, size=n_types))  # e.g. the median score of the bank's cells
+
+    def cells(per_type):
+        predicted = np.repeat(np.arange(n_types), per_type)
+        return torch.as_tensor(rng.normal(size=len(predicted)) + shifts[predicted]), torch.as_tensor(predicted)
+
+    by_scale, pooled = np.zeros(n_types), np.zeros(n_types)
+    for _ in range(n_repeats):
+        calibration, (scores, predicted) = cells(30), cells(100)  # 30 calibration cells a type: all rare
+        for rejected, type_scale in ((by_scale, scale), (pooled, None)):
+            unassigned = conformal_pvalues(scores, predicted, *calibration, n_types, type_scale) <= alpha
+            rejected += np.bincount(predicted.numpy()[unassigned.numpy()], minlength=n_types) / 100 / n_repeats
+    groups = mondrian_groups(cells(30)[1], n_types, scale)
+    assert sorted(len(group) for group in groups) == [2, 2, 2, 2]
+    assert all(set(group.tolist()) <= {0, 1, 2, 3} or set(group.tolist()) <= {4, 5, 6, 7} for group in groups)
+    spread = np.sqrt(alpha * (1 - alpha) * (1 / (n_repeats * 100) + 1 / (n_repeats * 60)))
+    assert by_scale.max() <= alpha + 4 * spread
+    assert pooled[4:].min() > 1.5 * alpha and pooled[:4].max() < alpha / 2  # one group: the high types pay twice
+
+
 def test_pvalues_are_uniform_on_calibration_like_cells_and_in_unit_interval():
     rng = np.random.default_rng(1)
     calibration = torch.as_tensor(rng.gamma(2.0, size=MONDRIAN_MIN_CELLS * 20))

@@ -8,7 +8,9 @@ cells predicted as the same type as the query cell when at least :data:`MONDRIAN
 conditional: a hard or rare type is judged by its own cells); the types with fewer are judged together, by the
 calibration cells predicted as any of them (:func:`mondrian_groups`). Judged by every calibration cell instead, the
 rule would hold only on average over the types: a rare type whose scores run higher than the common types' would be
-unassigned far more often than `alpha`.
+unassigned far more often than `alpha`. For the same reason, when the rare types hold calibration cells enough for
+several groups, they are grouped with the types whose scores run alike: in the order of a scale per type that the
+calibration cells do not choose (the median score of the type's bank cells), so each group's p-values stay valid.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def conformal_pvalues(
     calibration_scores: torch.Tensor,
     calibration_predicted: torch.Tensor,
     n_types: int,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The p-value of each cell's novelty score (higher scores: more novel) among the calibration cells' scores.
 
@@ -44,47 +47,98 @@ def conformal_pvalues(
         The same for the calibration cells.
     n_types
         The number of known types (the codes run from 0 to ``n_types - 1``).
+    scale
+        ``(n_types,)`` the typical score of each type, from cells other than the calibration cells
+        (:func:`type_scale`); it groups the rare types (:func:`mondrian_groups`).
     """
     pvalues = torch.ones(len(scores), dtype=torch.float64)
-    for types in mondrian_groups(calibration_predicted, n_types):
+    for types in mondrian_groups(calibration_predicted, n_types, scale):
         rows = torch.isin(predicted, types)
         pvalues[rows] = _pvalues(scores[rows], calibration_scores[torch.isin(calibration_predicted, types)])
     return pvalues
 
 
 def score_thresholds(
-    calibration_scores: torch.Tensor, calibration_predicted: torch.Tensor, alpha: float, n_types: int
+    calibration_scores: torch.Tensor,
+    calibration_predicted: torch.Tensor,
+    alpha: float,
+    n_types: int,
+    scale: torch.Tensor | None = None,
 ) -> tuple[float, dict[int, float]]:
     """The scores above which a cell is unassigned at `alpha`: for the types judged together, and for each other type.
 
     A cell scoring above the ``m``-th largest of ``n`` reference scores, ``m = floor(alpha (n + 1))``, has a p-value of
-    at most `alpha`; with ``m = 0`` no cell is unassigned (threshold infinity). The first value is NaN when every type
-    has calibration cells enough of its own.
+    at most `alpha`; with ``m = 0`` no cell is unassigned (threshold infinity). The first value is that of the types
+    judged together when they form one group, NaN when every type has calibration cells enough of its own; when they
+    form several groups, each of their types has its group's threshold among the others.
     """
+    groups = mondrian_groups(calibration_predicted, n_types, scale)
+    pooled_groups = [types for types in groups if not _has_own_cells(types, calibration_predicted)]
     pooled, per_type = float("nan"), {}
-    for types in mondrian_groups(calibration_predicted, n_types):
+    for types in groups:
         threshold = _threshold(calibration_scores[torch.isin(calibration_predicted, types)], alpha)
-        if _has_own_cells(types, calibration_predicted):
-            per_type[int(types[0])] = threshold
-        else:
+        if len(pooled_groups) == 1 and types is pooled_groups[0]:
             pooled = threshold
+        else:
+            per_type.update(dict.fromkeys(types.tolist(), threshold))
     return pooled, per_type
 
 
-def mondrian_groups(calibration_predicted: torch.Tensor, n_types: int) -> list[torch.Tensor]:
+def mondrian_groups(
+    calibration_predicted: torch.Tensor, n_types: int, scale: torch.Tensor | None = None
+) -> list[torch.Tensor]:
     """The type codes whose predicted cells share p-values.
 
-    Each type with :data:`MONDRIAN_MIN_CELLS` calibration cells predicted as it is a group of its own; the types with
+    Each type with :data:`MONDRIAN_MIN_CELLS` calibration cells predicted as it is a group of its own. The types with
     fewer (or none) form one group, which the smallest of the others join, in order, until it holds as many (all the
-    types when there are fewer calibration cells than that).
+    types when there are fewer calibration cells than that). With a `scale` per type, and calibration cells enough
+    among them for two such groups, they form as many groups as they can instead: in the order of `scale`, each of
+    :data:`MONDRIAN_MIN_CELLS` cells or more, so that types whose scores run alike are judged together.
+
+    Examples
+    --------
+    >>> predicted = torch.repeat_interleave(torch.arange(5), torch.tensor([30, 30, 40, 40, 80]))
+    >>> [group.tolist() for group in mondrian_groups(predicted, 5)]
+    [[0, 1, 2, 3], [4]]
+    >>> [group.tolist() for group in mondrian_groups(predicted, 5, scale=torch.tensor([1.0, 9.0, 2.0, 8.0, 5.0]))]
+    [[0, 2], [3, 1], [4]]
     """
     counts = torch.bincount(calibration_predicted.long(), minlength=n_types)
     order = torch.argsort(counts, stable=True)
     n_pooled = int((counts < MONDRIAN_MIN_CELLS).sum())
+    if scale is not None and int(counts[order[:n_pooled]].sum()) >= 2 * MONDRIAN_MIN_CELLS:
+        rare = [code for code in torch.argsort(scale, stable=True).tolist() if counts[code] < MONDRIAN_MIN_CELLS]
+        return _consecutive_groups(rare, counts) + [
+            order[position : position + 1] for position in range(n_pooled, n_types)
+        ]
     while 0 < n_pooled < n_types and int(counts[order[:n_pooled]].sum()) < MONDRIAN_MIN_CELLS:
         n_pooled += 1
     pooled = [order[:n_pooled]] if n_pooled else []
     return pooled + [order[position : position + 1] for position in range(n_pooled, n_types)]
+
+
+def type_scale(scores: torch.Tensor, codes: torch.Tensor, n_types: int) -> torch.Tensor:
+    """The median of `scores` over each type's cells (`codes`); infinity for a type without any.
+
+    :func:`mondrian_groups` orders the rare types by it; computed on cells that are not calibration cells (the bank's),
+    it leaves the calibration cells' scores exchangeable with a known query cell's.
+    """
+    return torch.tensor(
+        [scores[codes == code].median().item() if (codes == code).any() else float("inf") for code in range(n_types)]
+    )
+
+
+def _consecutive_groups(types: list[int], counts: torch.Tensor) -> list[torch.Tensor]:
+    """`types` cut, in order, into runs of :data:`MONDRIAN_MIN_CELLS` calibration cells or more; the rest joins the last."""
+    groups, current = [], []
+    for code in types:
+        current.append(code)
+        if int(counts[current].sum()) >= MONDRIAN_MIN_CELLS:
+            groups.append(current)
+            current = []
+    if current:
+        groups[-1] += current
+    return [torch.tensor(group) for group in groups]
 
 
 def _has_own_cells(types: torch.Tensor, calibration_predicted: torch.Tensor) -> bool:

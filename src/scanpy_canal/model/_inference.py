@@ -17,7 +17,7 @@ from scanpy_canal._choices import Fusion, Precision, Score
 from scanpy_canal._option_docs import PREDICT_DOCS, document_options
 from scanpy_canal.nn import PerformerLM
 
-from ._conformal import conformal_pvalues, score_thresholds
+from ._conformal import conformal_pvalues, score_thresholds, type_scale
 from ._data import layer_matrix, modality, panel_chunk, query_panel
 from ._novelty import calibrated_reference, mixup_reference
 from ._options import FALLBACK_SCORE, PredictOptions, check_precision, from_arguments
@@ -40,8 +40,8 @@ class Outputs:
     the fused p-value) and, except with the query-relative ``"canal"`` rule, its conformal p-value (fused from
     those of each score, in the columns of `scores` and `pvalues`); the score above which a cell is unassigned
     (`threshold`; for the conformal rule that of the types with too few calibration cells of their own, judged
-    together, NaN if there are none, and those of the others in `type_thresholds`; with fused scores ``1 - alpha``,
-    reached or passed). With a cell-type tree, `labels` are as fine as each cell allows and `depth` is the depth of
+    together, NaN if there are none or they form several groups, and those of the others in `type_thresholds`; with
+    fused scores ``1 - alpha``, reached or passed). With a cell-type tree, `labels` are as fine as each cell allows and `depth` is the depth of
     each call in the tree (0 at a root, -1 for ``"Unassigned"``).
     """
 
@@ -290,24 +290,31 @@ class InferenceMixin:
             score = lambda kind, cells: reference.score(
                 kind, cells["logits"], cells["embedding"], temperature, cells.get("input")
             )
-            calibration_predicted, n_types = calibration["logits"].argmax(dim=-1), logits.shape[-1]
+            predicted, calibration_predicted = logits.argmax(dim=-1), calibration["logits"].argmax(dim=-1)
+            n_types = logits.shape[-1]
+            # The bank's scores: the scale of fusion, and each type's typical score, which groups the rare types.
+            on_bank, scales = {}, dict.fromkeys(kinds)
+            if self.example_bank_ is not None and self.example_bank_.n_obs > 0:
+                bank_cells, bank_codes = self._bank_cells("input" in kinds), self._bank_outputs()[1]
+                on_bank = {kind: score(kind, bank_cells) for kind in kinds}
+                scales = {kind: type_scale(on_bank[kind], bank_codes, n_types) for kind in kinds}
             per_score, per_pvalue, on_calibration = {}, {}, {}
             for kind in kinds:
                 per_score[kind], on_calibration[kind] = score(kind, forward), score(kind, calibration)
                 per_pvalue[kind] = conformal_pvalues(
-                    per_score[kind], logits.argmax(dim=-1), on_calibration[kind], calibration_predicted, n_types
+                    per_score[kind], predicted, on_calibration[kind], calibration_predicted, n_types, scales[kind]
                 )
             calibration_scores = on_calibration[kinds[0]]
             if len(kinds) == 1:
                 pvalues = per_pvalue[kinds[0]]
-            elif options.fusion == "scaled" and self.example_bank_ is not None and self.example_bank_.n_obs > 0:
-                on_bank = {kind: score(kind, self._bank_cells("input" in kinds)) for kind in kinds}
+            elif options.fusion == "scaled" and on_bank:
                 pvalues = conformal_pvalues(
                     scaled_maximum(per_score, on_bank),
-                    logits.argmax(dim=-1),
+                    predicted,
                     scaled_maximum(on_calibration, on_bank),
                     calibration_predicted,
                     n_types,
+                    type_scale(scaled_maximum(on_bank, on_bank), bank_codes, n_types),
                 )
             else:
                 pvalues = fuse_pvalues(per_pvalue.values())
@@ -320,7 +327,7 @@ class InferenceMixin:
                 unassigned = pvalues <= options.alpha
                 if len(kinds) == 1:
                     outputs.threshold, per_type = score_thresholds(
-                        calibration_scores, calibration_predicted, options.alpha, n_types
+                        calibration_scores, calibration_predicted, options.alpha, n_types, scales[kinds[0]]
                     )
                     outputs.type_thresholds = {self.cell_types_[code]: value for code, value in per_type.items()}
                 else:  # one minus the fused p-value: unassigned at or above 1 - alpha
@@ -364,7 +371,7 @@ class InferenceMixin:
         return outputs
 
     def _bank_cells(self, with_input: bool) -> dict[str, torch.Tensor]:
-        """Embeddings, logits and (`with_input`) input-space coordinates of the bank's cells: the scale of fusion."""
+        """Embeddings, logits and (`with_input`) input-space coordinates of the bank's cells: the scores' scales."""
         embedding, _ = self._bank_outputs()  # fills in the manifold vectors if missing
         manifold = torch.as_tensor(self.example_bank_.obsm["manifold"])
         logits = self.module.head.classify(manifold.to(self.device))[1].float().cpu()

@@ -112,7 +112,7 @@ def annotate(
     ``.uns[key]``
         ``params`` (the novel-cell settings and ``majority_voting``), ``stage``, ``cell_types``, ``threshold`` and
         ``type_thresholds`` (per cell type; NaN for the types with too few calibration cells of their own, judged
-        together by `threshold`).
+        together by `threshold`; when those form several groups, each has its group's, and `threshold` is NaN).
 
     For a MuData these go into ``data.mod[mod]``, and the obs columns also into ``data.obs`` as ``f"{mod}:{name}"``.
 
