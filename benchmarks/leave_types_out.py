@@ -62,7 +62,7 @@ import scanpy_canal as canal
 from scanpy_canal._choices import INPUT_SPACES
 from scanpy_canal._demo import run_stream
 from scanpy_canal.model import PredictOptions
-from scanpy_canal.model._conformal import conformal_pvalues
+from scanpy_canal.model._conformal import conformal_pvalues, type_scale
 from scanpy_canal.model._input_space import InputReference, fit_reference
 from scanpy_canal.model._scores import SCORES
 
@@ -189,11 +189,12 @@ def input_variants(
         truncated = InputReference(
             reference.mean, reference.components[:, :components], first(reference.cells, components), reference.scale
         )
-        scores, calibration_scores = (
-            truncated.distance(first(rows, components), neighbours=k) for rows in (coordinates, calibration_coordinates)
+        scores, calibration_scores, bank_scores = (
+            truncated.distance(first(rows, components), neighbours=k)
+            for rows in (coordinates, calibration_coordinates, reference.cells)
         )
         pvalues = conformal_pvalues(
-            scores, predicted, calibration_scores, calibration_predicted, len(model.cell_types_)
+            scores, predicted, calibration_scores, calibration_predicted, *bank_scale(model, bank_scores)
         )
         variants[components, k] = (scores.numpy(), pvalues.numpy())
     return variants
@@ -218,10 +219,22 @@ def refitted_spaces(
         )
         scores, calibration_scores = (reference.distance(reference.project(cells)) for cells in (x, calibration_x))
         pvalues = conformal_pvalues(
-            scores, predicted, calibration_scores, calibration_predicted, len(model.cell_types_)
+            scores,
+            predicted,
+            calibration_scores,
+            calibration_predicted,
+            *bank_scale(model, reference.distance(reference.cells)),
         )
         spaces[f"input_refit_{space}"] = (scores.numpy(), pvalues.numpy())
     return spaces
+
+
+def bank_scale(model: canal.CANAL, bank_scores: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """The number of types and each one's median score among the bank's cells (the reference cells of an input
+    space), which groups the rare types' p-values as ``predict`` does."""
+    codes = pd.Categorical(model.example_bank_.obs["cell_type"].astype(str), categories=model.cell_types_).codes
+    n_types = len(model.cell_types_)
+    return n_types, type_scale(bank_scores, torch.as_tensor(codes, dtype=torch.long), n_types)
 
 
 def run_task(task: tuple[str, str, int], args: argparse.Namespace) -> dict:
