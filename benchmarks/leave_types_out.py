@@ -175,7 +175,7 @@ def input_variants(
     of variance, so the first ``c`` are the ``c``-component PCA)."""
     reference = model.input_reference_
     coordinates, calibration_coordinates = reference.project(x), reference.project(calibration_x)
-    n = reference.components.shape[1]
+    n, n_types, bank_codes = reference.components.shape[1], len(model.cell_types_), model._bank_outputs()[1]
 
     def first(rows: torch.Tensor, components: int) -> torch.Tensor:
         """The first coordinates; standardised, with the distance to the smaller subspace as the last column."""
@@ -193,9 +193,8 @@ def input_variants(
             truncated.distance(first(rows, components), neighbours=k)
             for rows in (coordinates, calibration_coordinates, reference.cells)
         )
-        pvalues = conformal_pvalues(
-            scores, predicted, calibration_scores, calibration_predicted, *bank_scale(model, bank_scores)
-        )
+        scale = type_scale(bank_scores, bank_codes, n_types)  # as predict groups the rare types
+        pvalues = conformal_pvalues(scores, predicted, calibration_scores, calibration_predicted, n_types, scale)
         variants[components, k] = (scores.numpy(), pvalues.numpy())
     return variants
 
@@ -212,29 +211,17 @@ def refitted_spaces(
     last_stage = stream.train[-1][~stream.train[-1].obs_names.isin(model.calibration_cells_.obs_names)]
     cells = sparse.csr_matrix(canal.pp.align_genes(last_stage, model.genes).X)
     types = last_stage.obs[stream.labels_key].astype(str).to_numpy()
+    n_types, bank_codes = len(model.cell_types_), model._bank_outputs()[1]
     spaces = {}
     for space in INPUT_SPACES:
         reference = fit_reference(
             cells, types, model.example_bank_, seed=model.seed_ + model.stage_, standardise=space == "standardised"
         )
         scores, calibration_scores = (reference.distance(reference.project(cells)) for cells in (x, calibration_x))
-        pvalues = conformal_pvalues(
-            scores,
-            predicted,
-            calibration_scores,
-            calibration_predicted,
-            *bank_scale(model, reference.distance(reference.cells)),
-        )
+        scale = type_scale(reference.distance(reference.cells), bank_codes, n_types)  # the bank: the reference cells
+        pvalues = conformal_pvalues(scores, predicted, calibration_scores, calibration_predicted, n_types, scale)
         spaces[f"input_refit_{space}"] = (scores.numpy(), pvalues.numpy())
     return spaces
-
-
-def bank_scale(model: canal.CANAL, bank_scores: torch.Tensor) -> tuple[int, torch.Tensor]:
-    """The number of types and each one's median score among the bank's cells (the reference cells of an input
-    space), which groups the rare types' p-values as ``predict`` does."""
-    codes = pd.Categorical(model.example_bank_.obs["cell_type"].astype(str), categories=model.cell_types_).codes
-    n_types = len(model.cell_types_)
-    return n_types, type_scale(bank_scores, torch.as_tensor(codes, dtype=torch.long), n_types)
 
 
 def run_task(task: tuple[str, str, int], args: argparse.Namespace) -> dict:

@@ -41,8 +41,8 @@ class Outputs:
     those of each score, in the columns of `scores` and `pvalues`); the score above which a cell is unassigned
     (`threshold`; for the conformal rule that of the types with too few calibration cells of their own, judged
     together, NaN if there are none or they form several groups, and those of the others in `type_thresholds`; with
-    fused scores ``1 - alpha``, reached or passed). With a cell-type tree, `labels` are as fine as each cell allows and `depth` is the depth of
-    each call in the tree (0 at a root, -1 for ``"Unassigned"``).
+    fused scores ``1 - alpha``, reached or passed). With a cell-type tree, `labels` are as fine as each cell allows
+    and `depth` is the depth of each call in the tree (0 at a root, -1 for ``"Unassigned"``).
     """
 
     labels: np.ndarray
@@ -295,9 +295,9 @@ class InferenceMixin:
             # The bank's scores: the scale of fusion, and each type's typical score, which groups the rare types.
             on_bank, scales = {}, dict.fromkeys(kinds)
             if self.example_bank_ is not None and self.example_bank_.n_obs > 0:
-                bank_cells, bank_codes = self._bank_cells("input" in kinds), self._bank_outputs()[1]
+                bank_cells = self._bank_cells("input" in kinds)
                 on_bank = {kind: score(kind, bank_cells) for kind in kinds}
-                scales = {kind: type_scale(on_bank[kind], bank_codes, n_types) for kind in kinds}
+                scales = {kind: type_scale(on_bank[kind], bank_cells["codes"], n_types) for kind in kinds}
             per_score, per_pvalue, on_calibration = {}, {}, {}
             for kind in kinds:
                 per_score[kind], on_calibration[kind] = score(kind, forward), score(kind, calibration)
@@ -314,7 +314,7 @@ class InferenceMixin:
                     scaled_maximum(on_calibration, on_bank),
                     calibration_predicted,
                     n_types,
-                    type_scale(scaled_maximum(on_bank, on_bank), bank_codes, n_types),
+                    type_scale(scaled_maximum(on_bank, on_bank), bank_cells["codes"], n_types),
                 )
             else:
                 pvalues = fuse_pvalues(per_pvalue.values())
@@ -371,11 +371,11 @@ class InferenceMixin:
         return outputs
 
     def _bank_cells(self, with_input: bool) -> dict[str, torch.Tensor]:
-        """Embeddings, logits and (`with_input`) input-space coordinates of the bank's cells: the scores' scales."""
-        embedding, _ = self._bank_outputs()  # fills in the manifold vectors if missing
+        """Embeddings, logits, type codes and (`with_input`) input-space coordinates of the bank's cells."""
+        embedding, codes = self._bank_outputs()  # fills in the manifold vectors if missing
         manifold = torch.as_tensor(self.example_bank_.obsm["manifold"])
         logits = self.module.head.classify(manifold.to(self.device))[1].float().cpu()
-        cells = {"embedding": embedding, "logits": logits}
+        cells = {"embedding": embedding, "logits": logits, "codes": codes}
         if with_input:
             cells["input"] = self.input_reference_.project(sparse.csr_matrix(self.example_bank_.X))
         return cells
