@@ -175,7 +175,11 @@ def input_variants(
     of variance, so the first ``c`` are the ``c``-component PCA)."""
     reference = model.input_reference_
     coordinates, calibration_coordinates = reference.project(x), reference.project(calibration_x)
-    n, n_types, bank_codes = reference.components.shape[1], len(model.cell_types_), model._bank_outputs()[1]
+    n, n_types, bank_codes = (
+        reference.components.shape[1],
+        len(model.cell_types_),
+        model._bank_cells(with_input=False)["codes"],
+    )
 
     def first(rows: torch.Tensor, components: int) -> torch.Tensor:
         """The first coordinates; standardised, with the distance to the smaller subspace as the last column."""
@@ -211,7 +215,7 @@ def refitted_spaces(
     last_stage = stream.train[-1][~stream.train[-1].obs_names.isin(model.calibration_cells_.obs_names)]
     cells = sparse.csr_matrix(canal.pp.align_genes(last_stage, model.genes).X)
     types = last_stage.obs[stream.labels_key].astype(str).to_numpy()
-    n_types, bank_codes = len(model.cell_types_), model._bank_outputs()[1]
+    n_types, bank_codes = len(model.cell_types_), model._bank_cells(with_input=False)["codes"]
     spaces = {}
     for space in INPUT_SPACES:
         reference = fit_reference(

@@ -108,12 +108,11 @@ def mondrian_groups(
     n_pooled = int((counts < MONDRIAN_MIN_CELLS).sum())
     if scale is not None and int(counts[order[:n_pooled]].sum()) >= 2 * MONDRIAN_MIN_CELLS:
         rare = [code for code in torch.argsort(scale, stable=True).tolist() if counts[code] < MONDRIAN_MIN_CELLS]
-        return _consecutive_groups(rare, counts) + [
-            order[position : position + 1] for position in range(n_pooled, n_types)
-        ]
-    while 0 < n_pooled < n_types and int(counts[order[:n_pooled]].sum()) < MONDRIAN_MIN_CELLS:
-        n_pooled += 1
-    pooled = [order[:n_pooled]] if n_pooled else []
+        pooled = _consecutive_groups(rare, counts)
+    else:
+        while 0 < n_pooled < n_types and int(counts[order[:n_pooled]].sum()) < MONDRIAN_MIN_CELLS:
+            n_pooled += 1
+        pooled = [order[:n_pooled]] if n_pooled else []
     return pooled + [order[position : position + 1] for position in range(n_pooled, n_types)]
 
 
@@ -121,7 +120,8 @@ def type_scale(scores: torch.Tensor, codes: torch.Tensor, n_types: int) -> torch
     """The median of `scores` over each type's cells (`codes`); infinity for a type without any.
 
     :func:`mondrian_groups` orders the rare types by it; computed on cells that are not calibration cells (the bank's),
-    it leaves the calibration cells' scores exchangeable with a known query cell's.
+    it leaves the calibration cells' scores exchangeable with a known query cell's. A bank cell's input score counts the
+    cell itself as its nearest neighbour, in every type the same way; only the order of the medians is used.
     """
     return torch.tensor(
         [scores[codes == code].median().item() if (codes == code).any() else float("inf") for code in range(n_types)]

@@ -285,7 +285,10 @@ class InferenceMixin:
             unassigned = scores > rule.threshold
         else:
             calibration = self._calibration_outputs(with_input="input" in kinds)
-            bank = self._bank_outputs() if set(kinds) & set(BANK_SCORES) else (None, None)
+            has_bank = self.example_bank_ is not None and self.example_bank_.n_obs > 0
+            on_bank_scores = bool(set(kinds) & set(BANK_SCORES))
+            bank_cells = self._bank_cells("input" in kinds) if has_bank or on_bank_scores else {}
+            bank = (bank_cells["embedding"], bank_cells["codes"]) if on_bank_scores else (None, None)
             reference = ScoreReference.build(calibration["logits"], temperature, *bank, self.input_reference_)
             score = lambda kind, cells: reference.score(
                 kind, cells["logits"], cells["embedding"], temperature, cells.get("input")
@@ -294,8 +297,7 @@ class InferenceMixin:
             n_types = logits.shape[-1]
             # The bank's scores: the scale of fusion, and each type's typical score, which groups the rare types.
             on_bank, scales = {}, dict.fromkeys(kinds)
-            if self.example_bank_ is not None and self.example_bank_.n_obs > 0:
-                bank_cells = self._bank_cells("input" in kinds)
+            if has_bank:
                 on_bank = {kind: score(kind, bank_cells) for kind in kinds}
                 scales = {kind: type_scale(on_bank[kind], bank_cells["codes"], n_types) for kind in kinds}
             per_score, per_pvalue, on_calibration = {}, {}, {}
@@ -372,25 +374,21 @@ class InferenceMixin:
 
     def _bank_cells(self, with_input: bool) -> dict[str, torch.Tensor]:
         """Embeddings, logits, type codes and (`with_input`) input-space coordinates of the bank's cells."""
-        embedding, codes = self._bank_outputs()  # fills in the manifold vectors if missing
-        manifold = torch.as_tensor(self.example_bank_.obsm["manifold"])
-        logits = self.module.head.classify(manifold.to(self.device))[1].float().cpu()
-        cells = {"embedding": embedding, "logits": logits, "codes": codes}
-        if with_input:
-            cells["input"] = self.input_reference_.project(sparse.csr_matrix(self.example_bank_.X))
-        return cells
-
-    def _bank_outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings and type codes of the example bank's cells (manifold vectors computed once if missing)."""
         bank = self.example_bank_
         if bank is None or bank.n_obs == 0:
             raise ValueError("The 'knn' and 'mahalanobis' novelty scores need an example bank; this model keeps none.")
-        if "manifold" not in bank.obsm:  # e.g. a bank imported from the original tool
+        if "manifold" not in bank.obsm:  # e.g. a bank imported from the original tool: computed once
             bank.obsm["manifold"] = self._forward(bank.X)["manifold"].numpy()
-        manifold = torch.as_tensor(bank.obsm["manifold"])
-        embedding = self.module.head.classify(manifold.to(self.device))[0].float().cpu()
+        embedding, logits = self.module.head.classify(torch.as_tensor(bank.obsm["manifold"]).to(self.device))
         codes = pd.Categorical(bank.obs["cell_type"].astype(str), categories=self.cell_types_).codes
-        return embedding, torch.tensor(codes, dtype=torch.long)
+        cells = {
+            "embedding": embedding.float().cpu(),
+            "logits": logits.float().cpu(),
+            "codes": torch.tensor(codes, dtype=torch.long),
+        }
+        if with_input:
+            cells["input"] = self.input_reference_.project(sparse.csr_matrix(bank.X))
+        return cells
 
 
 def _projected(chunks: Iterator[sparse.csr_matrix], reference, projections: list[torch.Tensor]):
