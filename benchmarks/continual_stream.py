@@ -46,6 +46,8 @@ the stream's HVG panel (``n_top_genes``) and the stream's ``rehearsal_size``:
   ``canal_bin_step_quarter``: ``canal`` with one training setting changed (``label_smoothing=0``, ``max_epochs=30``,
   ``batch_size=32``, both blocks of the encoder train, ``residual_init="zero"``, ``bin_step=0.25``): leads for the
   gap to logistic regression (issue 27);
+- ``canal_head_dropout``, ``canal_head_dropout_02``: ``canal`` with dropout in the head while training
+  (``head_dropout=0.5``, ``0.2``), another such lead;
 - ``canal_joint`` (upper bound): after each stage ``t``, a new CANAL model trained in one stage on the training cells
   of stages 1 to ``t`` together (panel: the HVGs of those cells);
 - ``lr_sequential``, ``lr_joint``, ``lr_bank``: logistic regression on all genes of the stream, refit after each
@@ -146,6 +148,9 @@ CANAL_VARIANTS = {
     "canal_every_block": {"arch": {"trainable_blocks": (-2, -1)}},
     "canal_zero_residual": {"arch": {"residual_init": "zero"}},
     "canal_bin_step_quarter": {"arch": {"bin_step": 0.25}},
+    # Dropout in the head, 0.5 and 0.2, for the gap to logistic regression (issue 27).
+    "canal_head_dropout": {"arch": {"head_dropout": 0.5}},
+    "canal_head_dropout_02": {"arch": {"head_dropout": 0.2}},
 }
 REFIT_METHODS = [
     "canal_joint",

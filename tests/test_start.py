@@ -9,6 +9,7 @@ from conftest import QUIET, TINY_ARCH, make_model
 
 import scanpy_canal as canal
 from scanpy_canal.model._defaults import START_DEFAULTS
+from scanpy_canal.model._io import SELF_DIGEST, _metadata_digest
 from scanpy_canal.nn._gene_embedding import coexpression_embedding
 
 
@@ -69,6 +70,27 @@ def test_random_start_reads_the_bins_from_the_head(small_stream, tmp_path):
     assert make_model(small_stream, head_init="normal").arch_["head_init"] == "normal"
 
 
+def test_head_dropout_acts_in_training_only_and_is_saved(small_stream, tmp_path):
+    model = make_model(small_stream, head_dropout=0.3)
+    head = model.module.head
+    manifold = torch.rand(64, head.fc2.in_features) + 0.1
+    head.train()
+    assert not torch.equal(head.classify(manifold)[1], head.classify(manifold)[1])
+    head.eval()
+    torch.testing.assert_close(head.classify(manifold)[1], head.classify(manifold)[1])
+    model.train(max_epochs=1, **QUIET)
+    model.save(tmp_path / "model")
+    assert canal.CANAL.load(tmp_path / "model").module.head.dropout.p == 0.3
+    # A model saved before the option trained without dropout, and keeps doing so.
+    metadata = json.loads((tmp_path / "model" / "model.json").read_text())
+    del metadata["arch"]["head_dropout"]
+    metadata[SELF_DIGEST] = _metadata_digest(metadata)
+    (tmp_path / "model" / "model.json").write_text(json.dumps(metadata))
+    assert canal.CANAL.load(tmp_path / "model").module.head.dropout.p == 0.0
+    with pytest.raises(ValueError, match=r"head_dropout must be in \[0, 1\)"):
+        make_model(small_stream, head_dropout=1.0)
+
+
 @pytest.mark.parametrize("start", ["random", "pretrained"])
 def test_train_defaults_follow_the_start(small_stream, tmp_path, start, monkeypatch):
     defaults = START_DEFAULTS[start]
@@ -82,6 +104,7 @@ def test_train_defaults_follow_the_start(small_stream, tmp_path, start, monkeypa
     trainable = [i for i, block in enumerate(layers) if any(p.requires_grad for p in block.parameters())]
     expected = sorted(i % TINY_ARCH["depth"] for i in defaults["trainable_blocks"])
     assert trainable == expected
+    assert model.module.head.dropout.p == defaults["head_dropout"] == model.arch_["head_dropout"]
     seen = {}
     monkeypatch.setattr(type(model), "_train_stage", lambda self, adata, *, stage, settings: seen.update(s=settings))
     model.train(**QUIET)

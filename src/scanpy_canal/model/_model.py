@@ -36,7 +36,7 @@ from ._data import (
     registration_fields,
     setup_args,
 )
-from ._defaults import check_gene_embedding, check_head_init, start_default, with_start_defaults
+from ._defaults import check_gene_embedding, check_head, start_default, with_start_defaults
 from ._inference import InferenceMixin
 from ._io import SaveLoadMixin
 from ._legacy import LegacyCheckpointMixin
@@ -95,7 +95,11 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         only space of models saved before this option). Chosen on ``benchmarks/leave_types_out.py`` (see the
         "Continual benchmark" page).
     **arch
-        Encoder architecture (see :class:`~scanpy_canal.nn.PerformerLM`), scBERT's by default.
+        Encoder architecture (see :class:`~scanpy_canal.nn.PerformerLM`), scBERT's by default, and the head's:
+        ``head_init`` (``"bins"``: the head scores each gene along the ordered expression bins; ``"normal"``:
+        PyTorch's start) and ``head_dropout`` (the dropout after the head's two hidden layers while training).
+        Default: with pretrained weights CANAL's (``"normal"``, 0); from random weights, see :mod:`the start
+        defaults <scanpy_canal.model._defaults>`.
 
     Examples
     --------
@@ -155,7 +159,7 @@ class CANAL(ModelStateMixin, StageTrainingMixin, InferenceMixin, SaveLoadMixin, 
         self._build(
             genes=panel,
             cell_types=sorted(set(read_labels(adata, labels_key))),
-            arch=check_head_init(start, {**DEFAULT_ARCH, **arch}),
+            arch=check_head(start, {**DEFAULT_ARCH, **arch}),
             trainable_blocks=start_default(start, "trainable_blocks", trainable_blocks),
             seed=seed,
             start=start,

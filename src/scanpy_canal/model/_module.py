@@ -23,6 +23,10 @@ ROW_KEY = "row"
 CPU_ACTIVATION_BUDGET = 16_000_000
 
 
+#: Keys of the ``arch`` of :class:`CANALModule` that set the head rather than the encoder.
+HEAD_ARCH = ("head_init", "head_dropout")
+
+
 class CANALModule(BaseModuleClass):
     """Encoder plus head, trained with label-smoothed cross-entropy and embedding distillation from a teacher.
 
@@ -36,16 +40,19 @@ class CANALModule(BaseModuleClass):
         Keyword arguments of :class:`~scanpy_canal.nn.PerformerLM` (``max_seq_len`` is set from `n_genes`), and
         ``head_init``: ``"bins"`` points the head's per-gene score along the direction of the ordered expression bins
         (:meth:`~scanpy_canal.nn.CANALHead.read_bins`; needs ``token_init="ordinal"``), ``"normal"`` (default)
-        leaves PyTorch's start.
+        leaves PyTorch's start; ``head_dropout``: the head's dropout while training (default 0, CANAL's).
     trainable_blocks
         Encoder blocks that learn; the final LayerNorm and the head always learn.
     """
 
     def __init__(self, *, n_genes: int, n_classes: int, arch: dict[str, Any], trainable_blocks: Sequence[int] = (-2,)):
         super().__init__()
-        encoder_arch = {key: value for key, value in arch.items() if key != "head_init"}
+        encoder_arch = {key: value for key, value in arch.items() if key not in HEAD_ARCH}
         self.network = PerformerLM(**{**encoder_arch, "max_seq_len": n_genes + 1})
-        self.network.to_out = CANALHead(n_genes + 1, self.network.config["dim"], n_classes)
+        dropout = arch.get("head_dropout", 0.0)
+        if not 0 <= dropout < 1:
+            raise ValueError(f"head_dropout must be in [0, 1), got {dropout!r}.")
+        self.network.to_out = CANALHead(n_genes + 1, self.network.config["dim"], n_classes, dropout=dropout)
         head_init = arch.get("head_init", "normal")
         if head_init == "bins":
             self.head.read_bins(self.network.token_emb.weight)
