@@ -39,6 +39,8 @@ STYLE = {
     "canal_every_block": ("CANAL, every block trains", "C9", ":"),
     "canal_zero_residual": ("CANAL, zero residual branches", "C6", "-."),
     "canal_bin_step_quarter": ("CANAL, bin step 0.25", "C7", "-."),
+    "canal_head_dropout": ("CANAL, head dropout 0.5", "C8", "--"),
+    "canal_head_dropout_02": ("CANAL, head dropout 0.2", "C9", "--"),
     "canal_joint": ("joint CANAL", "k", "-"),
     "lr_sequential": ("LR, last stage only", "C2", "--"),
     "lr_joint": ("LR, joint", "C2", "-"),
