@@ -175,11 +175,8 @@ def input_variants(
     of variance, so the first ``c`` are the ``c``-component PCA)."""
     reference = model.input_reference_
     coordinates, calibration_coordinates = reference.project(x), reference.project(calibration_x)
-    n, n_types, bank_codes = (
-        reference.components.shape[1],
-        len(model.cell_types_),
-        model._bank_cells(with_input=False)["codes"],
-    )
+    n, n_types = reference.components.shape[1], len(model.cell_types_)
+    bank_codes = model._bank_cells(with_input=False)["codes"]
 
     def first(rows: torch.Tensor, components: int) -> torch.Tensor:
         """The first coordinates; standardised, with the distance to the smaller subspace as the last column."""
