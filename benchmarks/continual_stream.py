@@ -115,6 +115,7 @@ from zeisel import LEVELS, zeisel_stream
 
 import scanpy_canal as canal
 from scanpy_canal._demo import DEMO_ARCH, StreamResult, run_stages, run_stream
+from scanpy_canal.model._defaults import START_DEFAULTS
 
 RESULTS = Path(__file__).resolve().parent / "results" / "continual_stream.json"
 #: Every CANAL run: the encoder and ``model.train``'s arguments beyond its defaults for a random start
@@ -151,6 +152,13 @@ CANAL_VARIANTS = {
     # Dropout in the head, 0.5 and 0.2, for the gap to logistic regression (issue 27).
     "canal_head_dropout": {"arch": {"head_dropout": 0.5}},
     "canal_head_dropout_02": {"arch": {"head_dropout": 0.2}},
+    # Pretraining that pays? (issue 27) The encoder pretrained without labels on the stream's training cells, then
+    # trained with the random start's settings, so that only the weights it starts from differ.
+    "canal_pretrained": {
+        "pretrain_epochs": 10,
+        **{name: START_DEFAULTS["random"][name] for name in ("lr", "max_epochs", "balance_classes", "keep_epoch")},
+        "model_kwargs": {"trainable_blocks": START_DEFAULTS["random"]["trainable_blocks"]},
+    },
 }
 REFIT_METHODS = [
     "canal_joint",
@@ -325,7 +333,9 @@ def run_method(
     also every novelty score under every threshold rule (``novelty``, :func:`novelty.evaluate_model`)."""
     key, bank = stream.labels_key, spec.rehearsal_size
     if method in CANAL_VARIANTS:
-        train_kwargs = {**canal_train_kwargs(epochs), "rehearsal_size": bank, **CANAL_VARIANTS[method]}
+        train_kwargs = {**canal_train_kwargs(None), "rehearsal_size": bank, **CANAL_VARIANTS[method]}
+        if epochs is not None:  # --epochs (or --quick) bounds every variant's stages
+            train_kwargs["max_epochs"] = epochs
         arch = {**CANAL_SETTINGS["arch"], **train_kwargs.pop("arch", {})}
         result = run_stream(stream, arch=arch, n_top_genes=spec.n_top_genes, seed=seed, log=log, **train_kwargs)
         content = result.to_dict()
