@@ -66,6 +66,19 @@ def test_help_lists_the_commands(capsys):
         assert "--model-dir" in capsys.readouterr().out
 
 
+def test_demo_trains_with_train_defaults():
+    """The demo shows what ``train()`` does: its training options default as the train command's do."""
+    from scanpy_canal.cli import build_parser
+
+    parser = build_parser()
+    demo, train = (
+        parser.parse_args(["demo"]),
+        parser.parse_args(["train", "x.h5ad", "--model-dir", "m", "--labels-key", "y"]),
+    )
+    names = ("epochs", "lr", "batch_size", "keep_epoch")
+    assert [getattr(demo, name) for name in names] == [getattr(train, name) for name in names] == [None, None, 16, None]
+
+
 def test_train_creates_then_continues_a_model(files, stage1_dir, tmp_path, capsys):
     first = CANAL.load(stage1_dir)
     assert first.stage == 1 and first.arch_["dim"] == TINY_ARCH["dim"] and first.seed_ == 0

@@ -195,8 +195,25 @@ def add_precision_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help=helps)
 
 
-def add_keep_epoch_option(parser: argparse.ArgumentParser) -> None:
-    """Add ``--keep-epoch`` to `parser` (``CANAL.train``'s ``keep_epoch``)."""
+def add_training_options(parser: argparse.ArgumentParser) -> None:
+    """Add ``--epochs``, ``--lr``, ``--batch-size`` and ``--keep-epoch`` to `parser`.
+
+    They are ``CANAL.train``'s ``max_epochs``, ``lr``, ``batch_size`` and ``keep_epoch``, with ``train()``'s defaults
+    for how the encoder starts.
+    """
+    parser.add_argument(
+        "--epochs",
+        type=positive(int),
+        default=None,
+        help="maximum epochs per stage (default: 100 with pretrained weights, as the original; 15 from a random start)",
+    )
+    parser.add_argument(
+        "--lr",
+        type=positive(float),
+        default=None,
+        help="peak learning rate (default: 2e-4 with pretrained weights, as the original; 1e-3 from a random start)",
+    )
+    parser.add_argument("--batch-size", type=positive(int), default=16, help="cells per minibatch (default: 16)")
     helps = (
         "the weights a stage keeps: the epoch with the best validation accuracy (stopping early), or the last of one "
         "cycle of the schedule (default: best with pretrained weights, as the original; last from a random start)"

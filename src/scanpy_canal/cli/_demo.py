@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ._common import add_keep_epoch_option
+from ._common import add_training_options
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -22,10 +22,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     demo.add_argument(
         "--genes", type=int, default=300, help="highly variable genes in the panel, 0 for all (default: 300)"
     )
-    demo.add_argument("--epochs", type=int, default=30, help="maximum epochs per stage (default: 30)")
-    demo.add_argument("--batch-size", type=int, default=8, help="cells per minibatch (default: 8)")
-    demo.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
-    add_keep_epoch_option(demo)
+    add_training_options(demo)
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.add_argument("--accelerator", default="cpu", help="Lightning accelerator (default: cpu)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -33,9 +30,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     demo.add_argument(
         "--pretrain-epochs",
         type=int,
-        default=20,
+        default=0,
         help="without --pretrained: first pretrain the encoder for this many epochs on the stages' training cells, "
-        "without labels; 0 starts from random weights (default: 20)",
+        "without labels (default: 0, random weights; here pretraining did not pay with train()'s defaults)",
     )
     demo.add_argument("--pretrained", type=Path, default=None, help="start from these weights (see `pretrain`)")
     demo.add_argument("--pretrained-genes", type=Path, default=None, help="gene list of a .pth checkpoint")

@@ -11,11 +11,11 @@ from ._common import (
     MODEL_FILE,
     add_arch_options,
     add_gene_symbols_option,
-    add_keep_epoch_option,
     add_lightning_options,
     add_mod_option,
     add_normalize_option,
     add_precision_option,
+    add_training_options,
     arch_arguments,
     check_data,
     first_process,
@@ -68,21 +68,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="relations this stage adds to the cell-type tree: 'find' (default), found from the data; or a JSON "
         "object {child: parent} ({} adds none) or a CSV file with a header row and two columns, child then parent",
     )
-    train.add_argument(
-        "--epochs",
-        type=positive(int),
-        default=None,
-        help="maximum epochs (default: 100 with pretrained weights, as the original; 15 from a random start)",
-    )
-    train.add_argument(
-        "--lr",
-        type=positive(float),
-        default=None,
-        help="peak learning rate (default: 2e-4 with pretrained weights, as the original; 1e-3 from a random start)",
-    )
+    add_training_options(train)
     add_lightning_options(train, strategy_example="ddp_find_unused_parameters_true")
-    train.add_argument("--batch-size", type=positive(int), default=16, help="cells per minibatch (default: 16)")
-    add_keep_epoch_option(train)
     add_precision_option(train)
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.add_argument(
