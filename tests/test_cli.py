@@ -83,7 +83,7 @@ def test_train_creates_then_continues_a_model(files, stage1_dir, tmp_path, capsy
     first = CANAL.load(stage1_dir)
     assert first.stage == 1 and first.arch_["dim"] == TINY_ARCH["dim"] and first.seed_ == 0
     assert first.stage_history_[0]["new_cell_types"] == first.cell_types  # at stage 1, every type is new
-    assert f"new cell types: {', '.join(first.cell_types)};" in _stage_summary(first)
+    assert f"new cell types: {', '.join(first.cell_types)}; kept epoch 2, the last," in _stage_summary(first)
     model_dir = tmp_path / "model"
     shutil.copytree(stage1_dir, model_dir)
     assert _train(files["stage2"], model_dir, "--stage", "2", "--keep-epoch", "best", *QUICK) == 0
@@ -91,6 +91,7 @@ def test_train_creates_then_continues_a_model(files, stage1_dir, tmp_path, capsy
     second = CANAL.load(model_dir)
     assert second.stage == 2 and second.cell_types[:2] == first.cell_types and len(second.cell_types) == 4
     assert [entry["keep_epoch"] for entry in second.stage_history_] == ["last", "best"]  # a random start's, then told
+    assert ", the best, validation accuracy " in _stage_summary(second)
     assert second.example_bank is not None and set(second.example_bank.obs["stage"]) == {1, 2}
 
 

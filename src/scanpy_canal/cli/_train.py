@@ -208,9 +208,10 @@ def _new_model(adata: AnnData, args: argparse.Namespace) -> CANAL:
 
 def _stage_summary(model: CANAL) -> str:
     stage = model.stage_history_[-1]
-    accuracy = stage["best_validation_accuracy"]
+    accuracy = stage["best_validation_accuracy"]  # of the epoch kept: the best, or the last (keep_epoch)
+    kept = "the best" if stage.get("keep_epoch", "best") == "best" else "the last"
     return (
         f"stage {model.stage} trained on {stage['n_cells']} cells (new cell types: "
-        f"{', '.join(stage['new_cell_types']) or 'none'}; best validation accuracy "
-        f"{'n/a' if accuracy is None else f'{accuracy:.3f}'} at epoch {stage['best_epoch']})"
+        f"{', '.join(stage['new_cell_types']) or 'none'}; kept epoch {stage['best_epoch']}, {kept}, validation "
+        f"accuracy {'n/a' if accuracy is None else f'{accuracy:.3f}'})"
     )
