@@ -13,9 +13,10 @@ import pytest
 from scanpy_canal import CANAL, tl
 from scanpy_canal._choices import SCORES
 from scanpy_canal._option_docs import PREDICT_DOCS, documented_names
-from scanpy_canal.cli import _common, _predict, _train
+from scanpy_canal.cli import _common, _demo, _predict, _train
 from scanpy_canal.model import PredictOptions, StageSettings, from_arguments
 from scanpy_canal.model import _options as options_module
+from scanpy_canal.model._defaults import START_DEFAULTS
 from scanpy_canal.model._options import STAGE_DOCS
 
 PREDICTING = [CANAL.predict, CANAL.get_novelty, CANAL.get_latent_representation, tl.annotate]
@@ -120,3 +121,21 @@ def test_command_line_options_have_the_defaults_and_choices(module, kind, rename
     assert checked
     if module is _predict:
         assert set(checked) == {*_predict.PREDICT_OPTIONS, "mod"}
+
+
+@pytest.mark.parametrize("module", [_train, _demo])
+def test_command_line_help_names_each_start_default(module):
+    """An option whose default depends on how the encoder starts names both defaults, as ``START_DEFAULTS`` has them."""
+
+    def written(value) -> str:
+        return f"{value:.0e}".replace("e-0", "e-") if isinstance(value, float) else str(value)
+
+    checked = []
+    for action in subparser(module)._actions:
+        name = {"epochs": "max_epochs"}.get(action.dest, action.dest)
+        if name in START_DEFAULTS["random"]:
+            checked.append(name)
+            pretrained, random = (written(START_DEFAULTS[start][name]) for start in ("pretrained", "random"))
+            assert f"{pretrained} with pretrained weights" in action.help, action.option_strings
+            assert f"{random} from a random start" in action.help, action.option_strings
+    assert sorted(checked) == ["keep_epoch", "lr", "max_epochs"]
