@@ -95,6 +95,15 @@ def test_train_creates_then_continues_a_model(files, stage1_dir, tmp_path, capsy
     assert second.example_bank is not None and set(second.example_bank.obs["stage"]) == {1, 2}
 
 
+def test_train_sets_the_head_dropout_of_a_new_model(files, stage1_dir, tmp_path, capsys):
+    assert _train(files["stage1"], tmp_path / "new", "--head-dropout", "0.3", *TINY, *QUICK) == 0
+    assert CANAL.load(tmp_path / "new").arch_["head_dropout"] == 0.3
+    model_dir = tmp_path / "model"
+    shutil.copytree(stage1_dir, model_dir)
+    assert _train(files["stage2"], model_dir, "--head-dropout", "0.3", *QUICK) == 1
+    assert "--head-dropout: options of a new model" in _error(capsys)
+
+
 def test_train_never_loses_a_model(files, stage1_dir, tmp_path, capsys):
     model_dir = tmp_path / "model"
     shutil.copytree(stage1_dir, model_dir)
@@ -189,7 +198,9 @@ def test_errors_are_one_line(files, stage1_dir, tmp_path, capsys, arguments, mes
     assert message in _error(capsys)
 
 
-@pytest.mark.parametrize("bad", [["--epochs", "0"], ["--lr", "-1"], ["--devices", "x"], ["--batch-size", "two"]])
+@pytest.mark.parametrize(
+    "bad", [["--epochs", "0"], ["--lr", "-1"], ["--devices", "x"], ["--batch-size", "two"], ["--head-dropout", "1"]]
+)
 def test_bad_option_values_are_usage_errors(files, tmp_path, capsys, bad):
     with pytest.raises(SystemExit) as exit_:
         _train(files["stage1"], tmp_path / "model", *bad)

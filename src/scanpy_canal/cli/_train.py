@@ -19,6 +19,7 @@ from ._common import (
     arch_arguments,
     check_data,
     first_process,
+    fraction,
     positive,
     read_values,
     writer_lock,
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
     from scanpy_canal.model import CANAL
 
-_NEW_MODEL_OPTIONS = ("genes", "pretrained", "pretrained_genes", "seed", *ARCH_OPTIONS)
+_NEW_MODEL_OPTIONS = ("genes", "pretrained", "pretrained_genes", "seed", "head_dropout", *ARCH_OPTIONS)
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -86,6 +87,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     new.add_argument("--pretrained-genes", type=Path, default=None, help="gene list of a .pth checkpoint")
     new.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
     add_arch_options(new)
+    new.add_argument(
+        "--head-dropout",
+        type=fraction,
+        default=None,
+        help="dropout in the classification head while training (default: 0, CANAL's; 0.2 to 0.5 helped streams of "
+        "a few types with hundreds of cells each, see the Annotation quality page)",
+    )
     train.set_defaults(run=run)
 
 
@@ -203,6 +211,7 @@ def _new_model(adata: AnnData, args: argparse.Namespace) -> CANAL:
         pretrained_genes=None if args.pretrained_genes is None else str(args.pretrained_genes),
         seed=0 if args.seed is None else args.seed,
         **arch_arguments(args),
+        **({} if args.head_dropout is None else {"head_dropout": args.head_dropout}),
     )
 
 
