@@ -413,6 +413,11 @@ def run_task(task: tuple[str, str, int], args: argparse.Namespace, scanvi_settin
     return run
 
 
+def methods_asked(args: argparse.Namespace) -> list[str]:
+    """The methods of the run: ``--methods``, or each stream's own list."""
+    return list(dict.fromkeys(method for name in args.streams for method in args.methods or STREAMS[name].methods))
+
+
 def tasks_of(args: argparse.Namespace, skipped: dict) -> list[tuple[str, str, int]]:
     """Every (stream, method, seed) to run, the most expensive first, so that the last to start are short."""
     tasks = []
@@ -452,6 +457,9 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": machine_info(),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "canal_settings": {**CANAL_SETTINGS, "train": canal_train_kwargs(args.epochs)},
+        "canal_variants": {
+            method: CANAL_VARIANTS[method] for method in methods_asked(args) if method in CANAL_VARIANTS
+        },
         "celltypist_settings": peers.CELLTYPIST_SETTINGS,
         "scanvi_settings": peers.SCANVI_SETTINGS,
         "streams": {name: STREAMS[name].settings() for name in args.streams},
