@@ -48,6 +48,9 @@ the stream's HVG panel (``n_top_genes``) and the stream's ``rehearsal_size``:
   gap to logistic regression (issue 27);
 - ``canal_head_dropout``, ``canal_head_dropout_02``: ``canal`` with dropout in the head while training
   (``head_dropout=0.5``, ``0.2``), another such lead;
+- ``canal_pretrained``: the encoder first pretrained for 10 epochs (``canal.pretrain``) on the stream's training
+  cells without their labels, then ``canal`` with the random start's training settings: does pretraining on every
+  unlabelled cell available pay (issue 27)?
 - ``canal_joint`` (upper bound): after each stage ``t``, a new CANAL model trained in one stage on the training cells
   of stages 1 to ``t`` together (panel: the HVGs of those cells);
 - ``lr_sequential``, ``lr_joint``, ``lr_bank``: logistic regression on all genes of the stream, refit after each
@@ -125,8 +128,8 @@ CANAL_SETTINGS = {
     "arch": DEMO_ARCH,
     "train": {"accelerator": os.environ.get("CANAL_BENCHMARK_ACCELERATOR", "cpu"), "enable_progress_bar": False},
 }
-#: Settings of each CANAL stream run beyond :data:`CANAL_SETTINGS`: ``model.train``'s, and ``arch`` updates its
-#: encoder.
+#: Settings of each CANAL stream run beyond :data:`CANAL_SETTINGS`: ``model.train``'s, ``arch`` updates its
+#: encoder, and ``run_stream``'s own (``pretrain_epochs``, ``model_kwargs``) start it.
 CANAL_VARIANTS = {
     "canal": {},
     "canal_no_bank": {"rehearsal_size": 0},
