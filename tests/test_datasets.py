@@ -78,6 +78,29 @@ def test_pbmc_stream_seed():
     assert c.novel is None and sum(len(types(t)) for t in c.train) == 10
 
 
+def test_pbmc_stream_takes_each_stages_types_in_order():
+    stream = pbmc68k_stream(stages=[["CD19+ B", "CD14+ Monocyte"], "CD56+ NK"])
+    assert [types(a) for a in stream.train] == [{"CD19+ B", "CD14+ Monocyte"}, {"CD56+ NK"}]
+    assert [types(a) for a in stream.test] == [{"CD19+ B", "CD14+ Monocyte"}, {"CD56+ NK"}]
+    assert types(stream.novel) == {"CD34+"}
+    assert sum(a.n_obs for a in all_data(stream)) == 95 + 129 + 31 + 13  # the types named nowhere are left out
+
+
+@pytest.mark.parametrize(
+    ("stages", "match"),
+    [
+        ([], "at least one stage"),
+        ([["CD19+ B"], []], r"empty stages: \[2\]"),
+        ([["B cell"]], r"unknown: \['B cell'\]"),
+        ([["CD34+"]], r"novel: \['CD34\+'\]"),
+        ([["CD19+ B"], ["CD19+ B", "Dendritic"]], r"named twice: \['CD19\+ B'\]"),
+    ],
+)
+def test_pbmc_stream_stages_errors(stages, match):
+    with pytest.raises(ValueError, match=match):
+        pbmc68k_stream(stages=stages)
+
+
 def test_pbmc_stream_errors():
     with pytest.raises(ValueError, match="n_stages must be between 1 and"):
         pbmc68k_stream(n_stages=0)

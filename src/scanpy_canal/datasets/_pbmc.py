@@ -18,6 +18,7 @@ LABELS_KEY = "cell_type"
 def pbmc68k_stream(
     *,
     n_stages: int = 3,
+    stages: Sequence[Sequence[str]] | None = None,
     novel_types: Sequence[str] = ("CD34+",),
     test_size: float = 0.3,
     seed: int = 0,
@@ -25,7 +26,8 @@ def pbmc68k_stream(
     """Class-incremental stream from :func:`scanpy.datasets.pbmc68k_reduced` (700 cells, 765 genes, 10 types).
 
     The types of ``obs["bulk_labels"]`` that are not in `novel_types` are sorted by abundance (largest first)
-    and dealt round-robin to `n_stages` stages, so each stage brings new types, big and small. Each stage's
+    and dealt round-robin to `n_stages` stages, so each stage brings new types, big and small; or `stages` names
+    each stage's types, e.g. a lineage at a time, so that a stage brings the relatives of earlier types. Each stage's
     cells are split, stratified by type, into train and test. All cells of `novel_types` go to ``novel``.
     Values are the ``.raw`` log-normalised data brought to ``log2(1 + counts per 10k)`` by
     :func:`scanpy_canal.pp.normalize`.
@@ -33,7 +35,10 @@ def pbmc68k_stream(
     Parameters
     ----------
     n_stages
-        Number of stages; at most the number of non-novel types.
+        Number of stages; at most the number of non-novel types. Ignored with `stages`.
+    stages
+        The types of each stage, in order: each type of ``obs["bulk_labels"]`` at most once, none of `novel_types`;
+        types named nowhere are left out. Default: the types dealt by abundance.
     novel_types
         Types held out of every stage and put in ``novel``; may be empty.
     test_size
@@ -49,8 +54,8 @@ def pbmc68k_stream(
     Raises
     ------
     ValueError
-        If `n_stages` is below 1 or above the number of non-novel types, if a novel type is unknown, or if
-        `test_size` is not strictly between 0 and 1.
+        If `n_stages` is below 1 or above the number of non-novel types, if a novel type is unknown, if `stages`
+        names an unknown type, a novel type or a type twice, or if `test_size` is not strictly between 0 and 1.
 
     Examples
     --------
@@ -58,6 +63,9 @@ def pbmc68k_stream(
     >>> stream = canal.datasets.pbmc68k_stream(n_stages=3)
     >>> stream.n_stages, stream.novel_types
     (3, ['CD34+'])
+    >>> lineages = canal.datasets.pbmc68k_stream(stages=[["CD19+ B", "CD14+ Monocyte"], ["CD56+ NK", "Dendritic"]])
+    >>> [sorted(stage.obs["cell_type"].unique()) for stage in lineages.train]
+    [['CD14+ Monocyte', 'CD19+ B'], ['CD56+ NK', 'Dendritic']]
     """
     import scanpy as sc
 
@@ -65,7 +73,10 @@ def pbmc68k_stream(
     adata = _load_normalized(sc.datasets.pbmc68k_reduced())
     labels = adata.obs[_SOURCE_LABELS].astype(str)
     novel_types = _check_novel_types(novel_types, labels)
-    groups = _deal_types(labels[~labels.isin(novel_types)], n_stages)
+    if stages is None:
+        groups = _deal_types(labels[~labels.isin(novel_types)], n_stages)
+    else:
+        groups = _check_stages(stages, labels, novel_types)
     order = [t for group in groups for t in group] + novel_types
 
     train, test = [], []
@@ -92,6 +103,24 @@ def _check_novel_types(novel_types: Sequence[str], labels: pd.Series) -> list[st
     if unknown:
         raise ValueError(f"Unknown novel types {unknown}; available types: {available}.")
     return list(dict.fromkeys(novel_types))
+
+
+def _check_stages(stages: Sequence[Sequence[str]], labels: pd.Series, novel_types: list[str]) -> list[list[str]]:
+    """`stages` as lists of types (a string is a stage of one type), or a clear error."""
+    groups = [[types] if isinstance(types, str) else list(types) for types in stages]
+    if not groups:
+        raise ValueError("stages must name at least one stage.")
+    named = [t for group in groups for t in group]
+    problems = {
+        "unknown": sorted(set(named) - set(labels)),
+        "novel": sorted(set(named) & set(novel_types)),
+        "named twice": sorted({t for t in named if named.count(t) > 1}),
+        "empty stages": [i + 1 for i, group in enumerate(groups) if not group],
+    }
+    found = "; ".join(f"{what}: {found}" for what, found in problems.items() if found)
+    if found:
+        raise ValueError(f"stages must name each stage's known, non-novel types, each once ({found}).")
+    return groups
 
 
 def _deal_types(labels: pd.Series, n_stages: int) -> list[list[str]]:
