@@ -253,6 +253,21 @@ def balanced_class_weights(codes: np.ndarray, n_classes: int) -> np.ndarray:
     return weights
 
 
+def seen_class_weights(codes: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """Weights under which each class counts as the cells of it given to every stage (`seen`, per class).
+
+    However few of them the stage trains on (e.g. the bank's sample of an earlier type), the stage's loss is then the
+    loss over every cell seen so far, as if all were trained on again; the weighted cells still sum to ``n``. A class
+    seen fewer times than it is trained on (e.g. uncounted by a model saved before the counts were kept) weighs 1
+    before that scaling; an absent class weighs 0.
+    """
+    counts = np.bincount(codes, minlength=len(seen)).astype(np.float64)
+    present = counts > 0
+    weights = np.zeros(len(seen))
+    weights[present] = np.maximum(seen[present], counts[present]) / counts[present]
+    return weights * len(codes) / (weights @ counts)
+
+
 def highly_variable_genes(x: sparse.csr_matrix | np.ndarray, var_names: Sequence[str], n_top_genes: int) -> list[str]:
     """The `n_top_genes` most variable genes (scanpy's 'seurat' flavour on log2 data), in their original order."""
     import scanpy as sc

@@ -11,6 +11,7 @@ import copy
 import logging
 import signal
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 
 import anndata as ad
@@ -27,6 +28,7 @@ from scvi.model._utils import use_distributed_sampler
 from scvi.train import TrainRunner
 from scvi.train._logger import SimpleLogger
 
+from scanpy_canal._choices import BalanceClasses
 from scanpy_canal._logging import quiet_training
 from scanpy_canal.pp import align_genes
 
@@ -38,6 +40,7 @@ from ._data import (
     check_expression,
     read_labels,
     registered_gene_symbols,
+    seen_class_weights,
     setup_args,
     split_stage,
 )
@@ -218,7 +221,7 @@ class StageTrainingMixin(RelationFindingMixin):
         val_idx, calibration_idx = split_held_out(codes, val_idx, cells.data.n_obs, rng, choose_epoch=choose_epoch)
         loss_inputs = {}
         if settings.balance_classes:
-            weights = balanced_class_weights(codes[train_idx], len(cells.cell_types))
+            weights = self._class_weights(codes[train_idx], cells, settings.balance_classes)
             loss_inputs["class_weight"] = torch.as_tensor(weights, dtype=torch.float32)
         if has_children(self.cell_type_parents_):
             loss_inputs["subtrees"] = subtree_matrix(self.cell_type_parents_, cells.cell_types)
@@ -352,6 +355,17 @@ class StageTrainingMixin(RelationFindingMixin):
             standardise=self.input_space_ == "standardised",
         )
 
+    def _class_weights(self, codes: np.ndarray, cells: _StageCells, balance: BalanceClasses) -> np.ndarray:
+        """Per-type weights of the cross-entropy over the training cells' label `codes` (see ``balance_classes``)."""
+        if balance != "seen":
+            return balanced_class_weights(codes, len(cells.cell_types))
+        # Labelled cells given to every stage so far, this one's included; models saved before stages recorded
+        # ``cells_per_type`` count none for their earlier stages.
+        seen = Counter(map(str, cells.labels))
+        for record in self.stage_history_:
+            seen.update(record.get("cells_per_type", {}))
+        return seen_class_weights(codes, np.array([seen[name] for name in cells.cell_types], dtype=np.float64))
+
     def _record(self, cells: _StageCells, fit: _Fit, stage: int, settings: StageSettings) -> None:
         """Append the stage to ``stage_history_`` and its epochs to ``training_log_``."""
         best_epoch = None if fit.summary["best_epoch"] < 0 else int(fit.summary["best_epoch"])
@@ -374,6 +388,7 @@ class StageTrainingMixin(RelationFindingMixin):
             {
                 "stage": stage,
                 "n_cells": int(cells.data.n_obs),
+                "cells_per_type": {name: int(n) for name, n in sorted(Counter(map(str, cells.labels)).items())},
                 "n_replayed": int(cells.training.n_obs - cells.data.n_obs),
                 "new_cell_types": cells.new_types if stage > 1 else sorted(set(cells.labels)),  # stage 1: all
                 "new_parents": cells.new_parents,
