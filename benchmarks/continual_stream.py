@@ -162,8 +162,8 @@ CANAL_VARIANTS = {
         "keep_epoch": "best",
         "arch": {"trainable_blocks": (-2,), "head_init": "normal"},
     },
-    # Each type weighed as the cells of it given to every stage so far, instead of each type the same (issue 27).
-    "canal_seen_weights": {"balance_classes": "seen"},
+    # The types weighed the same only where the bank replayed is a sample of the earlier cells (issue 27).
+    "canal_auto_balance": {"balance_classes": "auto"},
     # Pretraining that pays? (issue 27) The encoder pretrained without labels on the stream's training cells, then
     # trained with the random start's settings, so that only the weights it starts from differ.
     "canal_pretrained": {

@@ -43,7 +43,7 @@ STYLE = {
     "canal_head_dropout_02": ("CANAL, head dropout 0.2", "C9", "--"),
     "canal_pretrained": ("CANAL, pretrained on the stream's cells", "C1", "-."),
     "canal_round_before": ("CANAL, the settings before issue 16", "C3", ":"),
-    "canal_seen_weights": ("CANAL, each type weighed as the cells seen", "C1", "--"),
+    "canal_auto_balance": ("CANAL, types weighed the same where the bank is a sample", "C1", "--"),
     "canal_joint": ("joint CANAL", "k", "-"),
     "lr_sequential": ("LR, last stage only", "C2", "--"),
     "lr_joint": ("LR, joint", "C2", "-"),

@@ -10,7 +10,7 @@ from conftest import QUIET, TINY_ARCH, make_model, register
 
 import scanpy_canal as canal
 from scanpy_canal.model._bank import trim_to_quota, update_bank
-from scanpy_canal.model._data import balanced_class_weights, seen_class_weights, split_stage, stratified_split
+from scanpy_canal.model._data import balanced_class_weights, balances_classes, split_stage, stratified_split
 from scanpy_canal.model._schedule import cosine_warm_restarts
 from scanpy_canal.nn import tokenize
 
@@ -51,67 +51,67 @@ def test_balanced_class_weights_give_every_type_the_same_total():
     assert totals.sum() == pytest.approx(len(codes))
 
 
-def stage_two_weights(stream, balance_classes):
-    """The class weights of stage 2's training loss (a bank of 6 cells, every bank cell training), and the cells per
-    type it trains on and has been given over both stages."""
+def stage_two_weights(stream, balance_classes, rehearsal_size=6):
+    """The class weights of stage 2's training loss (`None` for none; every bank cell training), its cells per type,
+    and the model."""
     model = make_model(stream)
-    model.train(max_epochs=1, rehearsal_size=6, balance_classes=balance_classes, **QUIET)
+    model.train(max_epochs=1, rehearsal_size=rehearsal_size, balance_classes=balance_classes, **QUIET)
     bank = model.example_bank.obs["cell_type"].astype(str).value_counts()
     second = register(stream.train[1])
     stage = second.obs["cell_type"].astype(str).value_counts()
     held_out = stage.map(lambda n: min(round(0.2 * n), n - 1))  # validation: stage cells only, never the bank
     training = stage.sub(held_out).add(bank, fill_value=0)
-    given = stage.add(stream.train[0].obs["cell_type"].astype(str).value_counts(), fill_value=0)
     seen = []
     original = type(model.module).loss
 
     def record(module, *args, **kwargs):
         if module.training:
-            seen.append(kwargs["class_weight"].clone())
+            seen.append(kwargs.get("class_weight"))
         return original(module, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(type(model.module), "loss", record)
         model.train(second, max_epochs=1, split_bank=False, balance_classes=balance_classes, **QUIET)
     assert not hasattr(model.module, "class_weight")  # a loss input of the stage's training plan, not module state
-    assert model.stage_history_[-1]["balance_classes"] == balance_classes and not model.stage_history_[-1]["split_bank"]
-    types = model.cell_types
-    return pd.Series(seen[0].numpy(), index=types), training.reindex(types), given.reindex(types), model
+    assert not model.stage_history_[-1]["split_bank"]
+    weights = None if seen[0] is None else pd.Series(seen[0].numpy(), index=model.cell_types)
+    return weights, training.reindex(model.cell_types), model
 
 
 def test_balanced_loss_weights_the_replayed_types(small_stream):
     """Stage 2 with a bank: every type carries the same total weight in the training loss, whatever its cell count."""
-    weights, training, _, _ = stage_two_weights(small_stream, True)
+    weights, training, model = stage_two_weights(small_stream, True)
     totals = weights * training
     assert totals.to_numpy() == pytest.approx([training.sum() / len(training)] * len(training), rel=1e-5)
     assert training.min() < training.max() and weights[training.idxmin()] > weights[training.idxmax()]
+    assert [record["balance_classes"] for record in model.stage_history_] == [True, True]
 
 
-def test_seen_weights_count_each_type_as_the_cells_given_of_it(small_stream):
-    """Stage 2 with a bank: each type weighs in the loss as the cells of it given to both stages, however few the bank
-    replays; the stages record the cells they were given."""
-    weights, training, given, model = stage_two_weights(small_stream, "seen")
-    totals = weights * training
-    assert totals.to_numpy() == pytest.approx((given * training.sum() / given.sum()).to_numpy(), rel=1e-5)
-    replayed = model.stage_history_[0]["new_cell_types"]
-    assert weights[replayed].min() > weights.drop(replayed).max()  # the bank's few cells stand for many
-    recorded = pd.Series(model.stage_history_[0]["cells_per_type"]).add(
-        pd.Series(model.stage_history_[1]["cells_per_type"]), fill_value=0
-    )
-    assert recorded.reindex(model.cell_types).equals(given.astype(recorded.dtype))
+@pytest.mark.parametrize(("rehearsal_size", "balanced"), [(6, True), (10_000, False)])
+def test_auto_balances_the_stages_whose_bank_is_a_sample(small_stream, rehearsal_size, balanced):
+    """``"auto"``: never at stage 1; at stage 2 where the bank had to choose among stage 1's cells (6 of them), not
+    where it holds every one."""
+    weights, training, model = stage_two_weights(small_stream, "auto", rehearsal_size)
+    assert [record["balance_classes"] for record in model.stage_history_] == [False, balanced]
+    assert model.stage_history_[0]["bank_kept_every_cell"] is not balanced
+    assert (weights is not None) is balanced
+    if balanced:
+        assert (weights * training).to_numpy() == pytest.approx([training.sum() / len(training)] * len(training))
 
 
-def test_seen_weights_of_a_type_no_stage_counted_are_one():
-    """A model saved before the stages recorded their cells counts none of its earlier types: those weigh 1."""
-    codes = np.array([0] * 4 + [1] * 2 + [3] * 8)  # type 2 has no cell
-    weights = seen_class_weights(codes, np.array([40.0, 0.0, 5.0, 10.0]))
-    assert weights[[0, 1, 3]] / weights[1] == pytest.approx([10.0, 1.0, 1.25]) and weights[2] == 0
-    assert weights @ np.bincount(codes, minlength=4) == pytest.approx(len(codes))
+def test_auto_balances_after_a_bank_that_once_chose():
+    """A bank that had to choose once stays a sample, and a model saved before stages recorded it counts as one."""
+    history = [{"stage": 1, "bank_kept_every_cell": True}]
+    assert not balances_classes("auto", [], replays=False)  # nothing replayed: the types' own proportions
+    assert not balances_classes("auto", history, replays=True)
+    assert balances_classes("auto", [*history, {"stage": 2, "bank_kept_every_cell": False}], replays=True)
+    assert balances_classes("auto", [{"stage": 1}], replays=True)
+    assert balances_classes(True, [], replays=False) and not balances_classes(False, history, replays=True)
 
 
-def test_balance_classes_takes_true_false_or_seen(small_stream):
+def test_balance_classes_takes_true_false_or_auto(small_stream):
     model = make_model(small_stream)
-    with pytest.raises(ValueError, match="balance_classes must be True, False or 'seen', got 'types'"):
+    with pytest.raises(ValueError, match="balance_classes must be True, False or 'auto', got 'types'"):
         model.train(max_epochs=1, balance_classes="types", **QUIET)
     assert model.stage == 0
 

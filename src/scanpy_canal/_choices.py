@@ -27,8 +27,8 @@ INPUT_SPACES: tuple[str, ...] = get_args(InputSpace)
 #: Which epoch's weights a stage keeps: the best on the validation cells, or the last of one cycle of the schedule.
 KeepEpoch = Literal["best", "last"]
 KEEP_EPOCHS: tuple[str, ...] = get_args(KeepEpoch)
-#: How a stage weighs each cell type's cross-entropy: equally (``False``), each type the same in all (``True``), or
-#: each type by the cells of it given to every stage so far (``"seen"``).
-BalanceClasses = bool | Literal["seen"]
+#: Whether a stage weighs each cell type the same in its loss: always, never, or where the bank it replays is a sample
+#: of the earlier stages' cells (``"auto"``).
+BalanceClasses = bool | Literal["auto"]
 #: What a stage does with cells the model has seen before.
 RepeatedCells = Literal["warn", "error"]

@@ -21,6 +21,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
+from scipy import sparse
 
 #: Share of a stage's held-out cells that calibrate; the rest choose the best epoch. The p-values' resolution is
 #: ``1 / (n + 1)`` for ``n`` calibration cells, while choosing among at most 15 epochs needs few cells.
@@ -237,3 +238,12 @@ def _turns(obs: pd.DataFrame, rng: np.random.Generator) -> np.ndarray:
     turn = np.empty(len(obs))
     turn[shuffled] = within + rng.random(len(obs))
     return turn
+
+
+def calibration_footprint(cells: ad.AnnData | None) -> dict[str, int]:
+    """How many calibration cells the model keeps and the bytes they take (expression and manifold vectors)."""
+    if cells is None:
+        return {"calibration_cells": 0, "calibration_bytes": 0}
+    x = sparse.csr_matrix(cells.X)
+    size = x.data.nbytes + x.indices.nbytes + x.indptr.nbytes + cells.obsm["manifold"].nbytes
+    return {"calibration_cells": int(cells.n_obs), "calibration_bytes": int(size)}

@@ -15,6 +15,7 @@ from scvi import REGISTRY_KEYS
 from scvi.data._constants import _SCVI_UUID_KEY
 from scvi.data.fields import CategoricalObsField, LayerField
 
+from scanpy_canal._choices import BalanceClasses
 from scanpy_canal.pp import gene_names, is_natural_log1p, panel_columns, scatter_columns
 
 from ._ontology import read_terms
@@ -253,19 +254,15 @@ def balanced_class_weights(codes: np.ndarray, n_classes: int) -> np.ndarray:
     return weights
 
 
-def seen_class_weights(codes: np.ndarray, seen: np.ndarray) -> np.ndarray:
-    """Weights under which each class counts as the cells of it given to every stage (`seen`, per class).
+def balances_classes(balance_classes: BalanceClasses, history: Sequence[dict], *, replays: bool) -> bool:
+    """Whether a stage weighs every type the same in its loss (see ``balance_classes``), after the stages `history`.
 
-    However few of them the stage trains on (e.g. the bank's sample of an earlier type), the stage's loss is then the
-    loss over every cell seen so far, as if all were trained on again; the weighted cells still sum to ``n``. A class
-    seen fewer times than it is trained on (e.g. uncounted by a model saved before the counts were kept) weighs 1
-    before that scaling; an absent class weighs 0.
+    ``"auto"``: where the stage `replays` a bank that is a sample of the earlier stages' training cells; the banks of
+    models saved before stages recorded ``bank_kept_every_cell`` count as samples.
     """
-    counts = np.bincount(codes, minlength=len(seen)).astype(np.float64)
-    present = counts > 0
-    weights = np.zeros(len(seen))
-    weights[present] = np.maximum(seen[present], counts[present]) / counts[present]
-    return weights * len(codes) / (weights @ counts)
+    if balance_classes != "auto":
+        return balance_classes
+    return replays and not all(record.get("bank_kept_every_cell", False) for record in history)
 
 
 def highly_variable_genes(x: sparse.csr_matrix | np.ndarray, var_names: Sequence[str], n_top_genes: int) -> list[str]:

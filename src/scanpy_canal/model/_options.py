@@ -93,8 +93,8 @@ class StageSettings:
             )
         if not (_is_number(self.relation_threshold) and 0.5 < self.relation_threshold <= 1):
             raise ValueError(f"relation_threshold must be a share in (0.5, 1], got {self.relation_threshold!r}.")
-        if self.balance_classes not in (True, False, "seen"):
-            raise ValueError(f"balance_classes must be True, False or 'seen', got {self.balance_classes!r}.")
+        if self.balance_classes not in (True, False, "auto"):
+            raise ValueError(f"balance_classes must be True, False or 'auto', got {self.balance_classes!r}.")
         if self.keep_epoch not in KEEP_EPOCHS:
             raise ValueError(f"keep_epoch must be 'best' or 'last', got {self.keep_epoch!r}.")
         if not isinstance(self.calibration_size, int) or self.calibration_size < 0:
@@ -113,12 +113,12 @@ STAGE_DOCS: dict[str, str] = {
     "distill_weight": "Weight of the embedding distillation loss before the ``C_old / C_new`` factor (0 disables it).",
     "label_smoothing": "Label smoothing of the cross-entropy.",
     "balance_classes": (
-        "How each cell type's cross-entropy is weighted. ``True``: by the inverse of its number of training cells\n"
-        '(scikit-learn\'s ``class_weight="balanced"``), so a type replayed from the bank with a few cells counts as\n'
-        'much as a new one with hundreds. ``"seen"``: by the cells of it given to every stage so far over those it\n'
-        "trains on, so the stage's loss is the loss over every cell seen, as if all trained again: the bank's few\n"
-        "cells of an earlier type stand for all of its cells, and types keep their natural proportions. ``False``:\n"
-        "not weighted. Default: ``False`` with pretrained weights (the original), ``True`` from a random start."
+        "Weight each cell type's cross-entropy by the inverse of its number of training cells (scikit-learn's\n"
+        '``class_weight="balanced"``): a type replayed from the bank with a few cells counts as much as a new one\n'
+        'with hundreds. ``"auto"``: only at the stages whose replayed bank is a sample of the earlier stages\'\n'
+        "training cells (the bank had to choose); not at the first stage, nor where the bank holds every earlier\n"
+        "cell, where the types keep their own proportions. Each stage records what it did in ``stage_history_``.\n"
+        "Default: off with pretrained weights (the original), on from a random start."
     ),
     "early_stopping_patience": (
         "Stop after more than this many epochs without a better validation accuracy (`None`: never); with\n"

@@ -11,7 +11,6 @@ import copy
 import logging
 import signal
 import warnings
-from collections import Counter
 from dataclasses import dataclass
 
 import anndata as ad
@@ -28,19 +27,18 @@ from scvi.model._utils import use_distributed_sampler
 from scvi.train import TrainRunner
 from scvi.train._logger import SimpleLogger
 
-from scanpy_canal._choices import BalanceClasses
 from scanpy_canal._logging import quiet_training
 from scanpy_canal.pp import align_genes
 
 from ._bank import update_bank
-from ._conformal import split_held_out, update_calibration_cells
+from ._conformal import calibration_footprint, split_held_out, update_calibration_cells
 from ._data import (
     balanced_class_weights,
+    balances_classes,
     cell_fingerprints,
     check_expression,
     read_labels,
     registered_gene_symbols,
-    seen_class_weights,
     setup_args,
     split_stage,
 )
@@ -94,6 +92,7 @@ class _Fit:
     validation: np.ndarray  # rows of the training cells held out for validation (and the best epoch)
     calibration: np.ndarray  # rows of the stage's cells held out for novel-cell calibration: used to choose nothing
     distill_weight: float
+    balance_classes: bool  # whether the types weighed the same in the loss
     summary: dict[str, float]  # epochs, best_epoch (from 0; -1 for none), best_score
     epochs: pd.DataFrame  # per-epoch metrics
 
@@ -121,7 +120,7 @@ class StageTrainingMixin(RelationFindingMixin):
                 self.cell_type_parents_ = grow_tree(self.cell_type_parents_, cells.new_parents, cells.cell_types)
                 fit = self._fit(cells, number, settings)
             self.cell_types_, self.stage_ = cells.cell_types, number
-            self._refresh_bank_and_calibration(cells, fit, number, settings)
+            bank_kept_all = self._refresh_bank_and_calibration(cells, fit, number, settings)
         except BaseException as error:
             self.module.network = network
             for name, value in snapshot.items():
@@ -135,7 +134,7 @@ class StageTrainingMixin(RelationFindingMixin):
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 raise KeyboardInterrupt from error
             raise
-        self._record(cells, fit, number, settings)
+        self._record(cells, fit, number, settings, bank_kept_all)
         self._update_summary()
 
     # ------------------------------------------------------------------------------------------------- inputs
@@ -220,8 +219,11 @@ class StageTrainingMixin(RelationFindingMixin):
         choose_epoch = settings.keep_epoch == "best"
         val_idx, calibration_idx = split_held_out(codes, val_idx, cells.data.n_obs, rng, choose_epoch=choose_epoch)
         loss_inputs = {}
-        if settings.balance_classes:
-            weights = self._class_weights(codes[train_idx], cells, settings.balance_classes)
+        balanced = balances_classes(
+            settings.balance_classes, self.stage_history_, replays=len(codes) > cells.data.n_obs
+        )
+        if balanced:
+            weights = balanced_class_weights(codes[train_idx], len(cells.cell_types))
             loss_inputs["class_weight"] = torch.as_tensor(weights, dtype=torch.float32)
         if has_children(self.cell_type_parents_):
             loss_inputs["subtrees"] = subtree_matrix(self.cell_type_parents_, cells.cell_types)
@@ -282,7 +284,7 @@ class StageTrainingMixin(RelationFindingMixin):
         self.module.finish_stage()
         self.module.eval()
         summary, epochs = stage_outcome(runner.trainer.callback_metrics)
-        return _Fit(val_idx, calibration_idx, distill_weight, summary, epochs)
+        return _Fit(val_idx, calibration_idx, distill_weight, balanced, summary, epochs)
 
     def _cache_frozen(self, cache_frozen: bool | None, n_cells: int) -> bool:
         """Whether the stage keeps the frozen-block cache: `cache_frozen`, or if `None` whether it fits the budget."""
@@ -299,13 +301,14 @@ class StageTrainingMixin(RelationFindingMixin):
         return size <= FROZEN_CACHE_BUDGET
 
     # ------------------------------------------------------------------------------------------ after fitting
-    def _refresh_bank_and_calibration(self, cells: _StageCells, fit: _Fit, stage: int, settings: StageSettings) -> None:
+    def _refresh_bank_and_calibration(self, cells: _StageCells, fit: _Fit, stage: int, settings: StageSettings) -> bool:
         """Choose the bank, the calibration cells and the input-space reference anew, under the new network.
 
         Bank and calibration cells carry their manifold vectors; the input space is fitted on the stage's cells but
         its calibration cells, and on the new bank. The stage's held-out cells never join the bank, and those that did
         not choose the best epoch (all of them when the last epoch is kept) become calibration cells; the bank takes,
-        per type, the stage's training cells closest to the type's prototype, as the original does.
+        per type, the stage's training cells closest to the type's prototype, as the original does. Returns whether
+        the new bank holds every cell it was offered (the old bank's and the stage's training cells).
         """
         calibration = self.calibration_cells_
         n_cells, n_training = cells.data.n_obs, cells.training.n_obs
@@ -320,6 +323,7 @@ class StageTrainingMixin(RelationFindingMixin):
             self.example_bank_.obsm["manifold"] = manifold[n_cells:n_training]
         if calibration is not None:
             calibration.obsm["manifold"] = manifold[n_training:]
+        offered = (0 if self.example_bank_ is None else self.example_bank_.n_obs) + int((~held_out).sum())
         if settings.rehearsal_size == 0:
             self.example_bank_ = None
         else:
@@ -343,6 +347,7 @@ class StageTrainingMixin(RelationFindingMixin):
             size=settings.calibration_size,
             seed=self.seed_ + stage,
         )
+        return self.example_bank_ is not None and self.example_bank_.n_obs == offered
 
     def _input_reference(self, cells: _StageCells, fit: _Fit, stage: int) -> InputReference:
         """The input space of the new bank and the stage's cells but its calibration cells (kept exchangeable)."""
@@ -355,18 +360,7 @@ class StageTrainingMixin(RelationFindingMixin):
             standardise=self.input_space_ == "standardised",
         )
 
-    def _class_weights(self, codes: np.ndarray, cells: _StageCells, balance: BalanceClasses) -> np.ndarray:
-        """Per-type weights of the cross-entropy over the training cells' label `codes` (see ``balance_classes``)."""
-        if balance != "seen":
-            return balanced_class_weights(codes, len(cells.cell_types))
-        # Labelled cells given to every stage so far, this one's included; models saved before stages recorded
-        # ``cells_per_type`` count none for their earlier stages.
-        seen = Counter(map(str, cells.labels))
-        for record in self.stage_history_:
-            seen.update(record.get("cells_per_type", {}))
-        return seen_class_weights(codes, np.array([seen[name] for name in cells.cell_types], dtype=np.float64))
-
-    def _record(self, cells: _StageCells, fit: _Fit, stage: int, settings: StageSettings) -> None:
+    def _record(self, cells: _StageCells, fit: _Fit, stage: int, settings: StageSettings, bank_kept_all: bool) -> None:
         """Append the stage to ``stage_history_`` and its epochs to ``training_log_``."""
         best_epoch = None if fit.summary["best_epoch"] < 0 else int(fit.summary["best_epoch"])
         if not fit.epochs.empty:
@@ -377,7 +371,7 @@ class StageTrainingMixin(RelationFindingMixin):
             log["lr"] = [rate(e, settings.lr, **schedule) for e in range(len(log))]
             log["best"] = log["epoch"] == (-1 if best_epoch is None else best_epoch + 1)
             self.training_log_ = pd.concat([self.training_log_, log], ignore_index=True)
-        footprint = _calibration_footprint(self.calibration_cells_)
+        footprint = calibration_footprint(self.calibration_cells_)
         logger.info(
             "Stage %d: %d calibration cells kept for novel-cell p-values (%.1f MB).",
             stage,
@@ -388,7 +382,6 @@ class StageTrainingMixin(RelationFindingMixin):
             {
                 "stage": stage,
                 "n_cells": int(cells.data.n_obs),
-                "cells_per_type": {name: int(n) for name, n in sorted(Counter(map(str, cells.labels)).items())},
                 "n_replayed": int(cells.training.n_obs - cells.data.n_obs),
                 "new_cell_types": cells.new_types if stage > 1 else sorted(set(cells.labels)),  # stage 1: all
                 "new_parents": cells.new_parents,
@@ -398,18 +391,10 @@ class StageTrainingMixin(RelationFindingMixin):
                 "best_validation_accuracy": None if best_epoch is None else fit.summary["best_score"],
                 "distill_weight": fit.distill_weight,
                 "rehearsal_size": settings.rehearsal_size,
-                "balance_classes": settings.balance_classes,
+                "balance_classes": fit.balance_classes,
+                "bank_kept_every_cell": bank_kept_all,
                 "split_bank": settings.split_bank,
                 "keep_epoch": settings.keep_epoch,
                 **footprint,
             }
         )
-
-
-def _calibration_footprint(cells: ad.AnnData | None) -> dict[str, int]:
-    """How many calibration cells the model keeps and the bytes they take (expression and manifold vectors)."""
-    if cells is None:
-        return {"calibration_cells": 0, "calibration_bytes": 0}
-    x = sparse.csr_matrix(cells.X)
-    size = x.data.nbytes + x.indices.nbytes + x.indptr.nbytes + cells.obsm["manifold"].nbytes
-    return {"calibration_cells": int(cells.n_obs), "calibration_bytes": int(size)}
