@@ -75,8 +75,9 @@ def test_demo_trains_with_train_defaults():
         parser.parse_args(["demo"]),
         parser.parse_args(["train", "x.h5ad", "--model-dir", "m", "--labels-key", "y"]),
     )
-    names = ("epochs", "lr", "batch_size", "keep_epoch")
-    assert [getattr(demo, name) for name in names] == [getattr(train, name) for name in names] == [None, None, 16, None]
+    names = ("epochs", "lr", "batch_size", "keep_epoch", "balance_classes")
+    expected = [None, None, 16, None, None]
+    assert [getattr(demo, name) for name in names] == [getattr(train, name) for name in names] == expected
 
 
 def test_train_creates_then_continues_a_model(files, stage1_dir, tmp_path, capsys):
@@ -86,11 +87,13 @@ def test_train_creates_then_continues_a_model(files, stage1_dir, tmp_path, capsy
     assert f"new cell types: {', '.join(first.cell_types)}; kept epoch 2, the last," in _stage_summary(first)
     model_dir = tmp_path / "model"
     shutil.copytree(stage1_dir, model_dir)
-    assert _train(files["stage2"], model_dir, "--stage", "2", "--keep-epoch", "best", *QUICK) == 0
+    options = ("--keep-epoch", "best", "--balance-classes", "false")
+    assert _train(files["stage2"], model_dir, "--stage", "2", *options, *QUICK) == 0
     assert "stage 2 trained on" in capsys.readouterr().out
     second = CANAL.load(model_dir)
     assert second.stage == 2 and second.cell_types[:2] == first.cell_types and len(second.cell_types) == 4
     assert [entry["keep_epoch"] for entry in second.stage_history_] == ["last", "best"]  # a random start's, then told
+    assert [entry["balance_classes"] for entry in second.stage_history_] == [True, False]
     assert ", the best, validation accuracy " in _stage_summary(second)
     assert second.example_bank is not None and set(second.example_bank.obs["stage"]) == {1, 2}
 

@@ -113,7 +113,10 @@ def test_command_line_options_have_the_defaults_and_choices(module, kind, rename
             assert action.default is None and _common.DEFAULT_MOD == default(field)
             continue
         assert action.default == default(field), action.option_strings
-        if action.choices is not None:
+        if name == "balance_classes":  # a bool or "auto": the command line spells the bools
+            values = [_common.BALANCE_CLASSES[choice] for choice in action.choices]
+            assert values == [True, False, *literal_values(evaluated(field.type))]
+        elif action.choices is not None:
             values = SCORES if name == "score" else literal_values(evaluated(field.type))
             assert tuple(action.choices) == tuple(values), action.option_strings
         if "(default: " in (action.help or "") and action.default is not None:
@@ -128,6 +131,8 @@ def test_command_line_help_names_each_start_default(module):
     """An option whose default differs with how the encoder starts names both, as ``START_DEFAULTS`` has them."""
 
     def written(value) -> str:
+        if isinstance(value, bool):
+            return str(value).lower()
         return f"{value:.0e}".replace("e-0", "e-") if isinstance(value, float) else str(value)
 
     checked = []
@@ -138,4 +143,4 @@ def test_command_line_help_names_each_start_default(module):
             pretrained, random = (written(START_DEFAULTS[start][name]) for start in ("pretrained", "random"))
             assert f"{pretrained} with pretrained weights" in action.help, action.option_strings
             assert f"{random} from a random start" in action.help, action.option_strings
-    assert sorted(checked) == ["keep_epoch", "lr", "max_epochs"]
+    assert sorted(checked) == ["balance_classes", "keep_epoch", "lr", "max_epochs"]

@@ -195,11 +195,15 @@ def add_precision_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help=helps)
 
 
-def add_training_options(parser: argparse.ArgumentParser) -> None:
-    """Add ``--epochs``, ``--lr``, ``--batch-size`` and ``--keep-epoch`` to `parser`.
+#: ``--balance-classes``: its choices and the ``balance_classes`` each gives ``CANAL.train``.
+BALANCE_CLASSES = {"true": True, "false": False, "auto": "auto"}
 
-    They are ``CANAL.train``'s ``max_epochs``, ``lr``, ``batch_size`` and ``keep_epoch``, with ``train()``'s defaults
-    for how the encoder starts.
+
+def add_training_options(parser: argparse.ArgumentParser) -> None:
+    """Add ``--epochs``, ``--lr``, ``--batch-size``, ``--keep-epoch`` and ``--balance-classes`` to `parser`.
+
+    They are ``CANAL.train``'s ``max_epochs``, ``lr``, ``batch_size``, ``keep_epoch`` and ``balance_classes``, with
+    ``train()``'s defaults for how the encoder starts (see :func:`training_arguments`).
     """
     parser.add_argument(
         "--epochs",
@@ -219,6 +223,24 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
         "cycle of the schedule (default: best with pretrained weights, as the original; last from a random start)"
     )
     parser.add_argument("--keep-epoch", choices=KEEP_EPOCHS, default=None, help=helps)
+    helps = (
+        "weigh the cell types the same in the loss: at every stage, at none, or auto: only where the bank replayed is "
+        "a sample of the earlier cells (default: false with pretrained weights, as the original; true from a random "
+        "start; on a stream whose bank keeps every cell, false or auto can be better)"
+    )
+    parser.add_argument("--balance-classes", choices=list(BALANCE_CLASSES), default=None, help=helps)
+
+
+def training_arguments(args: argparse.Namespace) -> dict:
+    """``CANAL.train``'s arguments from the options of :func:`add_training_options` (`None`: the start's default)."""
+    balance = None if args.balance_classes is None else BALANCE_CLASSES[args.balance_classes]
+    return {
+        "max_epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "keep_epoch": args.keep_epoch,
+        "balance_classes": balance,
+    }
 
 
 def first_process() -> bool:

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ._common import add_training_options
+from ._common import add_training_options, training_arguments
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -54,10 +54,7 @@ def run(args: argparse.Namespace) -> None:
         stream,
         n_top_genes=args.genes or None,
         seed=args.seed,
-        max_epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        keep_epoch=args.keep_epoch,
+        **training_arguments(args),
         accelerator=args.accelerator,
         enable_progress_bar=not args.quiet,
         enable_model_summary=False,

@@ -22,6 +22,7 @@ from ._common import (
     fraction,
     positive,
     read_values,
+    training_arguments,
     writer_lock,
 )
 
@@ -152,10 +153,7 @@ def _train_next_stage(args: argparse.Namespace) -> None:
         model.train(
             adata,
             stage=args.stage,
-            max_epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            keep_epoch=args.keep_epoch,
+            **training_arguments(args),
             precision=args.precision,
             accelerator=args.accelerator,
             devices=args.devices,
