@@ -140,8 +140,9 @@ CANAL_VARIANTS = {
     "canal_unbalanced": {"balance_classes": False},
     "canal_block_minus2": {"arch": {"trainable_blocks": (-2,)}},
     # An encoder that reads expression from a random start (issue 27): the head along the ordered bins, alone and
-    # with zero-initialised residual branches and a smaller bin step.
+    # with zero-initialised residual branches and a smaller bin step; PyTorch's head, the default before it.
     "canal_head_bins": {"arch": {"head_init": "bins"}},
+    "canal_head_normal": {"arch": {"head_init": "normal"}},
     "canal_reads_bins": {"arch": {"head_init": "bins", "residual_init": "zero", "bin_step": 0.25}},
     # The epoch kept from a random start set back to the best on the validation cells (issue 27).
     "canal_best_epoch": {"keep_epoch": "best"},

@@ -31,6 +31,7 @@ STYLE = {
     "canal_unbalanced": ("CANAL, unweighted loss", "C6", "--"),
     "canal_block_minus2": ("CANAL, last but one block trains", "C7", "--"),
     "canal_head_bins": ("CANAL, head along the bins", "C8", "-."),
+    "canal_head_normal": ("CANAL, PyTorch's head", "C9", "--"),
     "canal_reads_bins": ("CANAL, head along the bins, zero residuals, bin step 0.25", "C9", "-."),
     "canal_best_epoch": ("CANAL, best validation epoch kept", "C5", ":"),
     "canal_no_smoothing": ("CANAL, no label smoothing", "C6", ":"),
