@@ -96,12 +96,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from operator import itemgetter
@@ -113,7 +111,7 @@ import numpy as np
 import peers
 import torch
 from continual_stream_report import print_tables
-from harness import machine_info, write_report
+from harness import machine_info, worker_pool, write_report
 from zeisel import LEVELS, zeisel_stream
 
 import scanpy_canal as canal
@@ -513,7 +511,7 @@ def main(argv: list[str] | None = None) -> dict:
         kept = {task: partial_path(args.output, *task) for task in tasks}
         runs = {task: json.loads(path.read_text()) for task, path in kept.items() if path.exists()}
     if not args.assemble:
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with worker_pool(args.jobs) as pool:
             futures = {
                 task: pool.submit(run_task, task, args, peers.SCANVI_SETTINGS) for task in tasks if task not in runs
             }

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 import platform
 import statistics
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -118,3 +121,24 @@ def write_report(report: dict, path: Path) -> None:
     """`report` as indented JSON at `path` (its folder made if needed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def worker_pool(jobs: int) -> ProcessPoolExecutor:
+    """`jobs` worker processes, spawned (each imports torch afresh), that end when the benchmark's process ends.
+
+    A benchmark killed from outside (``kill``, a lost terminal) runs no cleanup, and its workers would go on training
+    for up to an hour beside whatever runs next, slowing it unseen.
+    """
+    context = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(jobs, mp_context=context, initializer=_end_with_parent, initargs=(os.getpid(),))
+
+
+def _end_with_parent(parent: int, poll_seconds: float = 2.0) -> None:
+    """In a worker: end the process once `parent`, the process that started it, has ended (it is then re-parented)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="end-with-parent", daemon=True).start()

@@ -42,10 +42,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import anndata as ad
@@ -53,7 +51,7 @@ import numpy as np
 import pandas as pd
 import torch
 from continual_stream import CANAL_SETTINGS, STREAMS, canal_train_kwargs, set_threads
-from harness import machine_info, write_report
+from harness import machine_info, worker_pool, write_report
 from novelty import scored, summarise_values
 from scipy import sparse
 from zeisel import LEVELS, bank_shares, load_zeisel, zeisel_stream
@@ -332,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
             if path.exists():
                 runs[task] = json.loads(path.read_text())
     if not args.assemble:
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with worker_pool(args.jobs) as pool:
             futures = {task: pool.submit(run_task, task, args) for task in tasks if task not in runs}
             runs.update({task: future.result() for task, future in futures.items()})
     report = {
