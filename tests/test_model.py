@@ -9,7 +9,7 @@ import torch
 from conftest import QUIET, TINY_ARCH, make_model, register
 
 import scanpy_canal as canal
-from scanpy_canal.model._bank import bank_samples, trim_to_quota, update_bank
+from scanpy_canal.model._bank import trim_to_quota, update_bank
 from scanpy_canal.model._data import balanced_class_weights, balances_classes, split_stage, stratified_split
 from scanpy_canal.model._schedule import cosine_warm_restarts
 from scanpy_canal.nn import tokenize
@@ -89,15 +89,11 @@ def test_balanced_loss_weights_the_replayed_types(small_stream):
 
 @pytest.mark.parametrize(("rehearsal_size", "balanced"), [(6, True), (10_000, False)])
 def test_auto_balances_the_stages_whose_bank_is_a_sample(small_stream, rehearsal_size, balanced):
-    """``"auto"``: from stage 1 on where the bank has to choose among the cells offered to it (6 of them; at stage 2 it
-    keeps up to 1,000), never where it keeps every one; each stage records whether its bank chose, as it turned out."""
+    """``"auto"``: never at stage 1; at stage 2 where the bank had to choose among stage 1's cells (6 of them), not
+    where it holds every one."""
     weights, training, model = stage_two_weights(small_stream, "auto", rehearsal_size)
-    history = model.stage_history_
-    assert [record["balance_classes"] for record in history] == [balanced, balanced]
-    assert [record["bank_sampled"] for record in history] == [balanced, False]
-    # The last epoch kept: every held-out cell calibrates, and the others are offered to the bank.
-    offered = history[0]["n_cells"] + history[1]["n_cells"] - model.calibration_cells_.n_obs
-    assert (model.example_bank.n_obs < offered) is balanced
+    assert [record["balance_classes"] for record in model.stage_history_] == [False, balanced]
+    assert model.stage_history_[0]["bank_kept_every_cell"] is not balanced
     assert (weights is not None) is balanced
     if balanced:
         assert (weights * training).to_numpy() == pytest.approx([training.sum() / len(training)] * len(training))
@@ -105,18 +101,12 @@ def test_auto_balances_the_stages_whose_bank_is_a_sample(small_stream, rehearsal
 
 def test_auto_balances_after_a_bank_that_once_chose():
     """A bank that had to choose once stays a sample, and a model saved before stages recorded it counts as one."""
-    history = [{"stage": 1, "bank_sampled": False}]
-    assert not balances_classes("auto", [], bank_samples=False)  # nothing to choose: the types' own proportions
-    assert not balances_classes("auto", history, bank_samples=False)
-    assert balances_classes("auto", history, bank_samples=True)
-    assert balances_classes("auto", [*history, {"stage": 2, "bank_sampled": True}], bank_samples=False)
-    assert balances_classes("auto", [{"stage": 1}], bank_samples=False)
-    assert balances_classes(True, [], bank_samples=False) and not balances_classes(False, history, bank_samples=True)
-
-
-def test_a_bank_samples_when_a_type_has_more_cells_than_its_quota():
-    assert not bank_samples(np.array([0, 0, 1, 2, 2]), 2) and bank_samples(np.array([0, 0, 1, 2, 2, 2]), 2)
-    assert not bank_samples(np.array([], dtype=int), 0)
+    history = [{"stage": 1, "bank_kept_every_cell": True}]
+    assert not balances_classes("auto", [], replays=False)  # nothing replayed: the types' own proportions
+    assert not balances_classes("auto", history, replays=True)
+    assert balances_classes("auto", [*history, {"stage": 2, "bank_kept_every_cell": False}], replays=True)
+    assert balances_classes("auto", [{"stage": 1}], replays=True)
+    assert balances_classes(True, [], replays=False) and not balances_classes(False, history, replays=True)
 
 
 def test_balance_classes_takes_true_false_or_auto(small_stream):

@@ -27,8 +27,8 @@ INPUT_SPACES: tuple[str, ...] = get_args(InputSpace)
 #: Which epoch's weights a stage keeps: the best on the validation cells, or the last of one cycle of the schedule.
 KeepEpoch = Literal["best", "last"]
 KEEP_EPOCHS: tuple[str, ...] = get_args(KeepEpoch)
-#: Whether a stage weighs each cell type the same in its loss: always, never, or once the bank has to choose among the
-#: cells offered to it (``"auto"``).
+#: Whether a stage weighs each cell type the same in its loss: always, never, or where the bank it replays is a sample
+#: of the earlier stages' cells (``"auto"``).
 BalanceClasses = bool | Literal["auto"]
 #: What a stage does with cells the model has seen before.
 RepeatedCells = Literal["warn", "error"]

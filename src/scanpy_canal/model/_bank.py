@@ -48,11 +48,6 @@ def select_examples(
     return np.concatenate(chosen), np.concatenate(ranks)
 
 
-def bank_samples(codes: np.ndarray, quota: int) -> bool:
-    """Whether a bank of `quota` cells per type must drop some of the cells offered to it (their type `codes`)."""
-    return bool(len(codes) > 0 and np.bincount(codes).max() > quota)
-
-
 def trim_to_quota(obs: pd.DataFrame, quota: int) -> np.ndarray:
     """Boolean mask of the rows to keep so that no cell type exceeds `quota` examples.
 

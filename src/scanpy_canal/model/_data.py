@@ -254,15 +254,15 @@ def balanced_class_weights(codes: np.ndarray, n_classes: int) -> np.ndarray:
     return weights
 
 
-def balances_classes(balance_classes: BalanceClasses, history: Sequence[dict], *, bank_samples: bool) -> bool:
+def balances_classes(balance_classes: BalanceClasses, history: Sequence[dict], *, replays: bool) -> bool:
     """Whether a stage weighs every type the same in its loss (see ``balance_classes``), after the stages `history`.
 
-    ``"auto"``: where the stage's bank will be a sample of the cells offered to it (`bank_samples`), or an earlier
-    stage's was (``bank_sampled`` in `history`; stages of models saved before it was recorded count as sampled).
+    ``"auto"``: where the stage `replays` a bank that is a sample of the earlier stages' training cells; the banks of
+    models saved before stages recorded ``bank_kept_every_cell`` count as samples.
     """
     if balance_classes != "auto":
         return balance_classes
-    return bank_samples or any(record.get("bank_sampled", True) for record in history)
+    return replays and not all(record.get("bank_kept_every_cell", False) for record in history)
 
 
 def highly_variable_genes(x: sparse.csr_matrix | np.ndarray, var_names: Sequence[str], n_top_genes: int) -> list[str]:

@@ -115,11 +115,10 @@ STAGE_DOCS: dict[str, str] = {
     "balance_classes": (
         "Weight each cell type's cross-entropy by the inverse of its number of training cells (scikit-learn's\n"
         '``class_weight="balanced"``): a type replayed from the bank with a few cells counts as much as a new one\n'
-        'with hundreds. ``"auto"``: from the first stage whose bank has to choose among the cells offered to it (the\n'
-        "stage's training cells and its own: some type has more than ``rehearsal_size`` divided by the number of\n"
-        "types), and at every stage after it; while the bank keeps every cell, the types keep their own proportions.\n"
-        "Each stage records what it did in ``stage_history_``. Default: off with pretrained weights (the original),\n"
-        "on from a random start."
+        'with hundreds. ``"auto"``: only at the stages whose replayed bank is a sample of the earlier stages\'\n'
+        "training cells (the bank had to choose); not at the first stage, nor where the bank holds every earlier\n"
+        "cell, where the types keep their own proportions. Each stage records what it did in ``stage_history_``.\n"
+        "Default: off with pretrained weights (the original), on from a random start."
     ),
     "early_stopping_patience": (
         "Stop after more than this many epochs without a better validation accuracy (`None`: never); with\n"

@@ -30,7 +30,7 @@ from scvi.train._logger import SimpleLogger
 from scanpy_canal._logging import quiet_training
 from scanpy_canal.pp import align_genes
 
-from ._bank import bank_samples, update_bank
+from ._bank import update_bank
 from ._conformal import calibration_footprint, split_held_out, update_calibration_cells
 from ._data import (
     balanced_class_weights,
@@ -93,7 +93,6 @@ class _Fit:
     calibration: np.ndarray  # rows of the stage's cells held out for novel-cell calibration: used to choose nothing
     distill_weight: float
     balance_classes: bool  # whether the types weighed the same in the loss
-    bank_sampled: bool  # whether the bank drops some of the cells offered to it (the stage's training cells, its own)
     summary: dict[str, float]  # epochs, best_epoch (from 0; -1 for none), best_score
     epochs: pd.DataFrame  # per-epoch metrics
 
@@ -121,7 +120,7 @@ class StageTrainingMixin(RelationFindingMixin):
                 self.cell_type_parents_ = grow_tree(self.cell_type_parents_, cells.new_parents, cells.cell_types)
                 fit = self._fit(cells, number, settings)
             self.cell_types_, self.stage_ = cells.cell_types, number
-            self._refresh_bank_and_calibration(cells, fit, number, settings)
+            bank_kept_all = self._refresh_bank_and_calibration(cells, fit, number, settings)
         except BaseException as error:
             self.module.network = network
             for name, value in snapshot.items():
@@ -135,7 +134,7 @@ class StageTrainingMixin(RelationFindingMixin):
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 raise KeyboardInterrupt from error
             raise
-        self._record(cells, fit, number, settings)
+        self._record(cells, fit, number, settings, bank_kept_all)
         self._update_summary()
 
     # ------------------------------------------------------------------------------------------------- inputs
@@ -219,11 +218,10 @@ class StageTrainingMixin(RelationFindingMixin):
         # Cells that chose the best epoch would make the conformal p-values optimistic: calibrate on the others.
         choose_epoch = settings.keep_epoch == "best"
         val_idx, calibration_idx = split_held_out(codes, val_idx, cells.data.n_obs, rng, choose_epoch=choose_epoch)
-        offered = np.concatenate([train_idx[train_idx < cells.data.n_obs], np.arange(cells.data.n_obs, len(codes))])
-        quota = settings.rehearsal_size // len(cells.cell_types)
-        sampled = settings.rehearsal_size > 0 and bank_samples(codes[offered], quota)
-        balanced = balances_classes(settings.balance_classes, self.stage_history_, bank_samples=sampled)
         loss_inputs = {}
+        balanced = balances_classes(
+            settings.balance_classes, self.stage_history_, replays=len(codes) > cells.data.n_obs
+        )
         if balanced:
             weights = balanced_class_weights(codes[train_idx], len(cells.cell_types))
             loss_inputs["class_weight"] = torch.as_tensor(weights, dtype=torch.float32)
@@ -286,7 +284,7 @@ class StageTrainingMixin(RelationFindingMixin):
         self.module.finish_stage()
         self.module.eval()
         summary, epochs = stage_outcome(runner.trainer.callback_metrics)
-        return _Fit(val_idx, calibration_idx, distill_weight, balanced, sampled, summary, epochs)
+        return _Fit(val_idx, calibration_idx, distill_weight, balanced, summary, epochs)
 
     def _cache_frozen(self, cache_frozen: bool | None, n_cells: int) -> bool:
         """Whether the stage keeps the frozen-block cache: `cache_frozen`, or if `None` whether it fits the budget."""
@@ -303,13 +301,14 @@ class StageTrainingMixin(RelationFindingMixin):
         return size <= FROZEN_CACHE_BUDGET
 
     # ------------------------------------------------------------------------------------------ after fitting
-    def _refresh_bank_and_calibration(self, cells: _StageCells, fit: _Fit, stage: int, settings: StageSettings) -> None:
+    def _refresh_bank_and_calibration(self, cells: _StageCells, fit: _Fit, stage: int, settings: StageSettings) -> bool:
         """Choose the bank, the calibration cells and the input-space reference anew, under the new network.
 
         Bank and calibration cells carry their manifold vectors; the input space is fitted on the stage's cells but
         its calibration cells, and on the new bank. The stage's held-out cells never join the bank, and those that did
         not choose the best epoch (all of them when the last epoch is kept) become calibration cells; the bank takes,
-        per type, the stage's training cells closest to the type's prototype, as the original does.
+        per type, the stage's training cells closest to the type's prototype, as the original does. Returns whether
+        the new bank holds every cell it was offered (the old bank's and the stage's training cells).
         """
         calibration = self.calibration_cells_
         n_cells, n_training = cells.data.n_obs, cells.training.n_obs
@@ -324,6 +323,7 @@ class StageTrainingMixin(RelationFindingMixin):
             self.example_bank_.obsm["manifold"] = manifold[n_cells:n_training]
         if calibration is not None:
             calibration.obsm["manifold"] = manifold[n_training:]
+        offered = (0 if self.example_bank_ is None else self.example_bank_.n_obs) + int((~held_out).sum())
         if settings.rehearsal_size == 0:
             self.example_bank_ = None
         else:
@@ -347,6 +347,7 @@ class StageTrainingMixin(RelationFindingMixin):
             size=settings.calibration_size,
             seed=self.seed_ + stage,
         )
+        return self.example_bank_ is not None and self.example_bank_.n_obs == offered
 
     def _input_reference(self, cells: _StageCells, fit: _Fit, stage: int) -> InputReference:
         """The input space of the new bank and the stage's cells but its calibration cells (kept exchangeable)."""
@@ -359,7 +360,7 @@ class StageTrainingMixin(RelationFindingMixin):
             standardise=self.input_space_ == "standardised",
         )
 
-    def _record(self, cells: _StageCells, fit: _Fit, stage: int, settings: StageSettings) -> None:
+    def _record(self, cells: _StageCells, fit: _Fit, stage: int, settings: StageSettings, bank_kept_all: bool) -> None:
         """Append the stage to ``stage_history_`` and its epochs to ``training_log_``."""
         best_epoch = None if fit.summary["best_epoch"] < 0 else int(fit.summary["best_epoch"])
         if not fit.epochs.empty:
@@ -391,7 +392,7 @@ class StageTrainingMixin(RelationFindingMixin):
                 "distill_weight": fit.distill_weight,
                 "rehearsal_size": settings.rehearsal_size,
                 "balance_classes": fit.balance_classes,
-                "bank_sampled": fit.bank_sampled,
+                "bank_kept_every_cell": bank_kept_all,
                 "split_bank": settings.split_bank,
                 "keep_epoch": settings.keep_epoch,
                 **footprint,
