@@ -52,8 +52,8 @@ def test_balanced_class_weights_give_every_type_the_same_total():
 
 
 def stage_two_weights(stream, balance_classes, rehearsal_size=6):
-    """The class weights of stage 2's training loss (`None` for none; every bank cell training), its cells per type,
-    and the model."""
+    """The class weights of stage 2's training loss (`None` for none; every bank cell training), its cells per type
+    from the bank and from the stage, all it trains on, and the model."""
     model = make_model(stream)
     model.train(max_epochs=1, rehearsal_size=rehearsal_size, balance_classes=balance_classes, **QUIET)
     bank = model.example_bank.obs["cell_type"].astype(str).value_counts()
@@ -75,15 +75,15 @@ def stage_two_weights(stream, balance_classes, rehearsal_size=6):
     assert not hasattr(model.module, "class_weight")  # a loss input of the stage's training plan, not module state
     assert not model.stage_history_[-1]["split_bank"]
     weights = None if seen[0] is None else pd.Series(seen[0].numpy(), index=model.cell_types)
-    return weights, training.reindex(model.cell_types), model
+    return weights, bank, stage, training.reindex(model.cell_types), model
 
 
 def test_balanced_loss_weights_the_replayed_types(small_stream):
     """Stage 2 with a bank: every type carries the same total weight in the training loss, whatever its cell count."""
-    weights, training, model = stage_two_weights(small_stream, True)
+    weights, bank, stage, training, model = stage_two_weights(small_stream, True)
     totals = weights * training
     assert totals.to_numpy() == pytest.approx([training.sum() / len(training)] * len(training), rel=1e-5)
-    assert training.min() < training.max() and weights[training.idxmin()] > weights[training.idxmax()]
+    assert bank.min() < stage.min() and weights[bank.idxmin()] > weights[stage.idxmax()]
     assert [record["balance_classes"] for record in model.stage_history_] == [True, True]
 
 
@@ -91,7 +91,7 @@ def test_balanced_loss_weights_the_replayed_types(small_stream):
 def test_auto_balances_the_stages_whose_bank_is_a_sample(small_stream, rehearsal_size, balanced):
     """``"auto"``: never at stage 1; at stage 2 where the bank had to choose among stage 1's cells (6 of them), not
     where it holds every one."""
-    weights, training, model = stage_two_weights(small_stream, "auto", rehearsal_size)
+    weights, _, _, training, model = stage_two_weights(small_stream, "auto", rehearsal_size)
     assert [record["balance_classes"] for record in model.stage_history_] == [False, balanced]
     assert model.stage_history_[0]["bank_kept_every_cell"] is not balanced
     assert (weights is not None) is balanced
